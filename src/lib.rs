@@ -1,0 +1,35 @@
+//! # anomalyd
+//!
+//! Few-shot industrial anomaly detection: from one (or a few) normal images of a product, decide for
+//! every new image whether it is defective, where, and say so in words. No threshold is set by hand.
+//!
+//! # Layout
+//! - [`engine`]: the encoder, an ONNX model run by ONNX Runtime (providers TensorRT > CUDA > CPU).
+//! - [`features`]: patch features, the blocked-GEMM nearest-neighbour search, greedy coreset.
+//! - [`detect`]: enrolment (memory bank, geometry and augmentation chosen from the shots) and
+//!   inspection (the decoder: map, score, verdict).
+//! - [`calibrate`]: the automatic image and mask thresholds from nuisance views, held-out shots and
+//!   simulated anomalies ([`synth`]).
+//! - [`map`], [`regions`]: map operations; connected regions, 3 x 3 grid cells and the answer text.
+//! - [`enrolment`]: the versioned, checksummed enrolment file.
+//! - [`eval`], [`metrics`]: MVTec-layout evaluation (AUROC, PRO, F1-max, accuracy).
+//! - [`bench`]: speed and memory measurement; [`demo`]: built-in demo parts; [`overlay`]: heat maps.
+//! - [`config`], [`cli`], [`app`]: configuration and the command line.
+
+pub mod app;
+pub mod bench;
+pub mod calibrate;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod detect;
+pub mod engine;
+pub mod enrolment;
+pub mod eval;
+pub mod features;
+pub mod imageio;
+pub mod map;
+pub mod metrics;
+pub mod overlay;
+pub mod regions;
+pub mod synth;

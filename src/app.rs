@@ -1,0 +1,366 @@
+//! The commands behind the CLI. This is the only place (with `main`) that uses `anyhow`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use image::RgbImage;
+
+use crate::cli::{Cli, Command, DetectArgs};
+use crate::config::Config;
+use crate::detect::{Detector, Enrolment};
+use crate::{bench, demo, engine, enrolment, eval, imageio, overlay};
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let base = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    match cli.command {
+        Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
+        Command::Enroll {
+            reference,
+            out,
+            opts,
+        } => {
+            let cfg = configure(base, &opts)?;
+            let mut det = detector(&cfg)?;
+            let e = enroll_from(&mut det, &reference, &cfg)?;
+            enrolment::save(&e, &out)?;
+            println!(
+                "enrolled {} reference(s) into {} (image threshold {:.4}, pixel threshold {:.4})",
+                e.meta.references.len(),
+                out.display(),
+                e.meta.thresholds.image,
+                e.meta.thresholds.pixel
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            images,
+            reference,
+            out,
+            image_threshold,
+            pixel_threshold,
+            opts,
+        } => {
+            let cfg = configure(base, &opts)?;
+            let mut det = detector(&cfg)?;
+            let mut e = load_reference(&mut det, &reference, &cfg)?;
+            if let Some(t) = image_threshold {
+                e.meta.thresholds.image = t;
+                e.meta.thresholds.source = "user".into();
+            }
+            if let Some(t) = pixel_threshold {
+                e.meta.thresholds.pixel = t;
+                e.meta.thresholds.source = "user".into();
+            }
+            inspect_cmd(&mut det, &e, &images, &out)
+        }
+        Command::Eval {
+            dir,
+            shots,
+            seeds,
+            json,
+            opts,
+        } => eval_cmd(
+            &configure(base, &opts)?,
+            &dir,
+            shots,
+            &seeds,
+            json.as_deref(),
+        ),
+        Command::Bench {
+            reference,
+            frames,
+            warmup,
+            json,
+            opts,
+        } => {
+            let cfg = configure(base, &opts)?;
+            let mut det = detector(&cfg)?;
+            let (e, imgs) = match &reference {
+                Some(r) => {
+                    let e = load_reference(&mut det, r, &cfg)?;
+                    let imgs = if r.is_dir() {
+                        load_dir(r)?.into_iter().map(|(_, i)| i).collect()
+                    } else {
+                        demo_frames()
+                    };
+                    (e, imgs)
+                }
+                None => {
+                    let refs = vec![(
+                        "demo-reference".to_string(),
+                        demo::part(0, demo::Defect::None),
+                    )];
+                    (
+                        det.enroll(&refs, &cfg.detect, &mut log_progress)?,
+                        demo_frames(),
+                    )
+                }
+            };
+            let report = bench::run(&mut det, &e, &imgs, frames, warmup)?;
+            println!("{report}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("anomalyd={default},ort=warn"))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn log_progress(msg: &str) {
+    tracing::info!("{msg}");
+}
+
+/// Applies command-line overrides to the config and validates the result.
+fn configure(mut cfg: Config, a: &DetectArgs) -> Result<Config> {
+    if let Some(v) = a.pixels {
+        cfg.detect.pixels = v;
+    }
+    if let Some(v) = &a.strides {
+        cfg.detect.strides = v.clone();
+    }
+    if let Some(v) = a.geometry {
+        cfg.detect.geometry = v;
+    }
+    if a.foreground {
+        cfg.detect.foreground = true;
+    }
+    if let Some(v) = &a.providers {
+        cfg.engine.providers = v.clone();
+    }
+    if let Some(v) = a.threads {
+        cfg.engine.threads = v;
+    }
+    if let Some(v) = &a.model {
+        cfg.engine.model = Some(v.clone());
+    }
+    let problems = cfg.validate();
+    if !problems.is_empty() {
+        bail!("invalid settings:\n  {}", problems.join("\n  "));
+    }
+    Ok(cfg)
+}
+
+fn detector(cfg: &Config) -> Result<Detector> {
+    Ok(Detector::new(engine::Encoder::load(&cfg.engine)?))
+}
+
+/// Images of a folder (name, RGB), refusing an empty folder and reporting any unreadable file.
+fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>> {
+    let files = eval::image_files(dir)?;
+    if files.is_empty() {
+        bail!(
+            "{} holds no images (png, jpg, bmp, tif, pgm, ppm): give a folder of normal images of the product",
+            dir.display()
+        );
+    }
+    load_files(&files)
+}
+
+fn load_files(files: &[PathBuf]) -> Result<Vec<(String, RgbImage)>> {
+    files
+        .iter()
+        .map(|p| {
+            let img = imageio::load_rgb(p)?;
+            Ok((p.display().to_string(), img))
+        })
+        .collect()
+}
+
+fn enroll_from(det: &mut Detector, reference: &[PathBuf], cfg: &Config) -> Result<Enrolment> {
+    let mut refs = Vec::new();
+    for r in reference {
+        if r.is_dir() {
+            refs.extend(load_dir(r)?);
+        } else {
+            refs.extend(load_files(std::slice::from_ref(r))?);
+        }
+    }
+    Ok(det.enroll(&refs, &cfg.detect, &mut log_progress)?)
+}
+
+/// An enrolment file, or a folder of references enrolled on the spot.
+fn load_reference(det: &mut Detector, reference: &Path, cfg: &Config) -> Result<Enrolment> {
+    if reference.is_file() {
+        let e = enrolment::load(reference)?;
+        det.check(&e)?;
+        return Ok(e);
+    }
+    if !reference.exists() {
+        bail!(
+            "reference {} does not exist: give an enrolment file or a folder of normal images",
+            reference.display()
+        );
+    }
+    enroll_from(det, &[reference.to_path_buf()], cfg)
+}
+
+fn inspect_cmd(
+    det: &mut Detector,
+    e: &Enrolment,
+    images: &[PathBuf],
+    out: &Path,
+) -> Result<ExitCode> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut failed = 0;
+    for path in images {
+        let img = match imageio::load_rgb(path) {
+            Ok(i) => i,
+            Err(err) => {
+                eprintln!("error: {err}");
+                failed += 1;
+                continue;
+            }
+        };
+        let ins = det.inspect(e, &img)?;
+        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+        let overlay_path = out.join(format!("{stem}_overlay.png"));
+        overlay::render(&img, &ins)
+            .save(&overlay_path)
+            .with_context(|| format!("writing {}", overlay_path.display()))?;
+        let mut json = serde_json::to_value(&ins.verdict)?;
+        json["image"] = path.display().to_string().into();
+        json["overlay"] = overlay_path.display().to_string().into();
+        println!("{json}");
+        println!("{}: {}", path.display(), ins.verdict.answer);
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn demo_frames() -> Vec<RgbImage> {
+    (1..=8).map(|v| demo::part(v, demo::Defect::None)).collect()
+}
+
+fn demo_cmd(cfg: &Config, out: &Path) -> Result<ExitCode> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let reference = out.join("reference");
+    std::fs::create_dir_all(&reference)?;
+    let ref_path = reference.join("good_0.png");
+    demo::part(0, demo::Defect::None).save(&ref_path)?;
+    let mut queries = Vec::new();
+    for (name, variant, defect) in [
+        ("good_1", 1, demo::Defect::None),
+        ("scratch", 2, demo::Defect::Scratch),
+        ("blob", 3, demo::Defect::Blob),
+    ] {
+        let p = out.join(format!("{name}.png"));
+        demo::part(variant, defect).save(&p)?;
+        queries.push(p);
+    }
+    let mut det = detector(cfg)?;
+    let e = enroll_from(&mut det, &[reference], cfg)?;
+    let enrol_path = out.join("demo.enrol");
+    enrolment::save(&e, &enrol_path)?;
+    println!(
+        "enrolled the built-in part from 1 shot into {}",
+        enrol_path.display()
+    );
+    inspect_cmd(&mut det, &e, &queries, &out.join("overlays"))
+}
+
+fn eval_cmd(
+    cfg: &Config,
+    dir: &Path,
+    shots: usize,
+    seeds: &[u64],
+    json: Option<&Path>,
+) -> Result<ExitCode> {
+    if shots == 0 {
+        bail!("--shots must be at least 1");
+    }
+    let cats = eval::categories(dir)?;
+    let mut det = detector(cfg)?;
+    let total: u64 = cats
+        .iter()
+        .map(|(_, p)| {
+            std::fs::read_dir(p.join("test"))
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|d| eval::image_files(&d.path()).ok())
+                        .map(|v| v.len() as u64)
+                        .sum::<u64>()
+                })
+                .unwrap_or(0)
+        })
+        .sum::<u64>()
+        * seeds.len() as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} images  {elapsed} (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut reports = Vec::new();
+    for (name, path) in &cats {
+        bar.set_message(name.clone());
+        let mut done = 0u64;
+        let report = eval::evaluate(
+            &mut det,
+            name,
+            path,
+            shots,
+            seeds,
+            &cfg.detect,
+            &mut || {
+                bar.inc(1);
+                done += 1;
+                if !bar.is_hidden() || done % 100 != 0 {
+                    return;
+                }
+                tracing::info!("{name}: {done} images inspected");
+            },
+            &mut |m| bar.suspend(|| tracing::info!("{m}")),
+        )?;
+        reports.push(report);
+    }
+    bar.finish_and_clear();
+    print!("{}", eval::table(&reports));
+    for r in &reports {
+        for s in &r.skipped {
+            println!("skipped: {s}");
+        }
+    }
+    if let Some(p) = json {
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&eval::report_json(&reports))?,
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,473 @@
+//! Automatic thresholds: no threshold is ever set by hand.
+//!
+//! At enrolment anomalyd scores two sets it makes from the shots alone:
+//! - **normal**: nuisance views of each shot (shifts, exposure, noise) and, where it exists, held-out
+//!   evidence: each reference scored against a bank of the others (leave one out), or for a texture with
+//!   a single shot, each half of the shot against a bank of the other half;
+//! - **anomalous**: simulated anomalies made from the shots (foreign patch, cut-paste, Perlin texture).
+//!
+//! The image threshold and the mask threshold are then chosen from these distributions by the rule
+//! written down in [`choose_image_threshold`] and [`choose_pixel_threshold`].
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::detect::{self, Bank, DetectConfig, DetectError, Detector, EnrolmentMeta, Geometry};
+use crate::features::{self, Patches};
+use crate::imageio::{self, Dihedral};
+use crate::map::Grid;
+use crate::synth::{self, Kind, Rng};
+
+/// A shot whose halves predict each other this well, relative to a nuisance view of itself, is a
+/// texture (see [`stationarity`]).
+pub const TEXTURE_RATIO: f32 = 1.6;
+
+/// The thresholds stored with an enrolment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thresholds {
+    /// Image score at or above which the verdict is NG.
+    pub image: f32,
+    /// Map value at or above which a pixel belongs to a defect region.
+    pub pixel: f32,
+    /// How they were chosen: `auto` or `user`.
+    pub source: String,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            image: f32::INFINITY,
+            pixel: f32::INFINITY,
+            source: "auto".into(),
+        }
+    }
+}
+
+/// What calibration measured, kept in the enrolment so that every threshold can be explained.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Calibration {
+    /// Scores of nuisance views of the shots.
+    pub normal: Vec<f32>,
+    /// Held-out normal scores: leave-one-out references, or the halves of a single texture shot.
+    pub held_out: Vec<f32>,
+    /// Scores of simulated anomalies.
+    pub anomaly: Vec<f32>,
+    /// Half-to-half over nuisance-view matching distance of the first shot (low = texture).
+    pub stationarity: f32,
+    /// Whether `held_out` holds leave-one-out scores of whole references (one per reference).
+    pub leave_one_out: bool,
+}
+
+impl Calibration {
+    pub fn anomaly_median(&self) -> f32 {
+        quantile(&self.anomaly, 0.5)
+    }
+
+    /// A reference whose leave-one-out score is above the simulated-anomaly median.
+    pub fn outlier(&self) -> Option<(usize, f32)> {
+        if !self.leave_one_out {
+            return None;
+        }
+        let limit = self.anomaly_median();
+        self.held_out
+            .iter()
+            .copied()
+            .enumerate()
+            .find(|&(_, s)| s > limit)
+    }
+}
+
+/// Linear-interpolated quantile of `v` (`q` in 0..=1); NaN for an empty slice.
+pub fn quantile(v: &[f32], q: f32) -> f32 {
+    if v.is_empty() {
+        return f32::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f32::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f32;
+    let (i, t) = (pos.floor() as usize, pos.fract());
+    if i + 1 < s.len() {
+        s[i] * (1.0 - t) + s[i + 1] * t
+    } else {
+        s[i]
+    }
+}
+
+/// How well one half of a shot predicts the other, relative to how well the shot predicts a nuisance
+/// view of itself (90th percentiles of nearest-patch distance). A texture's halves look alike (ratio
+/// near 1); an object's halves show different parts (ratio well above 1).
+pub fn stationarity(
+    det: &mut Detector,
+    img: &RgbImage,
+    output: usize,
+    pool: usize,
+    seed: u64,
+) -> Result<f32, DetectError> {
+    let full = det.patches(img, &[output], pool)?.remove(0);
+    let (a, b) = split_patches(&full);
+    let (d_ab, _) = features::nearest(&b.rows, &a.rows, full.dim);
+    let (d_ba, _) = features::nearest(&a.rows, &b.rows, full.dim);
+    let cross = quantile(&[d_ab, d_ba].concat(), 0.9);
+    let view = synth::nuisance(img, &mut Rng::new(seed ^ 0x5157), 0.02);
+    let pv = det.patches(&view, &[output], pool)?.remove(0);
+    let (d_j, _) = features::nearest(&pv.rows, &full.rows, full.dim);
+    let jitter = quantile(&d_j, 0.9).max(1e-4);
+    Ok(cross / jitter)
+}
+
+/// Splits a patch grid into two halves across its longer side.
+fn split_patches(p: &Patches) -> (Patches, Patches) {
+    let rows_of = |ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| -> Patches {
+        let mut rows = Vec::new();
+        for y in ys.clone() {
+            for x in xs.clone() {
+                rows.extend_from_slice(&p.rows[(y * p.w + x) * p.dim..(y * p.w + x + 1) * p.dim]);
+            }
+        }
+        Patches {
+            h: ys.len(),
+            w: xs.len(),
+            dim: p.dim,
+            rows,
+        }
+    };
+    if p.h >= p.w {
+        (rows_of(0..p.h / 2, 0..p.w), rows_of(p.h / 2..p.h, 0..p.w))
+    } else {
+        (rows_of(0..p.h, 0..p.w / 2), rows_of(0..p.h, p.w / 2..p.w))
+    }
+}
+
+/// Splits an image into two halves across its longer side.
+fn split_image(img: &RgbImage) -> [RgbImage; 2] {
+    let (w, h) = img.dimensions();
+    let crop = |x, y, w, h| image::imageops::crop_imm(img, x, y, w, h).to_image();
+    if h >= w {
+        [crop(0, 0, w, h / 2), crop(0, h / 2, w, h - h / 2)]
+    } else {
+        [crop(0, 0, w / 2, h), crop(w / 2, 0, w - w / 2, h)]
+    }
+}
+
+/// Scores the calibration sets and chooses both thresholds.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn calibrate(
+    det: &mut Detector,
+    meta: &mut EnrolmentMeta,
+    banks: &[Bank],
+    per_ref: &[Vec<Patches>],
+    prepared: &[RgbImage],
+    outputs: &[usize],
+    cfg: &DetectConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Thresholds, Calibration), DetectError> {
+    let mut rng = Rng::new(cfg.seed);
+    let mut cal = Calibration {
+        stationarity: meta.calibration.stationarity,
+        ..Default::default()
+    };
+    let k = prepared.len();
+    let texture = matches!(meta.geometry, Geometry::Texture { .. });
+    let mut pixel_samples: Vec<(Grid, Option<image::GrayImage>)> = Vec::new();
+
+    progress(&format!(
+        "calibrating: {} nuisance views, {} simulated anomalies",
+        cfg.normal_views, cfg.anomaly_views
+    ));
+    for v in 0..cfg.normal_views {
+        let base = random_view(&prepared[v % k], &meta.augment, &mut rng);
+        let view = synth::nuisance(&base, &mut rng, 0.03);
+        let s = det.score_prepared(meta, banks, &view)?;
+        cal.normal.push(s.score);
+        pixel_samples.push((s.map, None));
+    }
+
+    // Held-out normal evidence.
+    if k >= 2 {
+        cal.leave_one_out = true;
+        for i in 0..k {
+            let others = detect::build_banks(
+                per_ref,
+                &bank_strides(banks),
+                outputs,
+                Some(i),
+                cfg.max_bank,
+                &mut |_| {},
+            );
+            let s = det.score_prepared(meta, &others, &prepared[i])?;
+            cal.held_out.push(s.score);
+        }
+    } else if texture {
+        let halves = split_image(&prepared[0]);
+        let mut half_patches = Vec::new();
+        for half in &halves {
+            let mut views: Vec<Patches> = Vec::new();
+            for d in &meta.augment {
+                let p = det.patches(&d.apply(half), outputs, meta.pool)?;
+                if views.is_empty() {
+                    views = p;
+                } else {
+                    views
+                        .iter_mut()
+                        .zip(p)
+                        .for_each(|(a, n)| a.rows.extend_from_slice(&n.rows));
+                }
+            }
+            half_patches.push(views);
+        }
+        for i in 0..2 {
+            let others = detect::build_banks(
+                &half_patches,
+                &bank_strides(banks),
+                outputs,
+                Some(i),
+                cfg.max_bank,
+                &mut |_| {},
+            );
+            let s = det.score_prepared(meta, &others, &halves[i])?;
+            cal.held_out.push(s.score);
+        }
+    }
+
+    for a in 0..cfg.anomaly_views {
+        let i = a % k;
+        let base = synth::nuisance(
+            &random_view(&prepared[i], &meta.augment, &mut rng),
+            &mut rng,
+            0.03,
+        );
+        let donor = &prepared[(i + 1) % k];
+        let donor = imageio::resize(
+            donor,
+            base.width().min(donor.width()),
+            base.height().min(donor.height()),
+        );
+        let kind = Kind::ALL[a % Kind::ALL.len()];
+        let (img, mask) = synth::anomaly(&base, &donor, kind, &mut rng);
+        let s = det.score_prepared(meta, banks, &img)?;
+        cal.anomaly.push(s.score);
+        pixel_samples.push((s.map, Some(mask)));
+    }
+
+    let image = choose_image_threshold(&cal);
+    let pixel = choose_pixel_threshold(&pixel_samples, image);
+    progress(&format!(
+        "thresholds: image {image:.4} (normal max {:.4}, held-out {:?}, anomaly median {:.4}), pixel {pixel:.4}",
+        quantile(&cal.normal, 1.0),
+        cal.held_out
+            .iter()
+            .map(|v| (v * 1e4).round() / 1e4)
+            .collect::<Vec<_>>(),
+        cal.anomaly_median()
+    ));
+    Ok((
+        Thresholds {
+            image,
+            pixel,
+            source: "auto".into(),
+        },
+        cal,
+    ))
+}
+
+fn bank_strides(banks: &[Bank]) -> Vec<usize> {
+    banks.iter().map(|b| b.stride).collect()
+}
+
+fn random_view(img: &RgbImage, augment: &[Dihedral], rng: &mut Rng) -> RgbImage {
+    let d = augment[rng.below(augment.len() as u32) as usize];
+    d.apply(img)
+}
+
+/// The image threshold rule.
+///
+/// `n_hi` is the highest normal evidence: the largest nuisance-view score, raised to the largest
+/// held-out score where one exists (held-out references see real part-to-part variation that nuisance
+/// views of one shot cannot). `a_lo` is the 25th percentile of the simulated-anomaly scores. The
+/// threshold is the midpoint of the two when they are ordered; when simulated anomalies score below
+/// normal evidence the shots cannot separate them, and the threshold sits just above the normal evidence.
+pub fn choose_image_threshold(cal: &Calibration) -> f32 {
+    let mut n_hi = quantile(&cal.normal, 1.0);
+    if let Some(h) = cal.held_out.iter().copied().reduce(f32::max) {
+        n_hi = n_hi.max(h);
+    }
+    let a_lo = quantile(&cal.anomaly, 0.25);
+    if a_lo > n_hi {
+        0.5 * (n_hi + a_lo)
+    } else {
+        n_hi * 1.05
+    }
+}
+
+/// The mask threshold: the value that maximises pixel F1 on the simulated anomalies (their masks are
+/// the positives; normal views contribute negatives), never below the image threshold's scale floor.
+pub fn choose_pixel_threshold(
+    samples: &[(Grid, Option<image::GrayImage>)],
+    image_threshold: f32,
+) -> f32 {
+    const BINS: usize = 512;
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for (g, _) in samples {
+        for &v in &g.data {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+    }
+    if !(hi > lo) {
+        return image_threshold;
+    }
+    let bin = |v: f32| (((v - lo) / (hi - lo) * (BINS - 1) as f32) as usize).min(BINS - 1);
+    let (mut pos, mut neg) = (vec![0u64; BINS], vec![0u64; BINS]);
+    for (g, mask) in samples {
+        for (i, &v) in g.data.iter().enumerate() {
+            let is_pos = mask.as_ref().is_some_and(|m| {
+                let (x, y) = ((i % g.w) as u32, (i / g.w) as u32);
+                x < m.width() && y < m.height() && m.get_pixel(x, y).0[0] > 127
+            });
+            if is_pos {
+                pos[bin(v)] += 1
+            } else {
+                neg[bin(v)] += 1
+            }
+        }
+    }
+    let total_pos: u64 = pos.iter().sum();
+    let (mut tp, mut fp) = (0u64, 0u64);
+    let (mut best, mut best_t) = (-1.0f64, hi);
+    // Sweep from the top: everything in bins >= b is predicted positive.
+    for b in (0..BINS).rev() {
+        tp += pos[b];
+        fp += neg[b];
+        let f1 = if tp == 0 {
+            0.0
+        } else {
+            2.0 * tp as f64 / (2 * tp + fp + (total_pos - tp)) as f64
+        };
+        if f1 > best {
+            best = f1;
+            best_t = lo + (hi - lo) * b as f32 / (BINS - 1) as f32;
+        }
+    }
+    best_t
+}
+
+/// The plain-background model of a reference: the median border colour, and a tolerance half-way to
+/// the typical foreground distance (at least 25 grey levels).
+pub fn background(img: &RgbImage) -> crate::detect::Background {
+    let (w, h) = img.dimensions();
+    let mut border: Vec<[u8; 3]> = Vec::new();
+    for x in 0..w {
+        border.push(img.get_pixel(x, 0).0);
+        border.push(img.get_pixel(x, h - 1).0);
+    }
+    for y in 0..h {
+        border.push(img.get_pixel(0, y).0);
+        border.push(img.get_pixel(w - 1, y).0);
+    }
+    let rgb: [f32; 3] = std::array::from_fn(|c| {
+        let mut v: Vec<f32> = border.iter().map(|p| p[c] as f32).collect();
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    });
+    let dist: Vec<f32> = img.pixels().map(|p| colour_distance(p.0, rgb)).collect();
+    let tolerance = (0.5 * quantile(&dist, 0.75)).max(25.0);
+    crate::detect::Background { rgb, tolerance }
+}
+
+/// Per-pixel foreground flags of `img` under a background model.
+pub fn foreground(img: &RgbImage, bg: &crate::detect::Background) -> Vec<bool> {
+    img.pixels()
+        .map(|p| colour_distance(p.0, bg.rgb) > bg.tolerance)
+        .collect()
+}
+
+fn colour_distance(p: [u8; 3], c: [f32; 3]) -> f32 {
+    (0..3)
+        .map(|i| (p[i] as f32 - c[i]).powi(2))
+        .sum::<f32>()
+        .sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate() {
+        let v = [4.0, 1.0, 3.0, 2.0];
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert_eq!(quantile(&v, 1.0), 4.0);
+        assert_eq!(quantile(&v, 0.5), 2.5);
+        assert!(quantile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn image_threshold_sits_between_separated_sets() {
+        let cal = Calibration {
+            normal: vec![0.1, 0.2],
+            anomaly: vec![0.5, 0.6, 0.7, 0.8],
+            ..Default::default()
+        };
+        let t = choose_image_threshold(&cal);
+        assert!(t > 0.2 && t < 0.575, "{t}");
+        // Held-out evidence raises the normal side.
+        let cal = Calibration {
+            held_out: vec![0.4],
+            ..cal
+        };
+        assert!(choose_image_threshold(&cal) > 0.4);
+    }
+
+    #[test]
+    fn image_threshold_above_normal_when_sets_overlap() {
+        let cal = Calibration {
+            normal: vec![0.3, 0.5],
+            anomaly: vec![0.2, 0.25, 0.3, 0.9],
+            ..Default::default()
+        };
+        assert!(choose_image_threshold(&cal) > 0.5);
+    }
+
+    #[test]
+    fn pixel_threshold_separates_masked_pixels() {
+        let mut mask = image::GrayImage::new(4, 1);
+        mask.put_pixel(3, 0, image::Luma([255]));
+        let samples = vec![
+            (Grid::new(4, 1, vec![0.1, 0.2, 0.15, 0.9]), Some(mask)),
+            (Grid::new(4, 1, vec![0.3; 4]), None),
+        ];
+        let t = choose_pixel_threshold(&samples, 0.5);
+        assert!(t > 0.3 && t <= 0.9, "{t}");
+    }
+
+    #[test]
+    fn outlier_reference_is_found_only_with_leave_one_out() {
+        let cal = Calibration {
+            held_out: vec![0.1, 0.9],
+            anomaly: vec![0.5, 0.6],
+            leave_one_out: true,
+            ..Default::default()
+        };
+        assert_eq!(cal.outlier(), Some((1, 0.9)));
+        let cal = Calibration {
+            leave_one_out: false,
+            ..cal
+        };
+        assert_eq!(cal.outlier(), None);
+    }
+
+    #[test]
+    fn background_of_dark_frame_is_dark_and_object_is_foreground() {
+        let img = RgbImage::from_fn(40, 40, |x, y| {
+            if (10..30).contains(&x) && (10..30).contains(&y) {
+                image::Rgb([200, 180, 50])
+            } else {
+                image::Rgb([5, 5, 5])
+            }
+        });
+        let bg = background(&img);
+        assert!(bg.rgb.iter().all(|v| *v < 10.0));
+        let fg = foreground(&img, &bg);
+        assert!(fg[20 * 40 + 20] && !fg[0]);
+    }
+}

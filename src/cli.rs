@@ -1,0 +1,123 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "anomalyd",
+    version,
+    about = "Few-shot industrial anomaly detection: is this part good, and if not, where is the defect?"
+)]
+pub struct Cli {
+    /// TOML configuration ([engine] and [detect]); see config/anomalyd.toml.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect the built-in demo parts against their built-in reference (no dataset needed).
+    Demo {
+        /// Folder for the generated images, overlays and enrolment.
+        #[arg(long, default_value = "anomalyd-demo")]
+        out: PathBuf,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
+    /// Enrol normal reference images of a product into an enrolment file.
+    Enroll {
+        /// Folder of normal images (or image files).
+        #[arg(long, required = true, num_args = 1..)]
+        reference: Vec<PathBuf>,
+        /// Enrolment file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
+    /// Inspect images: verdict as JSON and text, and a heat-map overlay PNG per image.
+    Inspect {
+        /// Images to inspect.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Enrolment file, or folder of normal reference images to enrol first.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Folder for the overlays.
+        #[arg(long, default_value = "anomalyd-out")]
+        out: PathBuf,
+        /// Override the automatic image threshold.
+        #[arg(long)]
+        image_threshold: Option<f32>,
+        /// Override the automatic mask threshold.
+        #[arg(long)]
+        pixel_threshold: Option<f32>,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
+    /// Few-shot evaluation on MVTec-layout folders: image/pixel AUROC, PRO, F1-max, accuracy.
+    Eval {
+        /// A category folder (train/good, test/<type>, ground_truth/<type>) or a folder of them.
+        dir: PathBuf,
+        /// Normal shots per category.
+        #[arg(long, default_value_t = 1)]
+        shots: usize,
+        /// Seeds: seed s uses train/good (sorted) [s*K, (s+1)*K).
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
+    /// Measure ms/frame per stage, frames/s, p50/p99 latency and peak memory.
+    Bench {
+        /// Enrolment file or folder of references; default: the built-in demo part.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Frames to inspect (the reference's own images, or demo parts).
+        #[arg(long, default_value_t = 200)]
+        frames: usize,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
+}
+
+/// Detector and engine settings that override the config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DetectArgs {
+    /// Encoder input pixel budget (default 65536 = 256x256).
+    #[arg(long)]
+    pub pixels: Option<u32>,
+    /// Encoder strides to match, e.g. 8,16.
+    #[arg(long, value_delimiter = ',')]
+    pub strides: Option<Vec<usize>>,
+    /// auto | aligned | texture.
+    #[arg(long)]
+    pub geometry: Option<crate::detect::GeometryChoice>,
+    /// Ignore the plain background around an object.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Execution providers in order, e.g. cuda,cpu.
+    #[arg(long, value_delimiter = ',')]
+    pub providers: Option<Vec<crate::engine::Provider>>,
+    /// CPU threads for the encoder (0 = one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Encoder ONNX model (with its .json manifest beside it).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}

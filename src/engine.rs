@@ -1,0 +1,446 @@
+//! The encoder: an ONNX model run by ONNX Runtime, loaded at run time (`ort` with `load-dynamic`).
+//!
+//! The library is looked up in this order: the path in config, `ORT_DYLIB_PATH`, then the project's
+//! own venv (`.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*`, searched from the
+//! working directory and from the executable's folders upwards). Execution providers are tried in the
+//! configured order; the first that builds a session runs, and one log line names it.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::{self, ExecutionProvider as _};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::features::FeatureMap;
+
+/// The default encoder, compiled into the binary so that a fresh clone needs no model download.
+const DEFAULT_MODEL: &[u8] = include_bytes!("../models/efficientnet_lite0_s16.onnx");
+const DEFAULT_MANIFEST: &str = include_str!("../models/efficientnet_lite0_s16.json");
+
+const INSTALL_HINT: &str = "install it with `python3 -m venv .venv && .venv/bin/pip install onnxruntime` \
+     in the project folder, or set ORT_DYLIB_PATH (or `engine.onnxruntime` in config) to a libonnxruntime.so";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("ONNX Runtime library not found (looked in: {searched}); {INSTALL_HINT}")]
+    RuntimeNotFound { searched: String },
+    #[error("could not load ONNX Runtime from {path}: {reason}; {INSTALL_HINT}")]
+    RuntimeLoad { path: PathBuf, reason: String },
+    #[error("cannot read encoder model {path}: {source}")]
+    ModelRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("encoder manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("no execution provider could run the encoder: {0}")]
+    NoProvider(String),
+    #[error("unknown execution provider `{0}` (use tensorrt, cuda or cpu)")]
+    UnknownProvider(String),
+    #[error("encoder inference failed: {0}")]
+    Inference(String),
+}
+
+/// One ONNX Runtime execution provider, in the order of preference written in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Tensorrt,
+    Cuda,
+    Cpu,
+}
+
+impl std::str::FromStr for Provider {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tensorrt" | "trt" => Ok(Self::Tensorrt),
+            "cuda" => Ok(Self::Cuda),
+            "cpu" => Ok(Self::Cpu),
+            other => Err(EngineError::UnknownProvider(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tensorrt => "tensorrt",
+            Self::Cuda => "cuda",
+            Self::Cpu => "cpu",
+        })
+    }
+}
+
+/// Settings of the encoder engine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Path to libonnxruntime.so; unset means ORT_DYLIB_PATH, then the project's `.venv`.
+    pub onnxruntime: Option<PathBuf>,
+    /// Encoder ONNX file with its `.json` manifest beside it; unset means the built-in EfficientNet-Lite0.
+    pub model: Option<PathBuf>,
+    /// Execution providers in order of preference.
+    pub providers: Vec<Provider>,
+    /// Intra-op threads for the CPU provider (0 = ONNX Runtime's choice: one per core).
+    pub threads: usize,
+    /// Folder for TensorRT engine caches.
+    pub trt_cache: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            onnxruntime: None,
+            model: None,
+            providers: vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu],
+            threads: 0,
+            trt_cache: None,
+        }
+    }
+}
+
+/// What the model's `.json` manifest says about its input and outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub sha256: String,
+    pub input: InputSpec,
+    pub outputs: Vec<OutputSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    pub scale: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputSpec {
+    pub name: String,
+    pub stride: usize,
+    pub channels: usize,
+}
+
+/// Finds libonnxruntime: config, then `ORT_DYLIB_PATH`, then the project's `.venv`.
+pub fn find_onnxruntime(configured: Option<&Path>) -> Result<PathBuf, EngineError> {
+    if let Some(p) = configured {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    for root in &roots {
+        if let Some(found) = venv_library(&root.join(".venv")) {
+            return Ok(found);
+        }
+    }
+    Err(EngineError::RuntimeNotFound {
+        searched: "engine.onnxruntime, ORT_DYLIB_PATH, .venv in the working directory and the executable's folders"
+            .into(),
+    })
+}
+
+fn venv_library(venv: &Path) -> Option<PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    for py in lib.flatten() {
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        let Ok(entries) = std::fs::read_dir(&capi) else {
+            continue;
+        };
+        let mut libs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib"
+                })
+            })
+            .collect();
+        libs.sort();
+        if let Some(l) = libs.pop() {
+            return Some(l);
+        }
+    }
+    None
+}
+
+static RUNTIME: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
+    OnceLock::new();
+
+/// Loads ONNX Runtime once per process. Later calls reuse the first result.
+fn init_runtime(configured: Option<&Path>) -> Result<(), EngineError> {
+    let path = find_onnxruntime(configured)?;
+    let result = RUNTIME.get_or_init(|| {
+        if !path.exists() {
+            return Err(format!("{} does not exist", path.display()));
+        }
+        let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
+        let env = builder
+            .with_name("anomalyd")
+            .build()
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(path = %path.display(), "loaded ONNX Runtime");
+        Ok((path.clone(), env))
+    });
+    match result {
+        Ok(_) => Ok(()),
+        Err(reason) => Err(EngineError::RuntimeLoad {
+            path,
+            reason: reason.clone(),
+        }),
+    }
+}
+
+/// The encoder: image tensor in, feature maps at several strides out.
+pub struct Encoder {
+    session: Session,
+    manifest: Manifest,
+    provider: Provider,
+    model_sha256: String,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("model", &self.manifest.name)
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+impl Encoder {
+    /// Loads ONNX Runtime and the encoder, trying each configured execution provider in turn.
+    pub fn load(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        init_runtime(cfg.onnxruntime.as_deref())?;
+        let (bytes, manifest) = read_model(cfg.model.as_deref())?;
+        let model_sha256 = hex(&Sha256::digest(&bytes));
+        if !manifest.sha256.eq_ignore_ascii_case(&model_sha256) {
+            return Err(EngineError::Manifest {
+                path: cfg.model.clone().unwrap_or_else(|| "built-in".into()),
+                reason: format!(
+                    "model sha256 {model_sha256} differs from manifest {}",
+                    manifest.sha256
+                ),
+            });
+        }
+        let mut failures = Vec::new();
+        let providers = if cfg.providers.is_empty() {
+            vec![Provider::Cpu]
+        } else {
+            cfg.providers.clone()
+        };
+        for provider in providers {
+            match build_session(&bytes, provider, cfg, &model_sha256) {
+                Ok(session) => {
+                    tracing::info!(provider = %provider, model = %manifest.name, "encoder runs on {provider}");
+                    return Ok(Self {
+                        session,
+                        manifest,
+                        provider,
+                        model_sha256,
+                    });
+                }
+                Err(reason) => {
+                    tracing::debug!(provider = %provider, %reason, "execution provider unavailable, trying the next");
+                    failures.push(format!("{provider}: {reason}"));
+                }
+            }
+        }
+        Err(EngineError::NoProvider(failures.join("; ")))
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// sha256 of the ONNX file, recorded in enrolments so that a mismatched model is refused.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_sha256
+    }
+
+    /// Runs one normalised NCHW image (batch 1) and returns the requested outputs, in that order.
+    pub fn run(
+        &mut self,
+        chw: Vec<f32>,
+        height: usize,
+        width: usize,
+        outputs: &[usize],
+    ) -> Result<Vec<FeatureMap>, EngineError> {
+        let input = Tensor::from_array(([1usize, 3, height, width], chw))
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let name = self.manifest.input.name.clone();
+        let result = self
+            .session
+            .run(ort::inputs![name.as_str() => input])
+            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let mut maps = Vec::with_capacity(outputs.len());
+        for &i in outputs {
+            let spec = self
+                .manifest
+                .outputs
+                .get(i)
+                .ok_or_else(|| EngineError::Inference(format!("model has no output #{i}")))?;
+            let value = result.get(spec.name.as_str()).ok_or_else(|| {
+                EngineError::Inference(format!("model returned no `{}`", spec.name))
+            })?;
+            let (shape, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| EngineError::Inference(e.to_string()))?;
+            if shape.len() != 4 || shape[0] != 1 || shape[1] as usize != spec.channels {
+                return Err(EngineError::Inference(format!(
+                    "`{}` has shape {shape:?}",
+                    spec.name
+                )));
+            }
+            maps.push(FeatureMap {
+                c: shape[1] as usize,
+                h: shape[2] as usize,
+                w: shape[3] as usize,
+                data: data.to_vec(),
+            });
+        }
+        Ok(maps)
+    }
+}
+
+fn read_model(path: Option<&Path>) -> Result<(Vec<u8>, Manifest), EngineError> {
+    let Some(path) = path else {
+        let manifest =
+            serde_json::from_str(DEFAULT_MANIFEST).map_err(|e| EngineError::Manifest {
+                path: "built-in".into(),
+                reason: e.to_string(),
+            })?;
+        return Ok((DEFAULT_MODEL.to_vec(), manifest));
+    };
+    let bytes = std::fs::read(path).map_err(|source| EngineError::ModelRead {
+        path: path.into(),
+        source,
+    })?;
+    let manifest_path = path.with_extension("json");
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| EngineError::Manifest {
+        path: manifest_path.clone(),
+        reason: format!("{e}; every model needs its manifest beside it (see models/)"),
+    })?;
+    let manifest = serde_json::from_str(&text).map_err(|e| EngineError::Manifest {
+        path: manifest_path,
+        reason: e.to_string(),
+    })?;
+    Ok((bytes, manifest))
+}
+
+fn build_session(
+    model: &[u8],
+    provider: Provider,
+    cfg: &EngineConfig,
+    sha: &str,
+) -> Result<Session, String> {
+    let dispatch = match provider {
+        Provider::Cpu => ep::CPU::default().build(),
+        Provider::Cuda => {
+            if !ep::CUDA::is_available().unwrap_or(false) {
+                return Err(
+                    "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)".into(),
+                );
+            }
+            ep::CUDA::default().build()
+        }
+        Provider::Tensorrt => {
+            if !ep::TensorRT::is_available().unwrap_or(false) {
+                return Err("this ONNX Runtime build has no TensorRT provider (onnxruntime-gpu with TensorRT, or JetPack's)".into());
+            }
+            let cache = cfg
+                .trt_cache
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("anomalyd-trt"));
+            let _ = std::fs::create_dir_all(&cache);
+            ep::TensorRT::default()
+                .with_fp16(true)
+                .with_engine_cache(true)
+                .with_engine_cache_path(cache.display())
+                .with_engine_cache_prefix(&sha[..16])
+                .with_timing_cache(true)
+                .build()
+        }
+    };
+    let env = match RUNTIME.get() {
+        Some(Ok((_, env))) => env,
+        _ => return Err("ONNX Runtime is not loaded".into()),
+    };
+    let mut builder = Session::builder(env).map_err(|e| e.to_string())?;
+    builder = builder
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| e.to_string())?
+        .with_execution_providers([dispatch.error_on_failure()])
+        .map_err(|e| e.to_string())?;
+    if cfg.threads > 0 {
+        builder = builder
+            .with_intra_threads(cfg.threads)
+            .map_err(|e| e.to_string())?;
+    }
+    builder.commit_from_memory(model).map_err(|e| e.to_string())
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_parse_and_reject_unknown() {
+        assert_eq!("TensorRT".parse::<Provider>().unwrap(), Provider::Tensorrt);
+        assert_eq!(" cpu ".parse::<Provider>().unwrap(), Provider::Cpu);
+        let err = "npu".parse::<Provider>().unwrap_err().to_string();
+        assert!(
+            err.contains("npu") && err.contains("tensorrt, cuda or cpu"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn built_in_manifest_matches_built_in_model() {
+        let (bytes, manifest) = read_model(None).unwrap();
+        assert_eq!(hex(&Sha256::digest(&bytes)), manifest.sha256);
+        assert_eq!(
+            manifest
+                .outputs
+                .iter()
+                .map(|o| o.stride)
+                .collect::<Vec<_>>(),
+            vec![4, 8, 16]
+        );
+    }
+
+    #[test]
+    fn configured_runtime_path_wins() {
+        let p = find_onnxruntime(Some(Path::new("/opt/ort/libonnxruntime.so"))).unwrap();
+        assert_eq!(p, Path::new("/opt/ort/libonnxruntime.so"));
+    }
+
+    #[test]
+    fn missing_venv_library_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(venv_library(&dir.path().join(".venv")).is_none());
+    }
+}

@@ -1,0 +1,185 @@
+//! Reading images of any common format into 8-bit RGB, resizing, the eight dihedral transforms, and
+//! the normalised NCHW tensor the encoder takes.
+
+use std::path::{Path, PathBuf};
+
+use image::{RgbImage, imageops};
+
+/// Smallest side an input may have: the encoder needs at least a 4 x 4 grid at stride 16.
+pub const MIN_SIDE: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read image {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("image {path} is {w}x{h}; anomalyd needs at least {MIN_SIDE}x{MIN_SIDE} pixels")]
+    TooSmall { path: PathBuf, w: u32, h: u32 },
+}
+
+/// Reads an image and converts grayscale, 16-bit and alpha formats to 8-bit RGB.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let read_err = |reason: String| ImageError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| read_err(e.to_string()))?;
+    let img = reader.decode().map_err(|e| read_err(e.to_string()))?;
+    let rgb = img.to_rgb8();
+    if rgb.width() < MIN_SIDE || rgb.height() < MIN_SIDE {
+        return Err(ImageError::TooSmall {
+            path: path.to_path_buf(),
+            w: rgb.width(),
+            h: rgb.height(),
+        });
+    }
+    Ok(rgb)
+}
+
+/// Reads a mask as 8-bit luma (any format); `None` if it cannot be read.
+pub fn load_mask(path: &Path) -> Result<image::GrayImage, ImageError> {
+    let img = image::open(path).map_err(|e| ImageError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(img.to_luma8())
+}
+
+/// Resizes with a triangle filter whose support grows with the downscale factor (area-correct).
+pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if img.width() == w && img.height() == h {
+        return img.clone();
+    }
+    imageops::resize(img, w, h, imageops::FilterType::Triangle)
+}
+
+/// The eight symmetries of the square: rotation by `rot * 90` degrees, then an optional horizontal flip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Dihedral {
+    pub rot: u8,
+    pub flip: bool,
+}
+
+impl Dihedral {
+    pub const IDENTITY: Self = Self {
+        rot: 0,
+        flip: false,
+    };
+
+    pub fn all() -> Vec<Self> {
+        (0..4u8)
+            .flat_map(|rot| [false, true].map(|flip| Self { rot, flip }))
+            .collect()
+    }
+
+    pub fn apply(self, img: &RgbImage) -> RgbImage {
+        let r = match self.rot % 4 {
+            1 => imageops::rotate90(img),
+            2 => imageops::rotate180(img),
+            3 => imageops::rotate270(img),
+            _ => img.clone(),
+        };
+        if self.flip {
+            imageops::flip_horizontal(&r)
+        } else {
+            r
+        }
+    }
+}
+
+/// HWC u8 -> NCHW f32 with `(v * scale - mean) / std` per channel.
+pub fn to_tensor(img: &RgbImage, scale: f32, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let plane = w * h;
+    let mut out = vec![0.0f32; 3 * plane];
+    let mul: [f32; 3] = std::array::from_fn(|c| scale / std[c]);
+    let add: [f32; 3] = std::array::from_fn(|c| -mean[c] / std[c]);
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = px[c] as f32 * mul[c] + add[c];
+        }
+    }
+    out
+}
+
+/// Size (multiple of `align`) with about `pixels` pixels and the aspect ratio of `w x h`.
+pub fn fit_pixels(w: u32, h: u32, pixels: u32, align: u32) -> (u32, u32) {
+    let s = (pixels as f64 / (w as f64 * h as f64)).sqrt();
+    scaled(w, h, s, align)
+}
+
+/// `w x h` scaled by `s`, rounded to a multiple of `align`, never below `MIN_SIDE`.
+pub fn scaled(w: u32, h: u32, s: f64, align: u32) -> (u32, u32) {
+    let round = |v: f64| -> u32 {
+        let a = align as f64;
+        (((v / a).round() * a) as u32).max(MIN_SIDE.div_ceil(align) * align)
+    };
+    (round(w as f64 * s), round(h as f64 * s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dihedral_group_has_eight_distinct_members() {
+        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([(x + 3 * y) as u8, 0, 0]));
+        let outs: Vec<_> = Dihedral::all()
+            .iter()
+            .map(|d| d.apply(&img).into_raw())
+            .collect();
+        for i in 0..8 {
+            for j in i + 1..8 {
+                assert_ne!(outs[i], outs[j], "{i} and {j}");
+            }
+        }
+        assert_eq!(Dihedral::IDENTITY.apply(&img), img);
+    }
+
+    #[test]
+    fn tensor_is_planar_and_normalised() {
+        let img = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 51]));
+        let t = to_tensor(&img, 1.0 / 255.0, [0.5; 3], [0.5; 3]);
+        assert_eq!(t.len(), 6);
+        assert!(
+            (t[0] - 1.0).abs() < 1e-6 && (t[2] + 1.0).abs() < 1e-6 && (t[4] + 0.6).abs() < 1e-6
+        );
+    }
+
+    #[test]
+    fn fit_keeps_aspect_and_alignment() {
+        assert_eq!(fit_pixels(800, 1600, 256 * 256, 16), (176, 368));
+        assert_eq!(fit_pixels(10, 10, 256 * 256, 16), (256, 256));
+        let (w, h) = fit_pixels(100, 10_000, 256 * 256, 16);
+        assert!(w >= MIN_SIDE && h % 16 == 0);
+    }
+
+    #[test]
+    fn unreadable_and_tiny_images_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.png");
+        std::fs::write(&junk, b"not a png").unwrap();
+        assert!(matches!(load_rgb(&junk), Err(ImageError::Read { .. })));
+        let tiny = dir.path().join("tiny.png");
+        image::GrayImage::new(10, 10).save(&tiny).unwrap();
+        let err = load_rgb(&tiny).unwrap_err().to_string();
+        assert!(err.contains("10x10") && err.contains("at least"), "{err}");
+    }
+
+    #[test]
+    fn gray_sixteen_bit_and_rgba_are_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let g16 = dir.path().join("g16.png");
+        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(64, 64, image::Luma([65535u16]))
+            .save(&g16)
+            .unwrap();
+        assert_eq!(load_rgb(&g16).unwrap().get_pixel(0, 0).0, [255, 255, 255]);
+        let rgba = dir.path().join("rgba.png");
+        image::RgbaImage::from_pixel(64, 64, image::Rgba([10, 20, 30, 0]))
+            .save(&rgba)
+            .unwrap();
+        assert_eq!(load_rgb(&rgba).unwrap().get_pixel(5, 5).0, [10, 20, 30]);
+    }
+}

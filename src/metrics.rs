@@ -1,0 +1,229 @@
+//! Evaluation metrics as the anomaly-detection papers compute them: AUROC (image and pixel), PRO
+//! (area under the per-region-overlap curve up to 30% FPR, normalised), F1-max, and accuracy.
+
+/// Area under the ROC curve of `scores` against `labels` (true = anomalous), by the rank-sum
+/// (Mann-Whitney) formula with ties counted half. NaN when one class is missing.
+pub fn auroc(scores: &[f32], labels: &[bool]) -> f64 {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (mut rank_sum, mut n_pos) = (0.0f64, 0u64);
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        // Ranks i+1 ..= j+1 share their mean.
+        let mean_rank = (i + j + 2) as f64 / 2.0;
+        for &k in &idx[i..=j] {
+            if labels[k] {
+                rank_sum += mean_rank;
+                n_pos += 1;
+            }
+        }
+        i = j + 1;
+    }
+    let n_neg = scores.len() as u64 - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return f64::NAN;
+    }
+    (rank_sum - (n_pos * (n_pos + 1)) as f64 / 2.0) / (n_pos as f64 * n_neg as f64)
+}
+
+/// Largest F1 over all thresholds (anomalous = positive).
+pub fn f1_max(scores: &[f32], labels: &[bool]) -> f64 {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let total_pos = labels.iter().filter(|&&l| l).count() as f64;
+    if total_pos == 0.0 {
+        return f64::NAN;
+    }
+    let (mut tp, mut fp, mut best) = (0.0f64, 0.0f64, 0.0f64);
+    let mut i = 0;
+    while i < idx.len() {
+        // Threshold between distinct scores only.
+        let s = scores[idx[i]];
+        while i < idx.len() && scores[idx[i]] == s {
+            if labels[idx[i]] {
+                tp += 1.0
+            } else {
+                fp += 1.0
+            }
+            i += 1;
+        }
+        best = best.max(2.0 * tp / (2.0 * tp + fp + (total_pos - tp)));
+    }
+    best
+}
+
+/// Fraction of verdicts that agree with the labels.
+pub fn accuracy(verdicts: &[bool], labels: &[bool]) -> f64 {
+    if verdicts.is_empty() {
+        return f64::NAN;
+    }
+    verdicts.iter().zip(labels).filter(|(v, l)| v == l).count() as f64 / verdicts.len() as f64
+}
+
+/// Accumulates pixel scores for PRO: the scores of every normal pixel, and per ground-truth region
+/// (8-connected component of one image's mask) the scores of its pixels.
+#[derive(Debug, Default)]
+pub struct ProAccumulator {
+    normal: Vec<f32>,
+    regions: Vec<Vec<f32>>,
+}
+
+impl ProAccumulator {
+    /// Adds one image's map and its binary mask (same length, row-major `w` wide).
+    pub fn add(&mut self, map: &[f32], mask: &[bool], w: usize) {
+        let h = map.len() / w.max(1);
+        let mut seen = vec![false; map.len()];
+        for i in 0..map.len() {
+            if !mask[i] {
+                self.normal.push(map[i]);
+                continue;
+            }
+            if seen[i] {
+                continue;
+            }
+            let mut region = Vec::new();
+            let mut stack = vec![i];
+            seen[i] = true;
+            while let Some(p) = stack.pop() {
+                region.push(map[p]);
+                let (x, y) = ((p % w) as isize, (p / w) as isize);
+                for dy in -1..=1 {
+                    for dx in -1..=1 {
+                        let (nx, ny) = (x + dx, y + dy);
+                        if nx >= 0 && ny >= 0 && (nx as usize) < w && (ny as usize) < h {
+                            let q = ny as usize * w + nx as usize;
+                            if mask[q] && !seen[q] {
+                                seen[q] = true;
+                                stack.push(q);
+                            }
+                        }
+                    }
+                }
+            }
+            self.regions.push(region);
+        }
+    }
+
+    /// Normalised area under the PRO-vs-FPR curve for FPR in `[0, max_fpr]` (the papers use 0.3).
+    /// Thresholds are the normal-pixel quantiles at `steps` evenly spaced FPRs; NaN without regions.
+    pub fn aupro(mut self, max_fpr: f64, steps: usize) -> f64 {
+        if self.regions.is_empty() || self.normal.is_empty() {
+            return f64::NAN;
+        }
+        self.normal.sort_by(f32::total_cmp);
+        self.regions
+            .iter_mut()
+            .for_each(|r| r.sort_by(f32::total_cmp));
+        let n = self.normal.len();
+        let mut points: Vec<(f64, f64)> = Vec::with_capacity(steps + 1);
+        for s in 0..=steps {
+            let target = max_fpr * s as f64 / steps as f64;
+            // Threshold t with FPR(t) = share of normal pixels strictly above t closest to target.
+            let above = ((target * n as f64).round() as usize).min(n);
+            let t = if above == 0 {
+                f32::INFINITY
+            } else {
+                self.normal[n - above]
+            };
+            let fpr = (n - self.normal.partition_point(|&v| v < t)) as f64 / n as f64;
+            let pro = self
+                .regions
+                .iter()
+                .map(|r| (r.len() - r.partition_point(|&v| v < t)) as f64 / r.len() as f64)
+                .sum::<f64>()
+                / self.regions.len() as f64;
+            points.push((fpr.min(max_fpr), pro));
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let area: f64 = points
+            .windows(2)
+            .map(|p| (p[1].0 - p[0].0) * (p[1].1 + p[0].1) / 2.0)
+            .sum();
+        area / max_fpr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auroc_hand_computed() {
+        // Perfect separation, reversed, and the classic 3-vs-3 case with one swap: 8 of 9 pairs.
+        assert_eq!(
+            auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]),
+            1.0
+        );
+        assert_eq!(
+            auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]),
+            0.0
+        );
+        let a = auroc(
+            &[0.1, 0.2, 0.5, 0.4, 0.6, 0.7],
+            &[false, false, false, true, true, true],
+        );
+        assert!((a - 8.0 / 9.0).abs() < 1e-12, "{a}");
+        // Ties count half: one pos and one neg at the same score.
+        assert_eq!(auroc(&[0.5, 0.5], &[false, true]), 0.5);
+        assert!(auroc(&[0.1, 0.2], &[true, true]).is_nan());
+    }
+
+    #[test]
+    fn f1_max_hand_computed() {
+        // Scores 0.9(P) 0.8(N) 0.7(P) 0.1(N): best cut keeps 0.9..0.7 -> tp 2, fp 1 -> F1 = 4/5.
+        let f = f1_max(&[0.9, 0.8, 0.7, 0.1], &[true, false, true, false]);
+        assert!((f - 0.8).abs() < 1e-12, "{f}");
+        assert_eq!(f1_max(&[0.9, 0.1], &[true, false]), 1.0);
+    }
+
+    #[test]
+    fn accuracy_counts_agreement() {
+        assert_eq!(
+            accuracy(&[true, false, true, true], &[true, false, false, true]),
+            0.75
+        );
+    }
+
+    #[test]
+    fn pro_of_perfect_and_of_half_detected_regions() {
+        // Perfect map: regions score 1, normal 0 -> PRO 1 at every FPR.
+        let mut acc = ProAccumulator::default();
+        let mask = [true, true, false, false, false, false, false, true];
+        let map: Vec<f32> = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+        acc.add(&map, &mask, 4);
+        assert!((acc.aupro(0.3, 300) - 1.0).abs() < 1e-9);
+
+        // Two regions of two pixels; each has one pixel above every normal pixel and one below all of
+        // them. Up to the FPR where the low pixels cross (never within 0.3 here), PRO stays 0.5.
+        let mut acc = ProAccumulator::default();
+        let mask = [
+            true, true, false, false, false, false, false, false, false, false, true, true,
+        ];
+        let map = [0.9, 0.0, 0.3, 0.4, 0.5, 0.35, 0.45, 0.3, 0.4, 0.5, 0.0, 0.9];
+        acc.add(&map, &mask, 12);
+        let v = acc.aupro(0.3, 3000);
+        assert!((v - 0.5).abs() < 1e-3, "{v}");
+    }
+
+    #[test]
+    fn pro_weights_regions_equally_not_by_size() {
+        // A big region fully found and a small one missed: PRO 0.5 whatever their sizes.
+        let mut acc = ProAccumulator::default();
+        let w = 10;
+        let mut mask = vec![false; 100];
+        let mut map = vec![0.1f32; 100];
+        for i in 0..30 {
+            mask[i] = true;
+            map[i] = 1.0;
+        }
+        mask[99] = true;
+        map[99] = 0.0;
+        acc.add(&map, &mask, w);
+        let v = acc.aupro(0.3, 1000);
+        assert!((v - 0.5).abs() < 1e-3, "{v}");
+    }
+}
