@@ -23,11 +23,7 @@ pub fn run() -> Result<ExitCode> {
     };
     match cli.command {
         Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
-        Command::Enroll {
-            reference,
-            out,
-            opts,
-        } => {
+        Command::Enroll { reference, out, opts } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
             let e = enroll_from(&mut det, &reference, &cfg)?;
@@ -41,14 +37,7 @@ pub fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inspect {
-            images,
-            reference,
-            out,
-            image_threshold,
-            pixel_threshold,
-            opts,
-        } => {
+        Command::Inspect { images, reference, out, image_threshold, pixel_threshold, opts } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
             let mut e = load_reference(&mut det, &reference, &cfg)?;
@@ -62,47 +51,22 @@ pub fn run() -> Result<ExitCode> {
             }
             inspect_cmd(&mut det, &e, &images, &out)
         }
-        Command::Eval {
-            dir,
-            shots,
-            seeds,
-            json,
-            opts,
-        } => eval_cmd(
-            &configure(base, &opts)?,
-            &dir,
-            shots,
-            &seeds,
-            json.as_deref(),
-        ),
-        Command::Bench {
-            reference,
-            frames,
-            warmup,
-            json,
-            opts,
-        } => {
+        Command::Eval { dir, shots, seeds, json, opts } => {
+            eval_cmd(&configure(base, &opts)?, &dir, shots, &seeds, json.as_deref())
+        }
+        Command::Bench { reference, frames, warmup, json, opts } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
             let (e, imgs) = match &reference {
                 Some(r) => {
                     let e = load_reference(&mut det, r, &cfg)?;
-                    let imgs = if r.is_dir() {
-                        load_dir(r)?.into_iter().map(|(_, i)| i).collect()
-                    } else {
-                        demo_frames()
-                    };
+                    let imgs =
+                        if r.is_dir() { load_dir(r)?.into_iter().map(|(_, i)| i).collect() } else { demo_frames() };
                     (e, imgs)
                 }
                 None => {
-                    let refs = vec![(
-                        "demo-reference".to_string(),
-                        demo::part(0, demo::Defect::None),
-                    )];
-                    (
-                        det.enroll(&refs, &cfg.detect, &mut log_progress)?,
-                        demo_frames(),
-                    )
+                    let refs = vec![("demo-reference".to_string(), demo::part(0, demo::Defect::None))];
+                    (det.enroll(&refs, &cfg.detect, &mut log_progress)?, demo_frames())
                 }
             };
             let report = bench::run(&mut det, &e, &imgs, frames, warmup)?;
@@ -122,14 +86,10 @@ fn init_logging(verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("anomalyd={default},ort=warn"))
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("anomalyd={default},ort=warn")));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 fn log_progress(msg: &str) {
@@ -147,8 +107,8 @@ fn configure(mut cfg: Config, a: &DetectArgs) -> Result<Config> {
     if let Some(v) = a.geometry {
         cfg.detect.geometry = v;
     }
-    if a.foreground {
-        cfg.detect.foreground = true;
+    if let Some(v) = a.foreground {
+        cfg.detect.foreground = v;
     }
     if let Some(v) = &a.providers {
         cfg.engine.providers = v.clone();
@@ -212,20 +172,12 @@ fn load_reference(det: &mut Detector, reference: &Path, cfg: &Config) -> Result<
         return Ok(e);
     }
     if !reference.exists() {
-        bail!(
-            "reference {} does not exist: give an enrolment file or a folder of normal images",
-            reference.display()
-        );
+        bail!("reference {} does not exist: give an enrolment file or a folder of normal images", reference.display());
     }
     enroll_from(det, &[reference.to_path_buf()], cfg)
 }
 
-fn inspect_cmd(
-    det: &mut Detector,
-    e: &Enrolment,
-    images: &[PathBuf],
-    out: &Path,
-) -> Result<ExitCode> {
+fn inspect_cmd(det: &mut Detector, e: &Enrolment, images: &[PathBuf], out: &Path) -> Result<ExitCode> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut failed = 0;
     for path in images {
@@ -249,11 +201,7 @@ fn inspect_cmd(
         println!("{json}");
         println!("{}: {}", path.display(), ins.verdict.answer);
     }
-    Ok(if failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 fn demo_frames() -> Vec<RgbImage> {
@@ -267,11 +215,9 @@ fn demo_cmd(cfg: &Config, out: &Path) -> Result<ExitCode> {
     let ref_path = reference.join("good_0.png");
     demo::part(0, demo::Defect::None).save(&ref_path)?;
     let mut queries = Vec::new();
-    for (name, variant, defect) in [
-        ("good_1", 1, demo::Defect::None),
-        ("scratch", 2, demo::Defect::Scratch),
-        ("blob", 3, demo::Defect::Blob),
-    ] {
+    for (name, variant, defect) in
+        [("good_1", 1, demo::Defect::None), ("scratch", 2, demo::Defect::Scratch), ("blob", 3, demo::Defect::Blob)]
+    {
         let p = out.join(format!("{name}.png"));
         demo::part(variant, defect).save(&p)?;
         queries.push(p);
@@ -280,20 +226,11 @@ fn demo_cmd(cfg: &Config, out: &Path) -> Result<ExitCode> {
     let e = enroll_from(&mut det, &[reference], cfg)?;
     let enrol_path = out.join("demo.enrol");
     enrolment::save(&e, &enrol_path)?;
-    println!(
-        "enrolled the built-in part from 1 shot into {}",
-        enrol_path.display()
-    );
+    println!("enrolled the built-in part from 1 shot into {}", enrol_path.display());
     inspect_cmd(&mut det, &e, &queries, &out.join("overlays"))
 }
 
-fn eval_cmd(
-    cfg: &Config,
-    dir: &Path,
-    shots: usize,
-    seeds: &[u64],
-    json: Option<&Path>,
-) -> Result<ExitCode> {
+fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<&Path>) -> Result<ExitCode> {
     if shots == 0 {
         bail!("--shots must be at least 1");
     }
@@ -304,10 +241,7 @@ fn eval_cmd(
         .map(|(_, p)| {
             std::fs::read_dir(p.join("test"))
                 .map(|rd| {
-                    rd.flatten()
-                        .filter_map(|d| eval::image_files(&d.path()).ok())
-                        .map(|v| v.len() as u64)
-                        .sum::<u64>()
+                    rd.flatten().filter_map(|d| eval::image_files(&d.path()).ok()).map(|v| v.len() as u64).sum::<u64>()
                 })
                 .unwrap_or(0)
         })
@@ -316,10 +250,8 @@ fn eval_cmd(
     let bar = indicatif::ProgressBar::new(total);
     if std::io::stderr().is_terminal() {
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} images  {elapsed} (eta {eta}) {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images  {elapsed} (eta {eta}) {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -355,11 +287,8 @@ fn eval_cmd(
         }
     }
     if let Some(p) = json {
-        std::fs::write(
-            p,
-            serde_json::to_string_pretty(&eval::report_json(&reports))?,
-        )
-        .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&eval::report_json(&reports))?)
+            .with_context(|| format!("writing {}", p.display()))?;
         println!("wrote {}", p.display());
     }
     Ok(ExitCode::SUCCESS)

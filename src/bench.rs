@@ -49,12 +49,7 @@ pub fn run(
     let wall = start.elapsed().as_secs_f64();
     let n = count.max(1) as f64;
     totals.sort_by(f64::total_cmp);
-    let pct = |q: f64| {
-        totals
-            .get(((totals.len() as f64 - 1.0) * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let pct = |q: f64| totals.get(((totals.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
     Ok(BenchReport {
         frames: count,
         input,
@@ -86,11 +81,7 @@ pub fn peak_rss_mib() -> f64 {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "frames          {} at input {} on {}",
-            self.frames, self.input, self.provider
-        )?;
+        writeln!(f, "frames          {} at input {} on {}", self.frames, self.input, self.provider)?;
         writeln!(f, "preprocess ms   {:.2}", self.preprocess_ms)?;
         writeln!(f, "encoder ms      {:.2}", self.encoder_ms)?;
         writeln!(f, "decoder ms      {:.2}", self.decoder_ms)?;

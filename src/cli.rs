@@ -108,9 +108,9 @@ pub struct DetectArgs {
     /// auto | aligned | texture.
     #[arg(long)]
     pub geometry: Option<crate::detect::GeometryChoice>,
-    /// Ignore the plain background around an object.
+    /// Leave a plain background out of the score: auto | on | off.
     #[arg(long)]
-    pub foreground: bool,
+    pub foreground: Option<crate::detect::Switch>,
     /// Execution providers in order, e.g. cuda,cpu.
     #[arg(long, value_delimiter = ',')]
     pub providers: Option<Vec<crate::engine::Provider>>,

@@ -31,9 +31,7 @@ pub fn part(variant: u64, defect: Defect) -> RgbImage {
     for (x, y, px) in img.enumerate_pixels_mut() {
         let (fx, fy) = (x as f32 - shift.0, y as f32 - shift.1);
         // Brushed steel: horizontal streaks over a soft vertical gradient.
-        let mut v = 120.0
-            + 30.0 * (fy / HEIGHT as f32)
-            + streaks[(fy.max(0.0) as u32).min(HEIGHT - 1) as usize];
+        let mut v = 120.0 + 30.0 * (fy / HEIGHT as f32) + streaks[(fy.max(0.0) as u32).min(HEIGHT - 1) as usize];
         v += 6.0 * ((fx * 0.7).sin() * (fy * 0.05).cos());
         let mut rgb = [v, v * 1.02, v * 1.05];
         for (hx, hy) in holes {
@@ -51,11 +49,7 @@ pub fn part(variant: u64, defect: Defect) -> RgbImage {
                 rgb = [40.0, 40.0, 60.0];
             }
         }
-        px.0 = std::array::from_fn(|c| {
-            (rgb[c] * gain + rng.normal() * 2.0)
-                .round()
-                .clamp(0.0, 255.0) as u8
-        });
+        px.0 = std::array::from_fn(|c| (rgb[c] * gain + rng.normal() * 2.0).round().clamp(0.0, 255.0) as u8);
     }
     match defect {
         Defect::None => {}
@@ -71,8 +65,7 @@ pub fn part(variant: u64, defect: Defect) -> RgbImage {
             let (cx, cy) = (245.0f32, 200.0f32);
             for y in 185..216u32 {
                 for x in 228..262u32 {
-                    let r = (((x as f32 - cx) / 16.0).powi(2) + ((y as f32 - cy) / 11.0).powi(2))
-                        .sqrt();
+                    let r = (((x as f32 - cx) / 16.0).powi(2) + ((y as f32 - cy) / 11.0).powi(2)).sqrt();
                     if r < 1.0 {
                         img.put_pixel(x, y, Rgb([190, 150, 60]));
                     }
@@ -93,16 +86,9 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(part(1, Defect::None), a);
         let s = part(1, Defect::Scratch);
-        let changed: Vec<(u32, u32)> = a
-            .enumerate_pixels()
-            .filter(|(x, y, p)| s.get_pixel(*x, *y) != *p)
-            .map(|(x, y, _)| (x, y))
-            .collect();
+        let changed: Vec<(u32, u32)> =
+            a.enumerate_pixels().filter(|(x, y, p)| s.get_pixel(*x, *y) != *p).map(|(x, y, _)| (x, y)).collect();
         assert!(!changed.is_empty());
-        assert!(
-            changed
-                .iter()
-                .all(|&(x, y)| x < WIDTH / 3 + 10 && y < HEIGHT / 3)
-        );
+        assert!(changed.iter().all(|&(x, y)| x < WIDTH / 3 + 10 && y < HEIGHT / 3));
     }
 }

@@ -35,20 +35,34 @@ pub struct DetectConfig {
     pub pixels: u32,
     /// Encoder strides whose features are matched (a subset of the model's 4, 8, 16).
     pub strides: Vec<usize>,
+    /// How the strides are combined: `concat` (one joint bank) or `mean` (one bank per stride).
+    pub fusion: Fusion,
     /// Neighbourhood pooling of patch features (PatchCore's 3 x 3).
     pub pool: usize,
+    /// Aligned products: a query patch is matched only against reference patches within this
+    /// fraction of the image of its own place (1 = anywhere). Textures always match anywhere.
+    pub window: f32,
+    /// Strides whose features give the image score; unset (`auto`): 16 for textures, the map's
+    /// strides for aligned products; empty: the map's strides.
+    pub score_strides: Option<Vec<usize>>,
     /// Image score = mean of this top fraction of patch scores.
     pub top_fraction: f32,
     /// Gaussian sigma of the map, in pixels at a 256 x 256 input (scaled with the input).
     pub sigma: f32,
     /// `auto` decides from the shots; `aligned` or `texture` forces the choice.
     pub geometry: GeometryChoice,
+    /// Textures: whether the map's bank also holds the rotated views (the score's always does).
+    pub rotate_map: bool,
+    /// How a texture's images are scaled: `keep` the shot's pixel scale, `fit` each image to the pixel
+    /// budget (keeping its aspect), or `squash` each to the shot's input size.
+    pub texture_scale: TextureScale,
     /// Most rows a layer's memory bank may hold; more are reduced by greedy coreset subsampling.
     pub max_bank: usize,
     /// Smallest region reported, as a fraction of the image.
     pub min_region: f32,
-    /// Mask patches of the plain background out of the score (objects on a plain background).
-    pub foreground: bool,
+    /// Mask patches of the plain background out of the score: `auto` does so for an aligned object
+    /// whose shot has a plain border; `on` or `off` force it.
+    pub foreground: Switch,
     /// Calibration: how many nuisance views and simulated anomalies enrolment scores.
     pub normal_views: usize,
     pub anomaly_views: usize,
@@ -61,13 +75,18 @@ impl Default for DetectConfig {
         Self {
             pixels: 256 * 256,
             strides: vec![8, 16],
+            fusion: Fusion::Concat,
             pool: 3,
+            window: 0.0625,
+            score_strides: None,
             top_fraction: 0.01,
             sigma: 4.0,
             geometry: GeometryChoice::Auto,
+            texture_scale: TextureScale::Squash,
+            rotate_map: true,
             max_bank: 16_384,
             min_region: 0.0005,
-            foreground: false,
+            foreground: Switch::Auto,
             normal_views: 12,
             anomaly_views: 24,
             seed: 0,
@@ -90,11 +109,37 @@ impl std::str::FromStr for GeometryChoice {
             "auto" => Ok(Self::Auto),
             "aligned" => Ok(Self::Aligned),
             "texture" => Ok(Self::Texture),
-            _ => Err(format!(
-                "geometry must be auto, aligned or texture, not `{s}`"
-            )),
+            _ => Err(format!("geometry must be auto, aligned or texture, not `{s}`")),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Switch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("use auto, on or off, not `{s}`")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TextureScale {
+    Keep,
+    Fit,
+    Squash,
 }
 
 /// How query images are brought to the encoder.
@@ -105,12 +150,15 @@ pub enum Geometry {
     Aligned { width: u32, height: u32 },
     /// Each image keeps its aspect ratio and is scaled by `scale` (capped at 4x the pixel budget).
     Texture { scale: f64, max_pixels: u32 },
+    /// Each image keeps its aspect ratio and is resized to about `pixels` pixels.
+    Fit { pixels: u32 },
 }
 
 impl Geometry {
     pub fn input_size(&self, w: u32, h: u32) -> (u32, u32) {
         match *self {
             Geometry::Aligned { width, height } => (width, height),
+            Geometry::Fit { pixels } => imageio::fit_pixels(w, h, pixels, ALIGN),
             Geometry::Texture { scale, max_pixels } => {
                 let s = scale.min((max_pixels as f64 / (w as f64 * h as f64)).sqrt());
                 imageio::scaled(w, h, s, ALIGN)
@@ -119,14 +167,26 @@ impl Geometry {
     }
 }
 
-/// One layer of the memory bank.
+/// One layer of the memory bank: the patches of one group of encoder outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bank {
+    /// Stride of the grid the patches sit on (the finest output of the group).
     pub stride: usize,
-    /// Index of the encoder output.
-    pub output: usize,
     pub dim: usize,
     pub rows: Vec<f32>,
+    /// Position of each row's patch in its reference (fractions of width and height).
+    pub pos: Vec<[f32; 2]>,
+}
+
+/// How the features of several strides are combined.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// One bank per stride; the distance maps are averaged (each layer may match a different patch).
+    Mean,
+    /// The strides' unit-normalised features are concatenated on the finest grid into one bank, so a
+    /// query patch must match one reference patch at every scale at once (PatchCore).
+    Concat,
 }
 
 impl Bank {
@@ -155,7 +215,15 @@ pub struct EnrolmentMeta {
     pub input: InputSpec,
     pub geometry: Geometry,
     pub augment: Vec<Dihedral>,
+    /// The views each bank layer holds (a subset of `augment`).
+    pub group_augment: Vec<Vec<Dihedral>>,
+    /// Encoder outputs of each bank layer (fused when a group has several).
+    pub groups: Vec<Vec<usize>>,
     pub pool: usize,
+    /// Positional matching window actually used (1 for textures).
+    pub window: f32,
+    /// Bank layer whose distances give the image score (None: the map's).
+    pub score_group: Option<usize>,
     pub top_fraction: f32,
     pub sigma: f32,
     pub min_region: f32,
@@ -177,6 +245,8 @@ pub struct Enrolment {
 pub enum DetectError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("bank layer {0} was given no views to learn from (its augmentation list is empty)")]
+    EmptyLayer(usize),
     #[error("no reference images given: enrolment needs at least one normal image of the product")]
     NoReferences,
     #[error("encoder has no stride-{0} output (model strides: {1:?})")]
@@ -185,26 +255,13 @@ pub enum DetectError {
         "reference {name} is {w}x{h} but {first} is {fw}x{fh}: an aligned product needs references of one \
          size and framing (use geometry = \"texture\" for surfaces that vary in size)"
     )]
-    SizeMismatch {
-        name: String,
-        w: u32,
-        h: u32,
-        first: String,
-        fw: u32,
-        fh: u32,
-    },
+    SizeMismatch { name: String, w: u32, h: u32, first: String, fw: u32, fh: u32 },
     #[error(
         "reference {name} does not look like the other references (its score {score:.3} is above the \
          simulated-defect median {limit:.3}): is it the same product, framed the same way?"
     )]
-    Outlier {
-        name: String,
-        score: f32,
-        limit: f32,
-    },
-    #[error(
-        "enrolment was made with model {enrolled} but the encoder is {running}; enrol again with this model"
-    )]
+    Outlier { name: String, score: f32, limit: f32 },
+    #[error("enrolment was made with model {enrolled} but the encoder is {running}; enrol again with this model")]
     ModelMismatch { enrolled: String, running: String },
 }
 
@@ -266,19 +323,42 @@ impl Detector {
             .ok_or_else(|| DetectError::NoStride(stride, outs.iter().map(|o| o.stride).collect()))
     }
 
-    /// Patches of an image already at its encoder-input size, one set per requested output.
-    pub fn patches(
-        &mut self,
-        img: &RgbImage,
-        outputs: &[usize],
-        pool: usize,
-    ) -> Result<Vec<Patches>, DetectError> {
+    /// Patches of an image already at its encoder-input size, one set per group of outputs.
+    pub fn patches(&mut self, img: &RgbImage, groups: &[Vec<usize>], pool: usize) -> Result<Vec<Patches>, DetectError> {
+        let outputs = union(groups);
         let spec = &self.encoder.manifest().input;
         let t = imageio::to_tensor(img, spec.scale, spec.mean, spec.std);
-        let maps = self
-            .encoder
-            .run(t, img.height() as usize, img.width() as usize, outputs)?;
-        Ok(maps.iter().map(|m| m.to_patches(pool)).collect())
+        let maps = self.encoder.run(t, img.height() as usize, img.width() as usize, &outputs)?;
+        Ok(group_patches(&maps, &outputs, groups, pool))
+    }
+
+    /// The patches of every augmented view of an image, concatenated per group (rows and positions).
+    /// `augment[g]` lists the views group `g` takes; each view is encoded once for all groups taking it.
+    pub fn augmented_patches(
+        &mut self,
+        img: &RgbImage,
+        augment: &[Vec<Dihedral>],
+        groups: &[Vec<usize>],
+        pool: usize,
+    ) -> Result<Vec<Patches>, DetectError> {
+        let mut out: Vec<Option<Patches>> = vec![None; groups.len()];
+        for d in Dihedral::all() {
+            let takers: Vec<usize> = (0..groups.len()).filter(|&g| augment[g].contains(&d)).collect();
+            if takers.is_empty() {
+                continue;
+            }
+            let sub: Vec<Vec<usize>> = takers.iter().map(|&g| groups[g].clone()).collect();
+            for (p, &g) in self.patches(&d.apply(img), &sub, pool)?.into_iter().zip(&takers) {
+                match &mut out[g] {
+                    None => out[g] = Some(p),
+                    Some(acc) => {
+                        acc.rows.extend_from_slice(&p.rows);
+                        acc.pos.extend_from_slice(&p.pos);
+                    }
+                }
+            }
+        }
+        out.into_iter().enumerate().map(|(g, p)| p.ok_or(DetectError::EmptyLayer(g))).collect()
     }
 
     /// Scores an image already brought to its encoder-input size against `banks`.
@@ -289,24 +369,20 @@ impl Detector {
         img: &RgbImage,
     ) -> Result<Scored, DetectError> {
         let t0 = Instant::now();
-        let outputs: Vec<usize> = banks.iter().map(|b| b.output).collect();
+        let outputs = union(&meta.groups);
         let spec = &self.encoder.manifest().input;
         let tensor = imageio::to_tensor(img, spec.scale, spec.mean, spec.std);
         let t1 = Instant::now();
-        let maps = self.encoder.run(
-            tensor,
-            img.height() as usize,
-            img.width() as usize,
-            &outputs,
-        )?;
+        let maps = self.encoder.run(tensor, img.height() as usize, img.width() as usize, &outputs)?;
         let t2 = Instant::now();
-        let patches: Vec<Patches> = maps.iter().map(|m| m.to_patches(meta.pool)).collect();
-        let grid = decode(&patches, banks);
-        let grid = match &meta.background {
-            Some(bg) => mask_background(&grid, img, bg),
-            None => grid,
-        };
-        let score = map::top_mean(&grid.data, meta.top_fraction);
+        let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool);
+        let mut grids = distances(&patches, banks, meta.window);
+        if let Some(bg) = &meta.background {
+            grids = grids.iter().map(|g| mask_background(g, img, bg)).collect();
+        }
+        let score_grid = meta.score_group.and_then(|i| grids.get(i).cloned());
+        let grid = average(grids.into_iter().enumerate().filter(|(i, _)| Some(*i) != meta.score_group).map(|(_, g)| g));
+        let score = map::top_mean(&score_grid.as_ref().unwrap_or(&grid).data, meta.top_fraction);
         let (w, h) = (img.width() as usize, img.height() as usize);
         let sigma = meta.sigma * ((w * h) as f32).sqrt() / 256.0;
         let map = grid.resize(w, h).gaussian(sigma);
@@ -316,11 +392,7 @@ impl Detector {
             patch_grid: grid,
             map,
             score,
-            timings: Timings {
-                preprocess_ms: ms(t0, t1),
-                encoder_ms: ms(t1, t2),
-                decoder_ms: ms(t2, t3),
-            },
+            timings: Timings { preprocess_ms: ms(t0, t1), encoder_ms: ms(t1, t2), decoder_ms: ms(t2, t3) },
         })
     }
 
@@ -328,45 +400,24 @@ impl Detector {
     pub fn check(&self, enrolment: &Enrolment) -> Result<(), DetectError> {
         if enrolment.meta.model_sha256 != self.encoder.model_sha256() {
             return Err(DetectError::ModelMismatch {
-                enrolled: format!(
-                    "{} ({})",
-                    enrolment.meta.model_name,
-                    short(&enrolment.meta.model_sha256)
-                ),
-                running: format!(
-                    "{} ({})",
-                    self.encoder.manifest().name,
-                    short(self.encoder.model_sha256())
-                ),
+                enrolled: format!("{} ({})", enrolment.meta.model_name, short(&enrolment.meta.model_sha256)),
+                running: format!("{} ({})", self.encoder.manifest().name, short(self.encoder.model_sha256())),
             });
         }
         Ok(())
     }
 
     /// Inspects one image: score, verdict with the enrolment's thresholds, regions and answer text.
-    pub fn inspect(
-        &mut self,
-        enrolment: &Enrolment,
-        img: &RgbImage,
-    ) -> Result<Inspection, DetectError> {
+    pub fn inspect(&mut self, enrolment: &Enrolment, img: &RgbImage) -> Result<Inspection, DetectError> {
         self.check(enrolment)?;
         let t0 = Instant::now();
-        let (w, h) = enrolment
-            .meta
-            .geometry
-            .input_size(img.width(), img.height());
+        let (w, h) = enrolment.meta.geometry.input_size(img.width(), img.height());
         let prepared = imageio::resize(img, w, h);
         let resize_ms = t0.elapsed().as_secs_f32() * 1e3;
         let mut scored = self.score_prepared(&enrolment.meta, &enrolment.banks, &prepared)?;
         scored.timings.preprocess_ms += resize_ms;
         let th = &enrolment.meta.thresholds;
-        Ok(verdict(
-            scored,
-            th,
-            enrolment.meta.min_region,
-            img.width(),
-            img.height(),
-        ))
+        Ok(verdict(scored, th, enrolment.meta.min_region, img.width(), img.height()))
     }
 
     /// Enrols normal reference images (name, image) of one product.
@@ -379,17 +430,17 @@ impl Detector {
         let Some((first_name, first)) = references.first() else {
             return Err(DetectError::NoReferences);
         };
-        let outputs = cfg
-            .strides
-            .iter()
-            .map(|&s| self.output_for(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = cfg.strides.iter().map(|&s| self.output_for(s)).collect::<Result<Vec<_>, _>>()?;
+        // Bank layers: one joint group, or one per stride; each layer sits on its finest stride's grid.
+        let (mut groups, mut bank_strides): (Vec<Vec<usize>>, Vec<usize>) = match cfg.fusion {
+            Fusion::Concat => (vec![outputs.clone()], vec![*cfg.strides.iter().min().unwrap_or(&8)]),
+            Fusion::Mean => (outputs.iter().map(|&o| vec![o]).collect(), cfg.strides.clone()),
+        };
         let (aw, ah) = imageio::fit_pixels(first.width(), first.height(), cfg.pixels, ALIGN);
         let aligned_first = imageio::resize(first, aw, ah);
 
         // Geometry: aligned object or texture, decided from the first shot unless configured.
-        let stationarity =
-            calibrate::stationarity(self, &aligned_first, outputs[0], cfg.pool, cfg.seed)?;
+        let stationarity = calibrate::stationarity(self, &aligned_first, &groups[..1], cfg.pool, cfg.seed)?;
         let texture = match cfg.geometry {
             GeometryChoice::Auto => stationarity < calibrate::TEXTURE_RATIO,
             GeometryChoice::Aligned => false,
@@ -398,23 +449,21 @@ impl Detector {
         progress(&format!(
             "product looks {} (stationarity {stationarity:.2}; texture below {})",
             if texture {
-                "like a texture: keeping aspect, 8 rotations/flips"
+                "like a texture: 8 rotations/flips, matched anywhere"
             } else {
-                "aligned: fixed input, no rotation"
+                "aligned: fixed input, matched near its own place"
             },
             calibrate::TEXTURE_RATIO
         ));
         let geometry = if texture {
             let scale = (cfg.pixels as f64 / (first.width() as f64 * first.height() as f64)).sqrt();
-            Geometry::Texture {
-                scale,
-                max_pixels: cfg.pixels.saturating_mul(4),
+            match cfg.texture_scale {
+                TextureScale::Keep => Geometry::Texture { scale, max_pixels: cfg.pixels.saturating_mul(4) },
+                TextureScale::Fit => Geometry::Fit { pixels: cfg.pixels },
+                TextureScale::Squash => Geometry::Aligned { width: aw, height: ah },
             }
         } else {
-            Geometry::Aligned {
-                width: aw,
-                height: ah,
-            }
+            Geometry::Aligned { width: aw, height: ah }
         };
         if !texture {
             for (name, img) in &references[1..] {
@@ -432,11 +481,38 @@ impl Detector {
                 }
             }
         }
-        let augment = if texture {
-            Dihedral::all()
-        } else {
-            vec![Dihedral::IDENTITY]
+        // The image score may come from its own (coarser, more semantic) layer than the map. `auto`:
+        // textures score on stride 16, whose features shrug off normal texture variation; aligned
+        // products score on the map's layers, whose positional matching catches misplaced parts.
+        let mut score_strides = match &cfg.score_strides {
+            Some(s) => s.clone(),
+            None if texture => vec![16],
+            None => Vec::new(),
         };
+        score_strides.sort_unstable();
+        let mut map_strides = cfg.strides.clone();
+        map_strides.sort_unstable();
+        let score_group = if score_strides.is_empty() || score_strides == map_strides {
+            None
+        } else {
+            let outs = score_strides.iter().map(|&s| self.output_for(s)).collect::<Result<Vec<_>, _>>()?;
+            groups.push(outs);
+            bank_strides.push(score_strides[0]);
+            Some(groups.len() - 1)
+        };
+        let augment = if texture { Dihedral::all() } else { vec![Dihedral::IDENTITY] };
+        // Textures: the score layer holds every rotation (the verdict must not depend on how a tile
+        // lies), the map layers only the shot as seen unless `rotate_map`, so that a crack across the
+        // grain is not explained away by the rotated grain.
+        let group_augment: Vec<Vec<Dihedral>> = (0..groups.len())
+            .map(|g| {
+                if Some(g) == score_group || cfg.rotate_map || score_group.is_none() {
+                    augment.clone()
+                } else {
+                    vec![Dihedral::IDENTITY]
+                }
+            })
+            .collect();
         let prepared: Vec<RgbImage> = references
             .iter()
             .map(|(_, img)| {
@@ -448,46 +524,35 @@ impl Detector {
         // Memory bank: every reference under every augmentation, per layer, then coreset-bounded.
         let mut per_ref: Vec<Vec<Patches>> = Vec::new();
         for (i, img) in prepared.iter().enumerate() {
-            progress(&format!(
-                "encoding reference {}/{} ({} views)",
-                i + 1,
-                prepared.len(),
-                augment.len()
-            ));
-            let mut views: Vec<Patches> = Vec::new();
-            for d in &augment {
-                let p = self.patches(&d.apply(img), &outputs, cfg.pool)?;
-                if views.is_empty() {
-                    views = p;
-                } else {
-                    for (acc, new) in views.iter_mut().zip(p) {
-                        acc.rows.extend_from_slice(&new.rows);
-                    }
-                }
-            }
+            progress(&format!("encoding reference {}/{} ({} views)", i + 1, prepared.len(), augment.len()));
+            let views = self.augmented_patches(img, &group_augment, &groups, cfg.pool)?;
             per_ref.push(views);
         }
-        let banks = build_banks(
-            &per_ref,
-            &cfg.strides,
-            &outputs,
-            None,
-            cfg.max_bank,
-            progress,
-        );
+        let banks = build_banks(&per_ref, &bank_strides, None, cfg.max_bank, progress);
 
-        let background = if cfg.foreground {
-            Some(calibrate::background(&prepared[0]))
-        } else {
-            None
+        let background = match cfg.foreground {
+            Switch::On => Some(calibrate::background(&prepared[0])),
+            Switch::Off => None,
+            Switch::Auto if texture => None,
+            Switch::Auto => calibrate::plain_background(&prepared[0]),
         };
+        if let Some(bg) = &background {
+            progress(&format!(
+                "plain background {:?}: its patches are left out of the score",
+                bg.rgb.map(|v| v.round())
+            ));
+        }
         let mut meta = EnrolmentMeta {
             model_name: self.encoder.manifest().name.clone(),
             model_sha256: self.encoder.model_sha256().to_string(),
             input: self.encoder.manifest().input.clone(),
             geometry,
             augment,
+            group_augment,
+            groups,
             pool: cfg.pool,
+            window: if texture { 1.0 } else { cfg.window },
+            score_group,
             top_fraction: cfg.top_fraction,
             sigma: cfg.sigma,
             min_region: cfg.min_region,
@@ -501,9 +566,8 @@ impl Detector {
                 .unwrap_or(0),
         };
         meta.calibration.stationarity = stationarity;
-        let (thresholds, calibration) = calibrate::calibrate(
-            self, &mut meta, &banks, &per_ref, &prepared, &outputs, cfg, progress,
-        )?;
+        let (thresholds, calibration) =
+            calibrate::calibrate(self, &mut meta, &banks, &per_ref, &prepared, cfg, progress)?;
         if let Some((i, score)) = calibration.outlier() {
             return Err(DetectError::Outlier {
                 name: references[i].0.clone(),
@@ -517,60 +581,81 @@ impl Detector {
     }
 }
 
-/// Builds the per-layer banks from each reference's patches, leaving out reference `skip`.
-pub(crate) fn build_banks(
-    per_ref: &[Vec<Patches>],
-    strides: &[usize],
-    outputs: &[usize],
-    skip: Option<usize>,
-    max_bank: usize,
-    progress: &mut dyn FnMut(&str),
-) -> Vec<Bank> {
-    (0..outputs.len())
-        .map(|l| {
-            let dim = per_ref[0][l].dim;
-            let mut rows = Vec::new();
-            for (i, views) in per_ref.iter().enumerate() {
-                if Some(i) != skip {
-                    rows.extend_from_slice(&views[l].rows);
-                }
-            }
-            let n = rows.len() / dim;
-            if n > max_bank {
-                progress(&format!(
-                    "coreset: stride {} bank {} -> {} patches",
-                    strides[l], n, max_bank
-                ));
-                let keep = features::coreset(&rows, dim, max_bank, |_, _| {});
-                rows = keep
-                    .iter()
-                    .flat_map(|&i| rows[i as usize * dim..(i as usize + 1) * dim].to_vec())
-                    .collect();
-            }
-            Bank {
-                stride: strides[l],
-                output: outputs[l],
-                dim,
-                rows,
-            }
+/// Sorted encoder outputs used by any group.
+fn union(groups: &[Vec<usize>]) -> Vec<usize> {
+    let mut outputs: Vec<usize> = groups.iter().flatten().copied().collect();
+    outputs.sort_unstable();
+    outputs.dedup();
+    outputs
+}
+
+/// Pools the encoder maps into patches and fuses each group (maps are in `outputs` order).
+fn group_patches(maps: &[features::FeatureMap], outputs: &[usize], groups: &[Vec<usize>], pool: usize) -> Vec<Patches> {
+    let per_output: Vec<Patches> = maps.iter().map(|m| m.to_patches(pool)).collect();
+    groups
+        .iter()
+        .map(|g| {
+            let parts: Vec<&Patches> =
+                g.iter().filter_map(|o| outputs.iter().position(|x| x == o).map(|i| &per_output[i])).collect();
+            features::concat(&parts)
         })
         .collect()
 }
 
-/// The decoder: nearest-neighbour distances per layer, averaged on the finest layer's grid.
-pub fn decode(patches: &[Patches], banks: &[Bank]) -> Grid {
-    let finest = patches
+/// Builds the per-layer banks from each reference's patches, leaving out reference `skip`.
+pub(crate) fn build_banks(
+    per_ref: &[Vec<Patches>],
+    strides: &[usize],
+    skip: Option<usize>,
+    max_bank: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Bank> {
+    (0..strides.len())
+        .map(|l| {
+            let dim = per_ref[0][l].dim;
+            let (mut rows, mut pos) = (Vec::new(), Vec::new());
+            for (i, views) in per_ref.iter().enumerate() {
+                if Some(i) != skip {
+                    rows.extend_from_slice(&views[l].rows);
+                    pos.extend_from_slice(&views[l].pos);
+                }
+            }
+            let n = rows.len() / dim;
+            if n > max_bank {
+                progress(&format!("coreset: stride {} bank {n} -> {max_bank} patches", strides[l]));
+                let keep = features::coreset(&rows, dim, max_bank, |_, _| {});
+                rows = keep.iter().flat_map(|&i| rows[i as usize * dim..(i as usize + 1) * dim].to_vec()).collect();
+                pos = keep.iter().map(|&i| pos[i as usize]).collect();
+            }
+            Bank { stride: strides[l], dim, rows, pos }
+        })
+        .collect()
+}
+
+/// The decoder's search: each bank layer's nearest-neighbour distance grid (within `window` of each
+/// patch's place when it is below 1).
+pub fn distances(patches: &[Patches], banks: &[Bank], window: f32) -> Vec<Grid> {
+    patches
         .iter()
-        .max_by_key(|p| p.len())
-        .expect("at least one layer");
+        .zip(banks)
+        .map(|(p, bank)| {
+            let (dist, _) = features::nearest_within(&p.rows, &p.pos, &bank.rows, &bank.pos, bank.dim, window);
+            Grid::new(p.w, p.h, dist)
+        })
+        .collect()
+}
+
+/// The mean of distance grids on the finest one's grid.
+pub fn average(grids: impl IntoIterator<Item = Grid>) -> Grid {
+    let grids: Vec<Grid> = grids.into_iter().collect();
+    let finest = grids.iter().max_by_key(|g| g.w * g.h).expect("at least one layer");
     let (w, h) = (finest.w, finest.h);
     let mut acc = vec![0.0f32; w * h];
-    for (p, bank) in patches.iter().zip(banks) {
-        let (dist, _) = features::nearest(&p.rows, &bank.rows, bank.dim);
-        let g = Grid::new(p.w, p.h, dist).resize(w, h);
+    for g in &grids {
+        let g = g.resize(w, h);
         acc.iter_mut().zip(&g.data).for_each(|(a, v)| *a += v);
     }
-    let n = patches.len() as f32;
+    let n = grids.len() as f32;
     acc.iter_mut().for_each(|a| *a /= n);
     Grid::new(w, h, acc)
 }
@@ -579,10 +664,7 @@ pub fn decode(patches: &[Patches], banks: &[Bank]) -> Grid {
 fn mask_background(grid: &Grid, img: &RgbImage, bg: &Background) -> Grid {
     let fg = calibrate::foreground(img, bg);
     // A patch counts as foreground if any pixel of its cell (dilated by one cell) is.
-    let (cw, ch) = (
-        img.width() as f32 / grid.w as f32,
-        img.height() as f32 / grid.h as f32,
-    );
+    let (cw, ch) = (img.width() as f32 / grid.w as f32, img.height() as f32 / grid.h as f32);
     let mut out = grid.clone();
     for gy in 0..grid.h {
         for gx in 0..grid.w {
@@ -600,13 +682,7 @@ fn mask_background(grid: &Grid, img: &RgbImage, bg: &Background) -> Grid {
 }
 
 /// Applies thresholds to a scored image and extracts regions (boxes in original-image pixels).
-pub fn verdict(
-    scored: Scored,
-    th: &Thresholds,
-    min_region: f32,
-    orig_w: u32,
-    orig_h: u32,
-) -> Inspection {
+pub fn verdict(scored: Scored, th: &Thresholds, min_region: f32, orig_w: u32, orig_h: u32) -> Inspection {
     let anomalous = scored.score >= th.image;
     let regions = if anomalous {
         let mut r = regions::find(&scored.map, th.pixel, min_region, orig_w, orig_h);

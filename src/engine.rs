@@ -31,10 +31,7 @@ pub enum EngineError {
     #[error("could not load ONNX Runtime from {path}: {reason}; {INSTALL_HINT}")]
     RuntimeLoad { path: PathBuf, reason: String },
     #[error("cannot read encoder model {path}: {source}")]
-    ModelRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ModelRead { path: PathBuf, source: std::io::Error },
     #[error("encoder manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
     #[error("no execution provider could run the encoder: {0}")]
@@ -165,9 +162,9 @@ fn venv_library(venv: &Path) -> Option<PathBuf> {
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib"
-                })
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib")
             })
             .collect();
         libs.sort();
@@ -178,8 +175,7 @@ fn venv_library(venv: &Path) -> Option<PathBuf> {
     None
 }
 
-static RUNTIME: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
-    OnceLock::new();
+static RUNTIME: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
 /// Loads ONNX Runtime once per process. Later calls reuse the first result.
 fn init_runtime(configured: Option<&Path>) -> Result<(), EngineError> {
@@ -189,19 +185,13 @@ fn init_runtime(configured: Option<&Path>) -> Result<(), EngineError> {
             return Err(format!("{} does not exist", path.display()));
         }
         let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
-        let env = builder
-            .with_name("anomalyd")
-            .build()
-            .map_err(|e| e.to_string())?;
+        let env = builder.with_name("anomalyd").build().map_err(|e| e.to_string())?;
         tracing::debug!(path = %path.display(), "loaded ONNX Runtime");
         Ok((path.clone(), env))
     });
     match result {
         Ok(_) => Ok(()),
-        Err(reason) => Err(EngineError::RuntimeLoad {
-            path,
-            reason: reason.clone(),
-        }),
+        Err(reason) => Err(EngineError::RuntimeLoad { path, reason: reason.clone() }),
     }
 }
 
@@ -215,10 +205,7 @@ pub struct Encoder {
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder")
-            .field("model", &self.manifest.name)
-            .field("provider", &self.provider)
-            .finish()
+        f.debug_struct("Encoder").field("model", &self.manifest.name).field("provider", &self.provider).finish()
     }
 }
 
@@ -231,28 +218,16 @@ impl Encoder {
         if !manifest.sha256.eq_ignore_ascii_case(&model_sha256) {
             return Err(EngineError::Manifest {
                 path: cfg.model.clone().unwrap_or_else(|| "built-in".into()),
-                reason: format!(
-                    "model sha256 {model_sha256} differs from manifest {}",
-                    manifest.sha256
-                ),
+                reason: format!("model sha256 {model_sha256} differs from manifest {}", manifest.sha256),
             });
         }
         let mut failures = Vec::new();
-        let providers = if cfg.providers.is_empty() {
-            vec![Provider::Cpu]
-        } else {
-            cfg.providers.clone()
-        };
+        let providers = if cfg.providers.is_empty() { vec![Provider::Cpu] } else { cfg.providers.clone() };
         for provider in providers {
             match build_session(&bytes, provider, cfg, &model_sha256) {
                 Ok(session) => {
                     tracing::info!(provider = %provider, model = %manifest.name, "encoder runs on {provider}");
-                    return Ok(Self {
-                        session,
-                        manifest,
-                        provider,
-                        model_sha256,
-                    });
+                    return Ok(Self { session, manifest, provider, model_sha256 });
                 }
                 Err(reason) => {
                     tracing::debug!(provider = %provider, %reason, "execution provider unavailable, trying the next");
@@ -284,8 +259,8 @@ impl Encoder {
         width: usize,
         outputs: &[usize],
     ) -> Result<Vec<FeatureMap>, EngineError> {
-        let input = Tensor::from_array(([1usize, 3, height, width], chw))
-            .map_err(|e| EngineError::Inference(e.to_string()))?;
+        let input =
+            Tensor::from_array(([1usize, 3, height, width], chw)).map_err(|e| EngineError::Inference(e.to_string()))?;
         let name = self.manifest.input.name.clone();
         let result = self
             .session
@@ -298,17 +273,12 @@ impl Encoder {
                 .outputs
                 .get(i)
                 .ok_or_else(|| EngineError::Inference(format!("model has no output #{i}")))?;
-            let value = result.get(spec.name.as_str()).ok_or_else(|| {
-                EngineError::Inference(format!("model returned no `{}`", spec.name))
-            })?;
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| EngineError::Inference(e.to_string()))?;
+            let value = result
+                .get(spec.name.as_str())
+                .ok_or_else(|| EngineError::Inference(format!("model returned no `{}`", spec.name)))?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| EngineError::Inference(e.to_string()))?;
             if shape.len() != 4 || shape[0] != 1 || shape[1] as usize != spec.channels {
-                return Err(EngineError::Inference(format!(
-                    "`{}` has shape {shape:?}",
-                    spec.name
-                )));
+                return Err(EngineError::Inference(format!("`{}` has shape {shape:?}", spec.name)));
             }
             maps.push(FeatureMap {
                 c: shape[1] as usize,
@@ -323,53 +293,38 @@ impl Encoder {
 
 fn read_model(path: Option<&Path>) -> Result<(Vec<u8>, Manifest), EngineError> {
     let Some(path) = path else {
-        let manifest =
-            serde_json::from_str(DEFAULT_MANIFEST).map_err(|e| EngineError::Manifest {
-                path: "built-in".into(),
-                reason: e.to_string(),
-            })?;
+        let manifest = serde_json::from_str(DEFAULT_MANIFEST)
+            .map_err(|e| EngineError::Manifest { path: "built-in".into(), reason: e.to_string() })?;
         return Ok((DEFAULT_MODEL.to_vec(), manifest));
     };
-    let bytes = std::fs::read(path).map_err(|source| EngineError::ModelRead {
-        path: path.into(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| EngineError::ModelRead { path: path.into(), source })?;
     let manifest_path = path.with_extension("json");
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| EngineError::Manifest {
         path: manifest_path.clone(),
         reason: format!("{e}; every model needs its manifest beside it (see models/)"),
     })?;
-    let manifest = serde_json::from_str(&text).map_err(|e| EngineError::Manifest {
-        path: manifest_path,
-        reason: e.to_string(),
-    })?;
+    let manifest = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Manifest { path: manifest_path, reason: e.to_string() })?;
     Ok((bytes, manifest))
 }
 
-fn build_session(
-    model: &[u8],
-    provider: Provider,
-    cfg: &EngineConfig,
-    sha: &str,
-) -> Result<Session, String> {
+fn build_session(model: &[u8], provider: Provider, cfg: &EngineConfig, sha: &str) -> Result<Session, String> {
     let dispatch = match provider {
         Provider::Cpu => ep::CPU::default().build(),
         Provider::Cuda => {
             if !ep::CUDA::is_available().unwrap_or(false) {
-                return Err(
-                    "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)".into(),
-                );
+                return Err("this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)".into());
             }
             ep::CUDA::default().build()
         }
         Provider::Tensorrt => {
             if !ep::TensorRT::is_available().unwrap_or(false) {
-                return Err("this ONNX Runtime build has no TensorRT provider (onnxruntime-gpu with TensorRT, or JetPack's)".into());
+                return Err(
+                    "this ONNX Runtime build has no TensorRT provider (onnxruntime-gpu with TensorRT, or JetPack's)"
+                        .into(),
+                );
             }
-            let cache = cfg
-                .trt_cache
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join("anomalyd-trt"));
+            let cache = cfg.trt_cache.clone().unwrap_or_else(|| std::env::temp_dir().join("anomalyd-trt"));
             let _ = std::fs::create_dir_all(&cache);
             ep::TensorRT::default()
                 .with_fp16(true)
@@ -391,9 +346,7 @@ fn build_session(
         .with_execution_providers([dispatch.error_on_failure()])
         .map_err(|e| e.to_string())?;
     if cfg.threads > 0 {
-        builder = builder
-            .with_intra_threads(cfg.threads)
-            .map_err(|e| e.to_string())?;
+        builder = builder.with_intra_threads(cfg.threads).map_err(|e| e.to_string())?;
     }
     builder.commit_from_memory(model).map_err(|e| e.to_string())
 }
@@ -412,24 +365,14 @@ mod tests {
         assert_eq!("TensorRT".parse::<Provider>().unwrap(), Provider::Tensorrt);
         assert_eq!(" cpu ".parse::<Provider>().unwrap(), Provider::Cpu);
         let err = "npu".parse::<Provider>().unwrap_err().to_string();
-        assert!(
-            err.contains("npu") && err.contains("tensorrt, cuda or cpu"),
-            "{err}"
-        );
+        assert!(err.contains("npu") && err.contains("tensorrt, cuda or cpu"), "{err}");
     }
 
     #[test]
     fn built_in_manifest_matches_built_in_model() {
         let (bytes, manifest) = read_model(None).unwrap();
         assert_eq!(hex(&Sha256::digest(&bytes)), manifest.sha256);
-        assert_eq!(
-            manifest
-                .outputs
-                .iter()
-                .map(|o| o.stride)
-                .collect::<Vec<_>>(),
-            vec![4, 8, 16]
-        );
+        assert_eq!(manifest.outputs.iter().map(|o| o.stride).collect::<Vec<_>>(), vec![4, 8, 16]);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! layers     u32       number of bank layers
 //! meta_len   u64       length of the JSON header
 //! meta       JSON      EnrolmentMeta
-//! per layer: stride u32, output u32, dim u32, rows u64, then rows * dim f32
+//! per layer: stride u32, index u32, dim u32, rows u64, rows * dim f32, then rows * 2 f32 positions
 //! sha256     32 bytes  of everything above
 //! ```
 //! Loading checks the magic, version, every length against the file size, the checksum and the header
@@ -26,20 +26,12 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolmentError {
     #[error("cannot read enrolment {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write enrolment {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not an anomalyd enrolment file (wrong magic bytes)")]
     NotEnrolment { path: PathBuf },
-    #[error(
-        "{path} has enrolment format version {found}; this anomalyd reads version {FORMAT_VERSION}: enrol again"
-    )]
+    #[error("{path} has enrolment format version {found}; this anomalyd reads version {FORMAT_VERSION}: enrol again")]
     Version { path: PathBuf, found: u32 },
     #[error("{path} is corrupt: {reason}; enrol again from the reference images")]
     Corrupt { path: PathBuf, reason: String },
@@ -48,20 +40,18 @@ pub enum EnrolmentError {
 /// Serialises an enrolment to bytes.
 pub fn to_bytes(e: &Enrolment) -> Vec<u8> {
     let meta = serde_json::to_vec(&e.meta).expect("enrolment metadata serialises");
-    let mut out = Vec::with_capacity(
-        64 + meta.len() + e.banks.iter().map(|b| b.rows.len() * 4 + 20).sum::<usize>(),
-    );
+    let mut out = Vec::with_capacity(64 + meta.len() + e.banks.iter().map(|b| b.rows.len() * 4 + 20).sum::<usize>());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(e.banks.len() as u32).to_le_bytes());
     out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
     out.extend_from_slice(&meta);
-    for b in &e.banks {
+    for (i, b) in e.banks.iter().enumerate() {
         out.extend_from_slice(&(b.stride as u32).to_le_bytes());
-        out.extend_from_slice(&(b.output as u32).to_le_bytes());
+        out.extend_from_slice(&(i as u32).to_le_bytes());
         out.extend_from_slice(&(b.dim as u32).to_le_bytes());
         out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        for v in &b.rows {
+        for v in b.rows.iter().chain(b.pos.iter().flatten()) {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -72,10 +62,7 @@ pub fn to_bytes(e: &Enrolment) -> Vec<u8> {
 
 /// Writes an enrolment atomically (temporary file, then rename).
 pub fn save(e: &Enrolment, path: &Path) -> Result<(), EnrolmentError> {
-    let werr = |source| EnrolmentError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let werr = |source| EnrolmentError::Write { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(werr)?;
     }
@@ -88,55 +75,35 @@ pub fn save(e: &Enrolment, path: &Path) -> Result<(), EnrolmentError> {
 
 /// Reads and verifies an enrolment file.
 pub fn load(path: &Path) -> Result<Enrolment, EnrolmentError> {
-    let bytes = std::fs::read(path).map_err(|source| EnrolmentError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| EnrolmentError::Read { path: path.to_path_buf(), source })?;
     from_bytes(&bytes, path)
 }
 
 /// Parses and verifies enrolment bytes; `path` only names the source in errors.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Enrolment, EnrolmentError> {
-    let corrupt = |reason: String| EnrolmentError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let corrupt = |reason: String| EnrolmentError::Corrupt { path: path.to_path_buf(), reason };
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(EnrolmentError::NotEnrolment {
-            path: path.to_path_buf(),
-        });
+        return Err(EnrolmentError::NotEnrolment { path: path.to_path_buf() });
     }
-    let mut r = Reader {
-        bytes,
-        pos: MAGIC.len(),
-    };
+    let mut r = Reader { bytes, pos: MAGIC.len() };
     let version = r.u32().ok_or_else(|| corrupt("truncated header".into()))?;
     if version != FORMAT_VERSION {
-        return Err(EnrolmentError::Version {
-            path: path.to_path_buf(),
-            found: version,
-        });
+        return Err(EnrolmentError::Version { path: path.to_path_buf(), found: version });
     }
     if bytes.len() < MAGIC.len() + 16 + 32 {
         return Err(corrupt("truncated header".into()));
     }
     let (body, digest) = bytes.split_at(bytes.len() - 32);
     if Sha256::digest(body).as_slice() != digest {
-        return Err(corrupt(
-            "checksum mismatch (the file was changed or cut short)".into(),
-        ));
+        return Err(corrupt("checksum mismatch (the file was changed or cut short)".into()));
     }
-    let r = &mut Reader {
-        bytes: body,
-        pos: r.pos,
-    };
+    let r = &mut Reader { bytes: body, pos: r.pos };
     let layers = r.u32().ok_or_else(|| corrupt("truncated header".into()))?;
     let meta_len = r.u64().ok_or_else(|| corrupt("truncated header".into()))?;
-    let meta_bytes = r
-        .take(meta_len)
-        .ok_or_else(|| corrupt(format!("header of {meta_len} bytes runs past the end")))?;
-    let meta: EnrolmentMeta = serde_json::from_slice(meta_bytes)
-        .map_err(|e| corrupt(format!("header does not parse: {e}")))?;
+    let meta_bytes =
+        r.take(meta_len).ok_or_else(|| corrupt(format!("header of {meta_len} bytes runs past the end")))?;
+    let meta: EnrolmentMeta =
+        serde_json::from_slice(meta_bytes).map_err(|e| corrupt(format!("header does not parse: {e}")))?;
     if layers == 0 || layers > 8 {
         return Err(corrupt(format!("{layers} bank layers")));
     }
@@ -144,38 +111,31 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Enrolment, EnrolmentError
     for l in 0..layers {
         let trunc = || corrupt(format!("bank layer {l} is truncated"));
         let stride = r.u32().ok_or_else(trunc)? as usize;
-        let output = r.u32().ok_or_else(trunc)? as usize;
+        let index = r.u32().ok_or_else(trunc)?;
         let dim = r.u32().ok_or_else(trunc)? as usize;
         let rows = r.u64().ok_or_else(trunc)?;
-        if dim == 0 || dim > 4096 || rows == 0 {
-            return Err(corrupt(format!(
-                "bank layer {l} has {rows} rows of {dim} values"
-            )));
+        if index != l {
+            return Err(corrupt(format!("bank layer {l} is labelled {index}")));
         }
-        let len = rows
-            .checked_mul(dim as u64)
-            .and_then(|n| n.checked_mul(4))
-            .ok_or_else(trunc)?;
+        if meta.groups.len() != layers as usize {
+            return Err(corrupt(format!("{layers} bank layers but {} feature groups", meta.groups.len())));
+        }
+        if dim == 0 || dim > 4096 || rows == 0 {
+            return Err(corrupt(format!("bank layer {l} has {rows} rows of {dim} values")));
+        }
+        let n = rows;
+        let len = n.checked_mul(dim as u64 + 2).and_then(|n| n.checked_mul(4)).ok_or_else(trunc)?;
         let data = r.take(len).ok_or_else(trunc)?;
-        let rows: Vec<f32> = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if rows.iter().any(|v| !v.is_finite()) {
+        let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if values.iter().any(|v| !v.is_finite()) {
             return Err(corrupt(format!("bank layer {l} holds non-finite values")));
         }
-        banks.push(Bank {
-            stride,
-            output,
-            dim,
-            rows,
-        });
+        let (rows, pos) = values.split_at(n as usize * dim);
+        let pos = pos.chunks_exact(2).map(|p| [p[0], p[1]]).collect();
+        banks.push(Bank { stride, dim, rows: rows.to_vec(), pos });
     }
     if r.pos != body.len() {
-        return Err(corrupt(format!(
-            "{} unexpected bytes after the banks",
-            body.len() - r.pos
-        )));
+        return Err(corrupt(format!("{} unexpected bytes after the banks", body.len() - r.pos)));
     }
     if !(meta.thresholds.image.is_finite() && meta.thresholds.pixel.is_finite()) {
         return Err(corrupt("thresholds are not finite".into()));
@@ -198,13 +158,11 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        self.take(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 }
 
@@ -221,48 +179,31 @@ pub(crate) mod tests {
             meta: EnrolmentMeta {
                 model_name: "m".into(),
                 model_sha256: "ab".repeat(32),
-                input: InputSpec {
-                    name: "image".into(),
-                    scale: 1.0 / 255.0,
-                    mean: [0.5; 3],
-                    std: [0.5; 3],
-                },
-                geometry: Geometry::Aligned {
-                    width: 64,
-                    height: 128,
-                },
+                input: InputSpec { name: "image".into(), scale: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] },
+                geometry: Geometry::Aligned { width: 64, height: 128 },
                 augment: vec![Dihedral::IDENTITY],
+                group_augment: vec![vec![Dihedral::IDENTITY]; 2],
+                groups: vec![vec![1], vec![2]],
+                window: 0.125,
+                score_group: None,
                 pool: 3,
                 top_fraction: 0.01,
                 sigma: 4.0,
                 min_region: 0.001,
                 background: None,
-                thresholds: Thresholds {
-                    image: 0.3,
-                    pixel: 0.25,
-                    source: "auto".into(),
-                },
-                calibration: Calibration {
-                    normal: vec![0.1],
-                    anomaly: vec![0.5],
-                    ..Default::default()
-                },
+                thresholds: Thresholds { image: 0.3, pixel: 0.25, source: "auto".into() },
+                calibration: Calibration { normal: vec![0.1], anomaly: vec![0.5], ..Default::default() },
                 references: vec!["a.png".into()],
                 created_unix: 1,
             },
             banks: vec![
                 Bank {
                     stride: 8,
-                    output: 1,
                     dim: 3,
                     rows: vec![0.0, 0.6, 0.8, 1.0, 0.0, 0.0],
+                    pos: vec![[0.25, 0.5], [0.75, 0.5]],
                 },
-                Bank {
-                    stride: 16,
-                    output: 2,
-                    dim: 2,
-                    rows: vec![0.6, 0.8],
-                },
+                Bank { stride: 16, dim: 2, rows: vec![0.6, 0.8], pos: vec![[0.5, 0.5]] },
             ],
         }
     }
@@ -286,10 +227,7 @@ pub(crate) mod tests {
             assert!(from_bytes(&b, p).is_err(), "flip at {i} accepted");
         }
         for n in 0..bytes.len() {
-            assert!(
-                from_bytes(&bytes[..n], p).is_err(),
-                "truncation to {n} accepted"
-            );
+            assert!(from_bytes(&bytes[..n], p).is_err(), "truncation to {n} accepted");
         }
     }
 

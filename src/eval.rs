@@ -21,31 +21,14 @@ pub enum EvalError {
         "{0} is not an MVTec-layout folder: expected <category>/train/good and <category>/test, or a folder of such categories"
     )]
     NotDataset(PathBuf),
-    #[error(
-        "category {category}: train/good has {have} images, seed {seed} with {shots} shots needs {need}"
-    )]
-    NotEnoughShots {
-        category: String,
-        have: usize,
-        seed: u64,
-        shots: usize,
-        need: usize,
-    },
+    #[error("category {category}: train/good has {have} images, seed {seed} with {shots} shots needs {need}")]
+    NotEnoughShots { category: String, have: usize, seed: u64, shots: usize, need: usize },
     #[error("category {category}: {source}")]
-    Detect {
-        category: String,
-        source: DetectError,
-    },
+    Detect { category: String, source: DetectError },
     #[error("category {category}: cannot use shot: {source}")]
-    Shot {
-        category: String,
-        source: crate::imageio::ImageError,
-    },
+    Shot { category: String, source: crate::imageio::ImageError },
     #[error("cannot list {path}: {source}")]
-    List {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    List { path: PathBuf, source: std::io::Error },
 }
 
 /// Metrics of one category (or their mean), all in 0..=1 except `ms_per_image`.
@@ -118,24 +101,13 @@ struct TestItem {
 pub fn categories(dir: &Path) -> Result<Vec<(String, PathBuf)>, EvalError> {
     let is_cat = |p: &Path| p.join("train/good").is_dir() && p.join("test").is_dir();
     if is_cat(dir) {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "category".into());
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "category".into());
         return Ok(vec![(name, dir.to_path_buf())]);
     }
     let mut cats: Vec<(String, PathBuf)> = list(dir)?
         .into_iter()
         .filter(|p| is_cat(p))
-        .map(|p| {
-            (
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-                p,
-            )
-        })
+        .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p))
         .collect();
     cats.sort();
     if cats.is_empty() {
@@ -146,10 +118,7 @@ pub fn categories(dir: &Path) -> Result<Vec<(String, PathBuf)>, EvalError> {
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| EvalError::List {
-            path: dir.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| EvalError::List { path: dir.to_path_buf(), source })?
         .flatten()
         .map(|e| e.path())
         .collect();
@@ -164,9 +133,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
         .into_iter()
         .filter(|p| p.is_file())
         .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
         })
         .collect())
 }
@@ -174,30 +141,15 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
 fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {
     let mut items = Vec::new();
     for kind_dir in list(&cat.join("test"))?.into_iter().filter(|p| p.is_dir()) {
-        let kind = kind_dir
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        let kind = kind_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
         for path in image_files(&kind_dir)? {
-            let stem = path
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
             let gt = cat.join("ground_truth").join(&kind);
-            let mask = [
-                gt.join(format!("{stem}_mask.png")),
-                gt.join(format!("{stem}.png")),
-                gt.join(&stem).join("000.png"),
-            ]
-            .into_iter()
-            .find(|p| p.is_file());
-            items.push(TestItem {
-                path,
-                kind: kind.clone(),
-                mask,
-            });
+            let mask =
+                [gt.join(format!("{stem}_mask.png")), gt.join(format!("{stem}.png")), gt.join(&stem).join("000.png")]
+                    .into_iter()
+                    .find(|p| p.is_file());
+            items.push(TestItem { path, kind: kind.clone(), mask });
         }
     }
     Ok(items)
@@ -232,48 +184,21 @@ pub fn evaluate(
     for &seed in seeds {
         let need = (seed as usize + 1) * shots;
         if train.len() < need {
-            return Err(EvalError::NotEnoughShots {
-                category: name.into(),
-                have: train.len(),
-                seed,
-                shots,
-                need,
-            });
+            return Err(EvalError::NotEnoughShots { category: name.into(), have: train.len(), seed, shots, need });
         }
         let shot_paths = &train[seed as usize * shots..need];
         let mut refs = Vec::new();
         for p in shot_paths {
-            let img = imageio::load_rgb(p).map_err(|source| EvalError::Shot {
-                category: name.into(),
-                source,
-            })?;
-            refs.push((
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-                img,
-            ));
+            let img = imageio::load_rgb(p).map_err(|source| EvalError::Shot { category: name.into(), source })?;
+            refs.push((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), img));
         }
         let enrolment = det
-            .enroll(&refs, cfg, &mut |m| {
-                log(&format!("{name} seed {seed}: {m}"))
-            })
-            .map_err(|source| EvalError::Detect {
-                category: name.into(),
-                source,
-            })?;
-        runs.push(run_seed(
-            det, &enrolment, seed, &refs, &tests, on_image, name,
-        )?);
+            .enroll(&refs, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}")))
+            .map_err(|source| EvalError::Detect { category: name.into(), source })?;
+        runs.push(run_seed(det, &enrolment, seed, &refs, &tests, on_image, name)?);
     }
     let mean = Scores::mean(&runs.iter().map(|r| r.scores.clone()).collect::<Vec<_>>());
-    Ok(CategoryReport {
-        name: name.into(),
-        mean,
-        runs,
-        skipped,
-    })
+    Ok(CategoryReport { name: name.into(), mean, runs, skipped })
 }
 
 fn run_seed(
@@ -295,23 +220,14 @@ fn run_seed(
     let mut total_ms = 0.0f64;
     for (it, img) in tests {
         let t = Instant::now();
-        let ins = det
-            .inspect(enrolment, img)
-            .map_err(|source| EvalError::Detect {
-                category: name.into(),
-                source,
-            })?;
+        let ins = det.inspect(enrolment, img).map_err(|source| EvalError::Detect { category: name.into(), source })?;
         total_ms += t.elapsed().as_secs_f64() * 1e3;
         let anomalous = it.kind != "good";
         scores.push(ins.verdict.score);
         labels.push(anomalous);
         verdicts.push(ins.verdict.anomalous);
         records.push(ImageRecord {
-            file: format!(
-                "{}/{}",
-                it.kind,
-                it.path.file_name().unwrap_or_default().to_string_lossy()
-            ),
+            file: format!("{}/{}", it.kind, it.path.file_name().unwrap_or_default().to_string_lossy()),
             anomalous,
             score: ins.verdict.score,
             verdict: ins.verdict.anomalous,
@@ -321,18 +237,10 @@ fn run_seed(
         let mask: Option<Vec<bool>> = if !anomalous {
             Some(vec![false; mw * mh])
         } else {
-            it.mask
-                .as_ref()
-                .and_then(|p| imageio::load_mask(p).ok())
-                .map(|m| {
-                    let m = image::imageops::resize(
-                        &m,
-                        mw as u32,
-                        mh as u32,
-                        image::imageops::FilterType::Nearest,
-                    );
-                    m.pixels().map(|p| p.0[0] > 127).collect()
-                })
+            it.mask.as_ref().and_then(|p| imageio::load_mask(p).ok()).map(|m| {
+                let m = image::imageops::resize(&m, mw as u32, mh as u32, image::imageops::FilterType::Nearest);
+                m.pixels().map(|p| p.0[0] > 127).collect()
+            })
         };
         if let Some(mask) = mask {
             pixel_scores.extend_from_slice(&ins.map.data);
@@ -358,6 +266,7 @@ fn run_seed(
                 format!("aligned {width}x{height}")
             }
             crate::detect::Geometry::Texture { scale, .. } => format!("texture x{scale:.3}"),
+            crate::detect::Geometry::Fit { pixels } => format!("fit {pixels} px"),
         },
         stationarity: m.calibration.stationarity,
         image_threshold: m.thresholds.image,
@@ -396,10 +305,7 @@ pub fn table(reports: &[CategoryReport]) -> String {
         s += &row(&r.name, &r.mean);
     }
     if reports.len() > 1 {
-        s += &row(
-            "mean",
-            &Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>()),
-        );
+        s += &row("mean", &Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>()));
     }
     s
 }

@@ -10,13 +10,20 @@ pub struct FeatureMap {
     pub data: Vec<f32>,
 }
 
-/// Patch descriptors of one image at one layer: `h * w` rows of `dim` values, L2-normalised, row-major.
+/// Patch descriptors of one image at one layer: `h * w` rows of `dim` values, L2-normalised, row-major,
+/// each with the position of its centre as a fraction of the image width and height.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Patches {
     pub h: usize,
     pub w: usize,
     pub dim: usize,
     pub rows: Vec<f32>,
+    pub pos: Vec<[f32; 2]>,
+}
+
+/// Centres of an `h x w` grid's cells as fractions of the grid, row-major.
+pub fn grid_positions(h: usize, w: usize) -> Vec<[f32; 2]> {
+    (0..h * w).map(|i| [((i % w) as f32 + 0.5) / w as f32, ((i / w) as f32 + 0.5) / h as f32]).collect()
 }
 
 impl Patches {
@@ -65,8 +72,63 @@ impl FeatureMap {
         for row in rows.chunks_exact_mut(c) {
             normalize(row);
         }
-        Patches { h, w, dim: c, rows }
+        Patches { h, w, dim: c, rows, pos: grid_positions(h, w) }
     }
+}
+
+/// Fuses the patches of several strides: each is resized (bilinear) to the finest grid, the unit rows
+/// are concatenated and renormalised, so every stride weighs the same in the cosine.
+pub fn concat(parts: &[&Patches]) -> Patches {
+    let finest = parts.iter().max_by_key(|p| p.len()).expect("at least one part");
+    if parts.len() == 1 {
+        return (*finest).clone();
+    }
+    let (h, w) = (finest.h, finest.w);
+    let dim: usize = parts.iter().map(|p| p.dim).sum();
+    let mut rows = vec![0.0f32; h * w * dim];
+    let mut offset = 0;
+    for p in parts {
+        let taps = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
+            let scale = inp as f32 / out as f32;
+            (0..out)
+                .map(|o| {
+                    let src = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (inp - 1) as f32);
+                    let i0 = src.floor() as usize;
+                    (i0, (i0 + 1).min(inp - 1), src - i0 as f32)
+                })
+                .collect()
+        };
+        let (ys, xs) = (taps(h, p.h), taps(w, p.w));
+        for (y, &(y0, y1, ty)) in ys.iter().enumerate() {
+            for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
+                let dst = &mut rows[(y * w + x) * dim + offset..(y * w + x) * dim + offset + p.dim];
+                let corners = [
+                    (y0, x0, (1.0 - ty) * (1.0 - tx)),
+                    (y0, x1, (1.0 - ty) * tx),
+                    (y1, x0, ty * (1.0 - tx)),
+                    (y1, x1, ty * tx),
+                ];
+                for (cy, cx, wgt) in corners {
+                    if wgt == 0.0 {
+                        continue;
+                    }
+                    let src = &p.rows[(cy * p.w + cx) * p.dim..(cy * p.w + cx + 1) * p.dim];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += wgt * s);
+                }
+            }
+        }
+        offset += p.dim;
+    }
+    // Renormalise each part (interpolation shortens unit vectors), then the whole row.
+    for row in rows.chunks_exact_mut(dim) {
+        let mut o = 0;
+        for p in parts {
+            normalize(&mut row[o..o + p.dim]);
+            o += p.dim;
+        }
+        normalize(row);
+    }
+    Patches { h, w, dim, rows, pos: grid_positions(h, w) }
 }
 
 fn normalize(row: &mut [f32]) {
@@ -84,6 +146,29 @@ const BANK_BLOCK: usize = 4096;
 /// For each query row, the cosine distance `1 - max_j <q, b_j>` to its nearest bank row and that row's
 /// index. Rows must be L2-normalised. Computed as blocked matrix products, never per patch pair.
 pub fn nearest(queries: &[f32], bank: &[f32], dim: usize) -> (Vec<f32>, Vec<u32>) {
+    nearest_impl(queries, bank, dim, None)
+}
+
+/// [`nearest`] restricted to bank rows whose position lies within `window` (a fraction of the image
+/// per axis) of the query's: for aligned products, a patch must look like the reference at its place.
+/// A query with no bank row in its window falls back to the whole bank.
+pub fn nearest_within(
+    queries: &[f32],
+    qpos: &[[f32; 2]],
+    bank: &[f32],
+    bpos: &[[f32; 2]],
+    dim: usize,
+    window: f32,
+) -> (Vec<f32>, Vec<u32>) {
+    if window >= 1.0 {
+        return nearest(queries, bank, dim);
+    }
+    nearest_impl(queries, bank, dim, Some((qpos, bpos, window)))
+}
+
+type Window<'a> = Option<(&'a [[f32; 2]], &'a [[f32; 2]], f32)>;
+
+fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window) -> (Vec<f32>, Vec<u32>) {
     let nq = queries.len() / dim;
     let nb = bank.len() / dim;
     let mut best = vec![f32::NEG_INFINITY; nq];
@@ -118,10 +203,24 @@ pub fn nearest(queries: &[f32], bank: &[f32], dim: usize) -> (Vec<f32>, Vec<u32>
             for i in 0..m {
                 let row = &sims[i * n..(i + 1) * n];
                 let (mut bi, mut bv) = (0usize, f32::NEG_INFINITY);
-                for (j, &v) in row.iter().enumerate() {
-                    if v > bv {
-                        bv = v;
-                        bi = j;
+                match window {
+                    None => {
+                        for (j, &v) in row.iter().enumerate() {
+                            if v > bv {
+                                bv = v;
+                                bi = j;
+                            }
+                        }
+                    }
+                    Some((qpos, bpos, r)) => {
+                        let [qx, qy] = qpos[q0 + i];
+                        for (j, &v) in row.iter().enumerate() {
+                            let [bx, by] = bpos[b0 + j];
+                            if v > bv && (bx - qx).abs() <= r && (by - qy).abs() <= r {
+                                bv = v;
+                                bi = j;
+                            }
+                        }
                     }
                 }
                 if bv > best[q0 + i] {
@@ -131,33 +230,44 @@ pub fn nearest(queries: &[f32], bank: &[f32], dim: usize) -> (Vec<f32>, Vec<u32>
             }
         }
     }
+    if window.is_some() && best.iter().any(|b| *b == f32::NEG_INFINITY) {
+        // Queries whose window held no bank row: search the whole bank for them.
+        let (gd, ga) = nearest_impl(queries, bank, dim, None);
+        for i in 0..nq {
+            if best[i] == f32::NEG_INFINITY {
+                best[i] = 1.0 - gd[i];
+                arg[i] = ga[i];
+            }
+        }
+    }
     let dist = best.iter().map(|s| (1.0 - s).max(0.0)).collect();
     (dist, arg)
 }
 
+/// Dimension rows are projected to before the coreset search (PatchCore's Johnson-Lindenstrauss step).
+const CORESET_DIM: usize = 64;
+
 /// Greedy k-centre coreset (PatchCore): picks `target` rows so that every row is close to a picked one.
-/// Distances are measured on the full rows; the first pick is row 0 so the result is deterministic.
-pub fn coreset(
-    rows: &[f32],
-    dim: usize,
-    target: usize,
-    mut progress: impl FnMut(usize, usize),
-) -> Vec<u32> {
+/// Rows wider than 64 values are first projected by a fixed seeded Gaussian matrix, which keeps
+/// distances approximately (Johnson-Lindenstrauss) at a fraction of the cost. The first pick is row 0,
+/// so the result is deterministic.
+pub fn coreset(rows: &[f32], dim: usize, target: usize, mut progress: impl FnMut(usize, usize)) -> Vec<u32> {
     let n = rows.len() / dim;
     if target >= n {
         return (0..n as u32).collect();
     }
+    let (proj, pd) =
+        if dim > CORESET_DIM { (project(rows, dim, CORESET_DIM), CORESET_DIM) } else { (rows.to_vec(), dim) };
+    let sq: Vec<f32> = proj.chunks_exact(pd).map(|r| dot(r, r)).collect();
     let mut picked = Vec::with_capacity(target);
     let mut min_dist = vec![f32::INFINITY; n];
     let mut current = 0usize;
     for step in 0..target {
         picked.push(current as u32);
-        let c = &rows[current * dim..(current + 1) * dim];
+        let c = &proj[current * pd..(current + 1) * pd];
         let mut far = (0usize, f32::NEG_INFINITY);
         for (i, md) in min_dist.iter_mut().enumerate() {
-            let r = &rows[i * dim..(i + 1) * dim];
-            // Rows are unit vectors: squared L2 = 2 - 2 cos.
-            let d = 2.0 - 2.0 * dot(c, r);
+            let d = sq[current] + sq[i] - 2.0 * dot(c, &proj[i * pd..(i + 1) * pd]);
             if d < *md {
                 *md = d;
             }
@@ -173,6 +283,34 @@ pub fn coreset(
     picked
 }
 
+/// `rows` (n x dim) times a seeded Gaussian matrix (dim x out) scaled by 1/sqrt(out).
+fn project(rows: &[f32], dim: usize, out: usize) -> Vec<f32> {
+    let mut rng = crate::synth::Rng::new(0xC0DE);
+    let scale = 1.0 / (out as f32).sqrt();
+    let m: Vec<f32> = (0..dim * out).map(|_| rng.normal() * scale).collect();
+    let n = rows.len() / dim;
+    let mut p = vec![0.0f32; n * out];
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            dim,
+            out,
+            1.0,
+            rows.as_ptr(),
+            dim as isize,
+            1,
+            m.as_ptr(),
+            out as isize,
+            1,
+            0.0,
+            p.as_mut_ptr(),
+            out as isize,
+            1,
+        );
+    }
+    p
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -185,9 +323,7 @@ mod tests {
         let mut s = seed;
         let mut v: Vec<f32> = (0..n * dim)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect();
@@ -217,6 +353,33 @@ mod tests {
     }
 
     #[test]
+    fn windowed_search_matches_brute_force_within_the_window() {
+        let dim = 7;
+        let q = lcg_rows(300, dim, 4);
+        let b = lcg_rows(5000, dim, 5);
+        let qpos = grid_positions(15, 20);
+        let bpos = grid_positions(50, 100);
+        let (dist, arg) = nearest_within(&q, &qpos, &b, &bpos, dim, 0.1);
+        for (i, qr) in q.chunks_exact(dim).enumerate() {
+            let [qx, qy] = qpos[i];
+            let mut bs = f32::NEG_INFINITY;
+            for (j, br) in b.chunks_exact(dim).enumerate() {
+                let [bx, by] = bpos[j];
+                if (bx - qx).abs() <= 0.1 && (by - qy).abs() <= 0.1 {
+                    bs = bs.max(dot(qr, br));
+                }
+            }
+            assert!((dist[i] - (1.0 - bs).max(0.0)).abs() < 1e-5, "row {i}");
+            let [bx, by] = bpos[arg[i] as usize];
+            assert!((bx - qx).abs() <= 0.1 && (by - qy).abs() <= 0.1);
+        }
+        // An empty window falls back to the global nearest.
+        let far = [[5.0f32, 5.0]];
+        let (d, _) = nearest_within(&q[..dim], &far, &b, &bpos, dim, 0.1);
+        assert_eq!(d, nearest(&q[..dim], &b, dim).0);
+    }
+
+    #[test]
     fn nearest_of_a_bank_member_is_itself() {
         let b = lcg_rows(50, 8, 3);
         let (dist, arg) = nearest(&b[8 * 7..8 * 8], &b, 8);
@@ -227,12 +390,7 @@ mod tests {
     #[test]
     fn pooling_averages_neighbourhood_and_normalises() {
         // One channel: pooling a constant plane keeps it constant; two channels normalise to unit rows.
-        let fm = FeatureMap {
-            c: 2,
-            h: 3,
-            w: 3,
-            data: [vec![1.0; 9], (0..9).map(|v| v as f32).collect()].concat(),
-        };
+        let fm = FeatureMap { c: 2, h: 3, w: 3, data: [vec![1.0; 9], (0..9).map(|v| v as f32).collect()].concat() };
         let p = fm.to_patches(3);
         assert_eq!((p.h, p.w, p.dim), (3, 3, 2));
         for row in p.rows.chunks_exact(2) {
@@ -241,6 +399,19 @@ mod tests {
         // Centre of channel 1 pools to the mean of 0..9 = 4; channel 0 to 1.
         let centre = &p.rows[4 * 2..5 * 2];
         assert!((centre[1] / centre[0] - 4.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn concat_fuses_onto_the_finest_grid_with_equal_weights() {
+        let fine = FeatureMap { c: 1, h: 4, w: 4, data: vec![1.0; 16] }.to_patches(1);
+        let coarse = FeatureMap { c: 2, h: 2, w: 2, data: [vec![1.0; 4], vec![0.0; 4]].concat() }.to_patches(1);
+        let f = concat(&[&fine, &coarse]);
+        assert_eq!((f.h, f.w, f.dim), (4, 4, 3));
+        let s = std::f32::consts::FRAC_1_SQRT_2;
+        for row in f.rows.chunks_exact(3) {
+            assert!((row[0] - s).abs() < 1e-6 && (row[1] - s).abs() < 1e-6 && row[2].abs() < 1e-6, "{row:?}");
+        }
+        assert_eq!(concat(&[&fine]), fine);
     }
 
     #[test]

@@ -18,10 +18,7 @@ pub enum ImageError {
 
 /// Reads an image and converts grayscale, 16-bit and alpha formats to 8-bit RGB.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let read_err = |reason: String| ImageError::Read {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let read_err = |reason: String| ImageError::Read { path: path.to_path_buf(), reason };
     let reader = image::ImageReader::open(path)
         .map_err(|e| read_err(e.to_string()))?
         .with_guessed_format()
@@ -29,21 +26,14 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
     let img = reader.decode().map_err(|e| read_err(e.to_string()))?;
     let rgb = img.to_rgb8();
     if rgb.width() < MIN_SIDE || rgb.height() < MIN_SIDE {
-        return Err(ImageError::TooSmall {
-            path: path.to_path_buf(),
-            w: rgb.width(),
-            h: rgb.height(),
-        });
+        return Err(ImageError::TooSmall { path: path.to_path_buf(), w: rgb.width(), h: rgb.height() });
     }
     Ok(rgb)
 }
 
 /// Reads a mask as 8-bit luma (any format); `None` if it cannot be read.
 pub fn load_mask(path: &Path) -> Result<image::GrayImage, ImageError> {
-    let img = image::open(path).map_err(|e| ImageError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let img = image::open(path).map_err(|e| ImageError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
     Ok(img.to_luma8())
 }
 
@@ -63,15 +53,10 @@ pub struct Dihedral {
 }
 
 impl Dihedral {
-    pub const IDENTITY: Self = Self {
-        rot: 0,
-        flip: false,
-    };
+    pub const IDENTITY: Self = Self { rot: 0, flip: false };
 
     pub fn all() -> Vec<Self> {
-        (0..4u8)
-            .flat_map(|rot| [false, true].map(|flip| Self { rot, flip }))
-            .collect()
+        (0..4u8).flat_map(|rot| [false, true].map(|flip| Self { rot, flip })).collect()
     }
 
     pub fn apply(self, img: &RgbImage) -> RgbImage {
@@ -81,11 +66,7 @@ impl Dihedral {
             3 => imageops::rotate270(img),
             _ => img.clone(),
         };
-        if self.flip {
-            imageops::flip_horizontal(&r)
-        } else {
-            r
-        }
+        if self.flip { imageops::flip_horizontal(&r) } else { r }
     }
 }
 
@@ -126,10 +107,7 @@ mod tests {
     #[test]
     fn dihedral_group_has_eight_distinct_members() {
         let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([(x + 3 * y) as u8, 0, 0]));
-        let outs: Vec<_> = Dihedral::all()
-            .iter()
-            .map(|d| d.apply(&img).into_raw())
-            .collect();
+        let outs: Vec<_> = Dihedral::all().iter().map(|d| d.apply(&img).into_raw()).collect();
         for i in 0..8 {
             for j in i + 1..8 {
                 assert_ne!(outs[i], outs[j], "{i} and {j}");
@@ -143,9 +121,7 @@ mod tests {
         let img = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 51]));
         let t = to_tensor(&img, 1.0 / 255.0, [0.5; 3], [0.5; 3]);
         assert_eq!(t.len(), 6);
-        assert!(
-            (t[0] - 1.0).abs() < 1e-6 && (t[2] + 1.0).abs() < 1e-6 && (t[4] + 0.6).abs() < 1e-6
-        );
+        assert!((t[0] - 1.0).abs() < 1e-6 && (t[2] + 1.0).abs() < 1e-6 && (t[4] + 0.6).abs() < 1e-6);
     }
 
     #[test]
@@ -172,14 +148,10 @@ mod tests {
     fn gray_sixteen_bit_and_rgba_are_converted() {
         let dir = tempfile::tempdir().unwrap();
         let g16 = dir.path().join("g16.png");
-        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(64, 64, image::Luma([65535u16]))
-            .save(&g16)
-            .unwrap();
+        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(64, 64, image::Luma([65535u16])).save(&g16).unwrap();
         assert_eq!(load_rgb(&g16).unwrap().get_pixel(0, 0).0, [255, 255, 255]);
         let rgba = dir.path().join("rgba.png");
-        image::RgbaImage::from_pixel(64, 64, image::Rgba([10, 20, 30, 0]))
-            .save(&rgba)
-            .unwrap();
+        image::RgbaImage::from_pixel(64, 64, image::Rgba([10, 20, 30, 0])).save(&rgba).unwrap();
         assert_eq!(load_rgb(&rgba).unwrap().get_pixel(5, 5).0, [10, 20, 30]);
     }
 }

@@ -63,9 +63,7 @@ impl Grid {
             return self.clone();
         }
         let r = (3.0 * sigma).ceil() as isize;
-        let mut k: Vec<f32> = (-r..=r)
-            .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
-            .collect();
+        let mut k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
         let sum: f32 = k.iter().sum();
         k.iter_mut().for_each(|v| *v /= sum);
         let reflect = |i: isize, n: usize| -> usize {

@@ -115,34 +115,41 @@ impl ProAccumulator {
             return f64::NAN;
         }
         self.normal.sort_by(f32::total_cmp);
-        self.regions
-            .iter_mut()
-            .for_each(|r| r.sort_by(f32::total_cmp));
+        self.regions.iter_mut().for_each(|r| r.sort_by(f32::total_cmp));
         let n = self.normal.len();
-        let mut points: Vec<(f64, f64)> = Vec::with_capacity(steps + 1);
-        for s in 0..=steps {
-            let target = max_fpr * s as f64 / steps as f64;
-            // Threshold t with FPR(t) = share of normal pixels strictly above t closest to target.
-            let above = ((target * n as f64).round() as usize).min(n);
-            let t = if above == 0 {
-                f32::INFINITY
-            } else {
-                self.normal[n - above]
-            };
-            let fpr = (n - self.normal.partition_point(|&v| v < t)) as f64 / n as f64;
-            let pro = self
-                .regions
-                .iter()
-                .map(|r| (r.len() - r.partition_point(|&v| v < t)) as f64 / r.len() as f64)
-                .sum::<f64>()
-                / self.regions.len() as f64;
-            points.push((fpr.min(max_fpr), pro));
+        // Counts of normal pixels above the threshold: evenly spaced FPRs, plus the first count at or past
+        // max_fpr so that the curve can be cut exactly there.
+        let mut counts: Vec<usize> =
+            (0..=steps).map(|s| ((max_fpr * s as f64 / steps as f64) * n as f64).round() as usize).collect();
+        counts.push(((max_fpr * n as f64).ceil() as usize).min(n));
+        counts.sort_unstable();
+        counts.dedup();
+        let mut points: Vec<(f64, f64)> = counts
+            .into_iter()
+            .map(|above| {
+                // FPR 0 is reached just above the largest normal score, not at +inf.
+                let t = if above == 0 { self.normal[n - 1].next_up() } else { self.normal[n - above.min(n)] };
+                let fpr = (n - self.normal.partition_point(|&v| v < t)) as f64 / n as f64;
+                let pro = self
+                    .regions
+                    .iter()
+                    .map(|r| (r.len() - r.partition_point(|&v| v < t)) as f64 / r.len() as f64)
+                    .sum::<f64>()
+                    / self.regions.len() as f64;
+                (fpr, pro)
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        // Trapezoids up to max_fpr, interpolating the segment that crosses it.
+        let mut area = 0.0;
+        for p in points.windows(2) {
+            let ((x0, y0), (x1, y1)) = (p[0], p[1]);
+            if x0 >= max_fpr {
+                break;
+            }
+            let (xe, ye) = if x1 > max_fpr { (max_fpr, y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)) } else { (x1, y1) };
+            area += (xe - x0) * (y0 + ye) / 2.0;
         }
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let area: f64 = points
-            .windows(2)
-            .map(|p| (p[1].0 - p[0].0) * (p[1].1 + p[0].1) / 2.0)
-            .sum();
         area / max_fpr
     }
 }
@@ -154,18 +161,9 @@ mod tests {
     #[test]
     fn auroc_hand_computed() {
         // Perfect separation, reversed, and the classic 3-vs-3 case with one swap: 8 of 9 pairs.
-        assert_eq!(
-            auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]),
-            1.0
-        );
-        assert_eq!(
-            auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]),
-            0.0
-        );
-        let a = auroc(
-            &[0.1, 0.2, 0.5, 0.4, 0.6, 0.7],
-            &[false, false, false, true, true, true],
-        );
+        assert_eq!(auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]), 1.0);
+        assert_eq!(auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]), 0.0);
+        let a = auroc(&[0.1, 0.2, 0.5, 0.4, 0.6, 0.7], &[false, false, false, true, true, true]);
         assert!((a - 8.0 / 9.0).abs() < 1e-12, "{a}");
         // Ties count half: one pos and one neg at the same score.
         assert_eq!(auroc(&[0.5, 0.5], &[false, true]), 0.5);
@@ -182,10 +180,7 @@ mod tests {
 
     #[test]
     fn accuracy_counts_agreement() {
-        assert_eq!(
-            accuracy(&[true, false, true, true], &[true, false, false, true]),
-            0.75
-        );
+        assert_eq!(accuracy(&[true, false, true, true], &[true, false, false, true]), 0.75);
     }
 
     #[test]
@@ -200,9 +195,7 @@ mod tests {
         // Two regions of two pixels; each has one pixel above every normal pixel and one below all of
         // them. Up to the FPR where the low pixels cross (never within 0.3 here), PRO stays 0.5.
         let mut acc = ProAccumulator::default();
-        let mask = [
-            true, true, false, false, false, false, false, false, false, false, true, true,
-        ];
+        let mask = [true, true, false, false, false, false, false, false, false, false, true, true];
         let map = [0.9, 0.0, 0.3, 0.4, 0.5, 0.35, 0.45, 0.3, 0.4, 0.5, 0.0, 0.9];
         acc.add(&map, &mask, 12);
         let v = acc.aupro(0.3, 3000);

@@ -8,12 +8,7 @@ use crate::map::Grid;
 /// Colour of `t` in 0..=1 on a blue-cyan-yellow-red scale.
 fn heat(t: f32) -> [f32; 3] {
     let t = t.clamp(0.0, 1.0);
-    let stops = [
-        [0.0, 0.0, 0.5],
-        [0.0, 0.8, 1.0],
-        [1.0, 1.0, 0.0],
-        [1.0, 0.0, 0.0],
-    ];
+    let stops = [[0.0, 0.0, 0.5], [0.0, 0.8, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]];
     let pos = t * (stops.len() - 1) as f32;
     let i = (pos.floor() as usize).min(stops.len() - 2);
     let f = pos - i as f32;

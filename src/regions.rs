@@ -145,14 +145,8 @@ pub fn answer(anomalous: bool, regions: &[Region]) -> String {
     };
     match regions.len() {
         0 => "Yes, there is an anomaly in the image.".into(),
-        1 => format!(
-            "Yes, there is an anomaly in the image, at the {} of the image.",
-            place(&cells)
-        ),
-        n => format!(
-            "Yes, there are {n} anomalies in the image, they are at the {} of the image.",
-            place(&cells)
-        ),
+        1 => format!("Yes, there is an anomaly in the image, at the {} of the image.", place(&cells)),
+        n => format!("Yes, there are {n} anomalies in the image, they are at the {} of the image.", place(&cells)),
     }
 }
 
@@ -203,10 +197,7 @@ mod tests {
         assert_eq!(answer(false, &[]), "No, there is no anomaly in the image.");
         let g = grid_with(9, 9, &[(0, 0)]);
         let one = find(&g, 0.5, 0.0, 9, 9);
-        assert_eq!(
-            answer(true, &one),
-            "Yes, there is an anomaly in the image, at the top left of the image."
-        );
+        assert_eq!(answer(true, &one), "Yes, there is an anomaly in the image, at the top left of the image.");
         let g = grid_with(9, 9, &[(0, 0), (8, 8), (4, 0)]);
         let three = find(&g, 0.5, 0.0, 9, 9);
         assert_eq!(

@@ -83,12 +83,7 @@ pub fn nuisance(img: &RgbImage, rng: &mut Rng, max_shift: f32) -> RgbImage {
 
 /// Makes one simulated anomaly in `target`, taking foreign material from `donor` (another normal
 /// image of the same size, or `target` itself). Returns the image and its defect mask (255 = defect).
-pub fn anomaly(
-    target: &RgbImage,
-    donor: &RgbImage,
-    kind: Kind,
-    rng: &mut Rng,
-) -> (RgbImage, GrayImage) {
+pub fn anomaly(target: &RgbImage, donor: &RgbImage, kind: Kind, rng: &mut Rng) -> (RgbImage, GrayImage) {
     match kind {
         Kind::ForeignPatch => foreign_patch(target, donor, rng),
         Kind::CutPaste => cut_paste(target, rng),
@@ -106,10 +101,7 @@ fn foreign_patch(target: &RgbImage, donor: &RgbImage, rng: &mut Rng) -> (RgbImag
     let sx = rng.below(dw - sw + 1);
     let sy = rng.below(dh - sh + 1);
     let scale = rng.range(0.75, 1.33);
-    let (tw, th) = (
-        ((sw as f32 * scale) as u32).clamp(4, w / 2),
-        ((sh as f32 * scale) as u32).clamp(4, h / 2),
-    );
+    let (tw, th) = (((sw as f32 * scale) as u32).clamp(4, w / 2), ((sh as f32 * scale) as u32).clamp(4, h / 2));
     let patch = image::imageops::crop_imm(donor, sx, sy, sw, sh).to_image();
     let mut patch = crate::imageio::resize(&patch, tw, th);
     if rng.below(2) == 1 {
@@ -122,9 +114,7 @@ fn foreign_patch(target: &RgbImage, donor: &RgbImage, rng: &mut Rng) -> (RgbImag
         let dest = image::imageops::crop_imm(target, tx, ty, tw, th).to_image();
         let (pm, dm) = (mean_rgb(&patch), mean_rgb(&dest));
         for px in patch.pixels_mut() {
-            px.0 = std::array::from_fn(|c| {
-                (px.0[c] as f32 - pm[c] + dm[c]).round().clamp(0.0, 255.0) as u8
-            });
+            px.0 = std::array::from_fn(|c| (px.0[c] as f32 - pm[c] + dm[c]).round().clamp(0.0, 255.0) as u8);
         }
     }
     // Soft alpha: 1 inside, falling to 0 over the outer 25% of an ellipse.
@@ -161,9 +151,7 @@ fn cut_paste(target: &RgbImage, rng: &mut Rng) -> (RgbImage, GrayImage) {
         |_, _| 1.0,
         |x, y| {
             let s = target.get_pixel(sx + x, sy + y).0;
-            std::array::from_fn(|c| {
-                (s[c] as f32 * gain[c] + offset).round().clamp(0.0, 255.0) as u8
-            })
+            std::array::from_fn(|c| (s[c] as f32 * gain[c] + offset).round().clamp(0.0, 255.0) as u8)
         },
     )
 }
@@ -173,23 +161,13 @@ fn perlin_texture(target: &RgbImage, rng: &mut Rng) -> (RgbImage, GrayImage) {
     // Foreign texture: the image rotated 180 degrees, shifted and with its exposure changed.
     let rotated = image::imageops::rotate180(target);
     let (ox, oy) = (rng.below(w), rng.below(h));
-    let gain = if rng.below(2) == 1 {
-        rng.range(0.4, 0.75)
-    } else {
-        rng.range(1.3, 1.8)
-    };
+    let gain = if rng.below(2) == 1 { rng.range(0.4, 0.75) } else { rng.range(1.3, 1.8) };
     let opacity = rng.range(0.5, 1.0);
     // Perlin blob: noise at a random scale, kept inside a random ellipse so the defect is local.
     let cells = 2.0f32.powi(rng.below(3) as i32 + 2);
     let noise = Perlin::new(rng.next_u64());
-    let (cx, cy) = (
-        rng.range(0.15, 0.85) * w as f32,
-        rng.range(0.15, 0.85) * h as f32,
-    );
-    let (rx, ry) = (
-        rng.range(0.06, 0.2) * w as f32,
-        rng.range(0.06, 0.2) * h as f32,
-    );
+    let (cx, cy) = (rng.range(0.15, 0.85) * w as f32, rng.range(0.15, 0.85) * h as f32);
+    let (rx, ry) = (rng.range(0.06, 0.2) * w as f32, rng.range(0.06, 0.2) * h as f32);
     let (x0, y0) = ((cx - rx).max(0.0) as u32, (cy - ry).max(0.0) as u32);
     let (x1, y1) = (((cx + rx) as u32).min(w - 1), ((cy + ry) as u32).min(h - 1));
     let (bw, bh) = ((x1 - x0 + 1).max(1), (y1 - y0 + 1).max(1));
@@ -234,9 +212,7 @@ fn blend(
             }
             let s = source(x, y);
             let d = out.get_pixel_mut(tx + x, ty + y);
-            d.0 = std::array::from_fn(|c| {
-                (d.0[c] as f32 * (1.0 - a) + s[c] as f32 * a).round() as u8
-            });
+            d.0 = std::array::from_fn(|c| (d.0[c] as f32 * (1.0 - a) + s[c] as f32 * a).round() as u8);
             if a >= 0.5 {
                 mask.put_pixel(tx + x, ty + y, Luma([255]));
             }
@@ -268,9 +244,7 @@ impl Perlin {
         for i in (1..256).rev() {
             p.swap(i, rng.below(i as u32 + 1) as usize);
         }
-        Self {
-            perm: std::array::from_fn(|i| p[i % 256]),
-        }
+        Self { perm: std::array::from_fn(|i| p[i % 256]) }
     }
 
     fn at(&self, x: f32, y: f32) -> f32 {
@@ -303,9 +277,7 @@ mod tests {
     use super::*;
 
     fn textured(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| {
-            Rgb([((x * 7 + y * 3) % 200) as u8 + 20, (y % 50) as u8 + 100, 90])
-        })
+        RgbImage::from_fn(w, h, |x, y| Rgb([((x * 7 + y * 3) % 200) as u8 + 20, (y % 50) as u8 + 100, 90]))
     }
 
     #[test]
@@ -320,16 +292,10 @@ mod tests {
                 assert!(masked < 128 * 96 / 2, "{kind:?} covered {masked} px");
                 // Far from any masked pixel (alpha < 0.5 can still touch neighbours), nothing changes.
                 for (x, y, p) in out.enumerate_pixels() {
-                    let near = (x.saturating_sub(40)..(x + 40).min(128)).any(|xx| {
-                        (y.saturating_sub(40)..(y + 40).min(96))
-                            .any(|yy| mask.get_pixel(xx, yy).0[0] > 0)
-                    });
+                    let near = (x.saturating_sub(40)..(x + 40).min(128))
+                        .any(|xx| (y.saturating_sub(40)..(y + 40).min(96)).any(|yy| mask.get_pixel(xx, yy).0[0] > 0));
                     if !near {
-                        assert_eq!(
-                            p,
-                            img.get_pixel(x, y),
-                            "{kind:?} changed ({x},{y}) far from its mask"
-                        );
+                        assert_eq!(p, img.get_pixel(x, y), "{kind:?} changed ({x},{y}) far from its mask");
                     }
                 }
             }
@@ -340,12 +306,7 @@ mod tests {
     fn nuisance_views_stay_close_to_the_original() {
         let img = textured(64, 64);
         let v = nuisance(&img, &mut Rng::new(1), 0.03);
-        let diff: f64 = img
-            .as_raw()
-            .iter()
-            .zip(v.as_raw())
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .sum::<f64>()
+        let diff: f64 = img.as_raw().iter().zip(v.as_raw()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>()
             / img.as_raw().len() as f64;
         assert!(diff < 40.0, "mean abs diff {diff}");
         assert_ne!(v, img);

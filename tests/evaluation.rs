@@ -1,0 +1,69 @@
+//! `eval` on a generated MVTec-layout category: metrics in range, perfect on easy defects, JSON schema.
+
+use std::path::Path;
+
+use anomalyd::demo::{self, Defect};
+use anomalyd::detect::DetectConfig;
+use anomalyd::eval;
+use image::{GrayImage, Luma};
+
+fn write_category(root: &Path) {
+    for d in ["train/good", "test/good", "test/scratch", "test/blob", "ground_truth/scratch", "ground_truth/blob"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for i in 0..2 {
+        demo::part(i, Defect::None).save(root.join(format!("train/good/{i:03}.png"))).unwrap();
+    }
+    for i in 0..3u64 {
+        demo::part(10 + i, Defect::None).save(root.join(format!("test/good/{i:03}.png"))).unwrap();
+        let s = demo::part(20 + i, Defect::Scratch);
+        let g = demo::part(20 + i, Defect::None);
+        s.save(root.join(format!("test/scratch/{i:03}.png"))).unwrap();
+        let mask = GrayImage::from_fn(s.width(), s.height(), |x, y| {
+            Luma([if s.get_pixel(x, y) != g.get_pixel(x, y) { 255 } else { 0 }])
+        });
+        mask.save(root.join(format!("ground_truth/scratch/{i:03}_mask.png"))).unwrap();
+        let b = demo::part(30 + i, Defect::Blob);
+        let g = demo::part(30 + i, Defect::None);
+        b.save(root.join(format!("test/blob/{i:03}.png"))).unwrap();
+        let mask = GrayImage::from_fn(b.width(), b.height(), |x, y| {
+            Luma([if b.get_pixel(x, y) != g.get_pixel(x, y) { 255 } else { 0 }])
+        });
+        mask.save(root.join(format!("ground_truth/blob/{i:03}_mask.png"))).unwrap();
+    }
+    // A corrupt test file is reported and skipped, not fatal.
+    std::fs::write(root.join("test/good/corrupt.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
+}
+
+#[test]
+fn eval_on_a_generated_category() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = dir.path().join("parts");
+    write_category(&cat);
+    let cats = eval::categories(dir.path()).unwrap();
+    assert_eq!(cats.len(), 1);
+    let mut det = crate::common::detector();
+    let mut seen = 0;
+    let report =
+        eval::evaluate(&mut det, "parts", &cat, 1, &[0, 1], &DetectConfig::default(), &mut || seen += 1, &mut |_| {})
+            .unwrap();
+    assert_eq!(seen, 2 * 9);
+    assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
+    let m = &report.mean;
+    assert_eq!(m.image_auroc, 1.0, "{m:?}");
+    assert!(m.pixel_auroc > 0.9 && m.pixel_auroc <= 1.0, "{m:?}");
+    assert!(m.pro > 0.5 && m.pro <= 1.0, "{m:?}");
+    assert!(m.accuracy > 0.8, "{m:?}");
+    let json = eval::report_json(&[report]);
+    for key in ["image_auroc", "pixel_auroc", "pro", "f1_max", "accuracy", "ms_per_image"] {
+        assert!(json["categories"]["parts"][key].is_number(), "{key}: {json}");
+        assert!(json["mean"][key].is_number(), "{key}");
+    }
+}
+
+#[test]
+fn eval_refuses_a_folder_that_is_not_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = eval::categories(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("MVTec-layout"), "{err}");
+}
