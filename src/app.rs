@@ -264,13 +264,11 @@ fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<
             &mut det,
             name,
             path,
-            shots,
-            seeds,
-            &cfg.detect,
+            &eval::Plan { shots, seeds, detect: &cfg.detect },
             &mut || {
                 bar.inc(1);
                 done += 1;
-                if !bar.is_hidden() || done % 100 != 0 {
+                if !bar.is_hidden() || !done.is_multiple_of(100) {
                     return;
                 }
                 tracing::info!("{name}: {done} images inspected");

@@ -147,22 +147,14 @@ pub(crate) fn calibrate(
     // Held-out normal evidence.
     if k >= 2 {
         cal.leave_one_out = true;
-        for i in 0..k {
-            let others = detect::build_banks(per_ref, &bank_strides(banks), Some(i), cfg.max_bank, &mut |_| {});
-            let s = det.score_prepared(meta, &others, &prepared[i])?;
-            cal.held_out.push(s.score);
-        }
+        cal.held_out = leave_one_out(det, meta, banks, per_ref, prepared, cfg.max_bank)?;
     } else if texture {
         let halves = split_image(&prepared[0]);
         let mut half_patches = Vec::new();
         for half in &halves {
             half_patches.push(det.augmented_patches(half, &meta.group_augment, &meta.groups, meta.pool)?);
         }
-        for i in 0..2 {
-            let others = detect::build_banks(&half_patches, &bank_strides(banks), Some(i), cfg.max_bank, &mut |_| {});
-            let s = det.score_prepared(meta, &others, &halves[i])?;
-            cal.held_out.push(s.score);
-        }
+        cal.held_out = leave_one_out(det, meta, banks, &half_patches, &halves, cfg.max_bank)?;
     }
 
     for a in 0..cfg.anomaly_views {
@@ -188,8 +180,22 @@ pub(crate) fn calibrate(
     Ok((Thresholds { image, pixel, source: "auto".into() }, cal))
 }
 
-fn bank_strides(banks: &[Bank]) -> Vec<usize> {
-    banks.iter().map(|b| b.stride).collect()
+/// Scores each part (a reference, or half of one) against a bank built from the other parts.
+fn leave_one_out(
+    det: &mut Detector,
+    meta: &EnrolmentMeta,
+    banks: &[Bank],
+    patches: &[Vec<Patches>],
+    images: &[RgbImage],
+    max_bank: usize,
+) -> Result<Vec<f32>, DetectError> {
+    let strides: Vec<usize> = banks.iter().map(|b| b.stride).collect();
+    let mut scores = Vec::with_capacity(images.len());
+    for (i, img) in images.iter().enumerate() {
+        let others = detect::build_banks(patches, &strides, Some(i), max_bank, &mut |_| {});
+        scores.push(det.score_prepared(meta, &others, img)?.score);
+    }
+    Ok(scores)
 }
 
 fn random_view(img: &RgbImage, augment: &[Dihedral], rng: &mut Rng) -> RgbImage {
@@ -224,7 +230,7 @@ pub fn choose_pixel_threshold(samples: &[(Grid, Option<image::GrayImage>)], imag
             hi = hi.max(v);
         }
     }
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return image_threshold;
     }
     let bin = |v: f32| (((v - lo) / (hi - lo) * (BINS - 1) as f32) as usize).min(BINS - 1);

@@ -51,7 +51,7 @@ impl Config {
         if d.strides.is_empty() || d.strides.iter().any(|s| ![4, 8, 16].contains(s)) {
             p.push(format!("detect.strides = {:?}: use one or more of 4, 8, 16", d.strides));
         }
-        if d.pool == 0 || d.pool % 2 == 0 || d.pool > 9 {
+        if d.pool == 0 || d.pool.is_multiple_of(2) || d.pool > 9 {
             p.push(format!("detect.pool = {}: use an odd size from 1 to 9", d.pool));
         }
         if !(d.top_fraction > 0.0 && d.top_fraction <= 1.0) {
@@ -63,10 +63,10 @@ impl Config {
         if !(d.window > 0.0 && d.window <= 1.0) {
             p.push(format!("detect.window = {}: use a fraction in (0, 1] (1 = match anywhere)", d.window));
         }
-        if let Some(s) = &d.score_strides {
-            if s.iter().any(|s| ![4, 8, 16].contains(s)) {
-                p.push(format!("detect.score_strides = {s:?}: use strides among 4, 8, 16, or [] for the map's"));
-            }
+        if let Some(s) = &d.score_strides
+            && s.iter().any(|s| ![4, 8, 16].contains(s))
+        {
+            p.push(format!("detect.score_strides = {s:?}: use strides among 4, 8, 16, or [] for the map's"));
         }
         if d.max_bank < 256 {
             p.push(format!("detect.max_bank = {}: use at least 256", d.max_bank));

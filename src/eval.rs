@@ -156,16 +156,23 @@ fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {
 }
 
 /// Evaluates one category over the seeds. `on_image` is called after each test image (for progress).
+/// What to evaluate: shots per seed, the seeds, and the detector settings.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub shots: usize,
+    pub seeds: &'a [u64],
+    pub detect: &'a DetectConfig,
+}
+
 pub fn evaluate(
     det: &mut Detector,
     name: &str,
     dir: &Path,
-    shots: usize,
-    seeds: &[u64],
-    cfg: &DetectConfig,
+    plan: &Plan,
     on_image: &mut dyn FnMut(),
     log: &mut dyn FnMut(&str),
 ) -> Result<CategoryReport, EvalError> {
+    let Plan { shots, seeds, detect: cfg } = *plan;
     let train = image_files(&dir.join("train/good"))?;
     let items = test_items(dir)?;
     let mut skipped = Vec::new();

@@ -230,7 +230,7 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window) -> (V
             }
         }
     }
-    if window.is_some() && best.iter().any(|b| *b == f32::NEG_INFINITY) {
+    if window.is_some() && best.contains(&f32::NEG_INFINITY) {
         // Queries whose window held no bank row: search the whole bank for them.
         let (gd, ga) = nearest_impl(queries, bank, dim, None);
         for i in 0..nq {

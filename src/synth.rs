@@ -224,8 +224,8 @@ fn blend(
 fn mean_rgb(img: &RgbImage) -> [f32; 3] {
     let mut s = [0.0f64; 3];
     for px in img.pixels() {
-        for c in 0..3 {
-            s[c] += px.0[c] as f64;
+        for (acc, v) in s.iter_mut().zip(px.0) {
+            *acc += v as f64;
         }
     }
     let n = (img.width() as f64 * img.height() as f64).max(1.0);

@@ -44,9 +44,9 @@ fn eval_on_a_generated_category() {
     assert_eq!(cats.len(), 1);
     let mut det = crate::common::detector();
     let mut seen = 0;
-    let report =
-        eval::evaluate(&mut det, "parts", &cat, 1, &[0, 1], &DetectConfig::default(), &mut || seen += 1, &mut |_| {})
-            .unwrap();
+    let detect = DetectConfig::default();
+    let plan = eval::Plan { shots: 1, seeds: &[0, 1], detect: &detect };
+    let report = eval::evaluate(&mut det, "parts", &cat, &plan, &mut || seen += 1, &mut |_| {}).unwrap();
     assert_eq!(seen, 2 * 9);
     assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
     let m = &report.mean;
