@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then format check, lints and the test suite.
+# The last line is the total over every test binary: "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 with rustup" >&2; exit 1; }
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
-cargo test "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
