@@ -88,17 +88,7 @@ pub fn concat(parts: &[&Patches]) -> Patches {
     let mut rows = vec![0.0f32; h * w * dim];
     let mut offset = 0;
     for p in parts {
-        let taps = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
-            let scale = inp as f32 / out as f32;
-            (0..out)
-                .map(|o| {
-                    let src = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (inp - 1) as f32);
-                    let i0 = src.floor() as usize;
-                    (i0, (i0 + 1).min(inp - 1), src - i0 as f32)
-                })
-                .collect()
-        };
-        let (ys, xs) = (taps(h, p.h), taps(w, p.w));
+        let (ys, xs) = (crate::map::bilinear_taps(h, p.h), crate::map::bilinear_taps(w, p.w));
         for (y, &(y0, y1, ty)) in ys.iter().enumerate() {
             for (x, &(x0, x1, tx)) in xs.iter().enumerate() {
                 let dst = &mut rows[(y * w + x) * dim + offset..(y * w + x) * dim + offset + p.dim];

@@ -27,19 +27,8 @@ impl Grid {
         if w == self.w && h == self.h {
             return self.clone();
         }
-        let taps = |out: usize, inp: usize| -> Vec<(usize, usize, f32)> {
-            let scale = inp as f32 / out as f32;
-            (0..out)
-                .map(|o| {
-                    let src = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (inp - 1) as f32);
-                    let i0 = src.floor() as usize;
-                    let i1 = (i0 + 1).min(inp - 1);
-                    (i0, i1, src - i0 as f32)
-                })
-                .collect()
-        };
-        let xs = taps(w, self.w);
-        let ys = taps(h, self.h);
+        let xs = bilinear_taps(w, self.w);
+        let ys = bilinear_taps(h, self.h);
         // Horizontal pass into rows of the source height, then vertical.
         let mut tmp = vec![0.0f32; self.h * w];
         for y in 0..self.h {
@@ -103,6 +92,19 @@ impl Grid {
         }
         Grid::new(w, h, out)
     }
+}
+
+/// For each of `out` output positions, the two source indices of a bilinear resize from `inp` positions
+/// and the weight of the second, with pixel-centre alignment (`align_corners = false`).
+pub fn bilinear_taps(out: usize, inp: usize) -> Vec<(usize, usize, f32)> {
+    let scale = inp as f32 / out as f32;
+    (0..out)
+        .map(|o| {
+            let src = ((o as f32 + 0.5) * scale - 0.5).clamp(0.0, (inp - 1) as f32);
+            let i0 = src.floor() as usize;
+            (i0, (i0 + 1).min(inp - 1), src - i0 as f32)
+        })
+        .collect()
 }
 
 /// Mean of the largest `fraction` of the values (at least one value).

@@ -16,20 +16,16 @@ fn write_category(root: &Path) {
     }
     for i in 0..3u64 {
         demo::part(10 + i, Defect::None).save(root.join(format!("test/good/{i:03}.png"))).unwrap();
-        let s = demo::part(20 + i, Defect::Scratch);
-        let g = demo::part(20 + i, Defect::None);
-        s.save(root.join(format!("test/scratch/{i:03}.png"))).unwrap();
-        let mask = GrayImage::from_fn(s.width(), s.height(), |x, y| {
-            Luma([if s.get_pixel(x, y) != g.get_pixel(x, y) { 255 } else { 0 }])
-        });
-        mask.save(root.join(format!("ground_truth/scratch/{i:03}_mask.png"))).unwrap();
-        let b = demo::part(30 + i, Defect::Blob);
-        let g = demo::part(30 + i, Defect::None);
-        b.save(root.join(format!("test/blob/{i:03}.png"))).unwrap();
-        let mask = GrayImage::from_fn(b.width(), b.height(), |x, y| {
-            Luma([if b.get_pixel(x, y) != g.get_pixel(x, y) { 255 } else { 0 }])
-        });
-        mask.save(root.join(format!("ground_truth/blob/{i:03}_mask.png"))).unwrap();
+        for (kind, defect, variant) in [("scratch", Defect::Scratch, 20 + i), ("blob", Defect::Blob, 30 + i)] {
+            let bad = demo::part(variant, defect);
+            let good = demo::part(variant, Defect::None);
+            bad.save(root.join(format!("test/{kind}/{i:03}.png"))).unwrap();
+            // The mask marks exactly the pixels the defect changed.
+            let mask = GrayImage::from_fn(bad.width(), bad.height(), |x, y| {
+                Luma([if bad.get_pixel(x, y) != good.get_pixel(x, y) { 255 } else { 0 }])
+            });
+            mask.save(root.join(format!("ground_truth/{kind}/{i:03}_mask.png"))).unwrap();
+        }
     }
     // A corrupt test file is reported and skipped, not fatal.
     std::fs::write(root.join("test/good/corrupt.png"), b"\x89PNG\r\n\x1a\nbroken").unwrap();
