@@ -105,3 +105,19 @@ fn a_texture_with_a_coreset_bounded_bank_enrols_and_inspects() {
     let ins = det.inspect(&e, &demo::part(6, Defect::Blob)).unwrap();
     assert!(ins.verdict.score.is_finite());
 }
+
+#[test]
+fn a_reference_of_another_product_is_refused() {
+    let mut det = detector();
+    // Same size and framing, different product: a coarse checkerboard instead of the plate.
+    let other = image::RgbImage::from_fn(demo::WIDTH, demo::HEIGHT, |x, y| {
+        if (x / 40 + y / 40) % 2 == 0 { image::Rgb([230, 40, 40]) } else { image::Rgb([20, 20, 200]) }
+    });
+    let refs = vec![
+        ("a.png".to_string(), demo::part(0, Defect::None)),
+        ("b.png".to_string(), demo::part(1, Defect::None)),
+        ("other.png".to_string(), other),
+    ];
+    let err = det.enroll(&refs, &DetectConfig::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("other.png") && err.contains("same product"), "{err}");
+}
