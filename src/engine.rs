@@ -30,8 +30,8 @@ pub enum EngineError {
     RuntimeNotFound { searched: String },
     #[error("could not load ONNX Runtime from {path}: {reason}; {INSTALL_HINT}")]
     RuntimeLoad { path: PathBuf, reason: String },
-    #[error("cannot read encoder model {path}: {source}")]
-    ModelRead { path: PathBuf, source: std::io::Error },
+    #[error("cannot read encoder model {path}: {cause}")]
+    ModelRead { path: PathBuf, cause: std::io::Error },
     #[error("encoder manifest {path}: {reason}")]
     Manifest { path: PathBuf, reason: String },
     #[error("no execution provider could run the encoder: {0}")]
@@ -297,7 +297,7 @@ fn read_model(path: Option<&Path>) -> Result<(Vec<u8>, Manifest), EngineError> {
             .map_err(|e| EngineError::Manifest { path: "built-in".into(), reason: e.to_string() })?;
         return Ok((DEFAULT_MODEL.to_vec(), manifest));
     };
-    let bytes = std::fs::read(path).map_err(|source| EngineError::ModelRead { path: path.into(), source })?;
+    let bytes = std::fs::read(path).map_err(|cause| EngineError::ModelRead { path: path.into(), cause })?;
     let manifest_path = path.with_extension("json");
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| EngineError::Manifest {
         path: manifest_path.clone(),

@@ -25,10 +25,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolmentError {
-    #[error("cannot read enrolment {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write enrolment {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read enrolment {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("cannot write enrolment {path}: {cause}")]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("{path} is not an anomalyd enrolment file (wrong magic bytes)")]
     NotEnrolment { path: PathBuf },
     #[error("{path} has enrolment format version {found}; this anomalyd reads version {FORMAT_VERSION}: enrol again")]
@@ -62,7 +62,7 @@ pub fn to_bytes(e: &Enrolment) -> Vec<u8> {
 
 /// Writes an enrolment atomically (temporary file, then rename).
 pub fn save(e: &Enrolment, path: &Path) -> Result<(), EnrolmentError> {
-    let werr = |source| EnrolmentError::Write { path: path.to_path_buf(), source };
+    let werr = |cause| EnrolmentError::Write { path: path.to_path_buf(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(werr)?;
     }
@@ -75,7 +75,7 @@ pub fn save(e: &Enrolment, path: &Path) -> Result<(), EnrolmentError> {
 
 /// Reads and verifies an enrolment file.
 pub fn load(path: &Path) -> Result<Enrolment, EnrolmentError> {
-    let bytes = std::fs::read(path).map_err(|source| EnrolmentError::Read { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|cause| EnrolmentError::Read { path: path.to_path_buf(), cause })?;
     from_bytes(&bytes, path)
 }
 

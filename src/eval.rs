@@ -23,12 +23,12 @@ pub enum EvalError {
     NotDataset(PathBuf),
     #[error("category {category}: train/good has {have} images, seed {seed} with {shots} shots needs {need}")]
     NotEnoughShots { category: String, have: usize, seed: u64, shots: usize, need: usize },
-    #[error("category {category}: {source}")]
-    Detect { category: String, source: DetectError },
-    #[error("category {category}: cannot use shot: {source}")]
-    Shot { category: String, source: crate::imageio::ImageError },
-    #[error("cannot list {path}: {source}")]
-    List { path: PathBuf, source: std::io::Error },
+    #[error("category {category}: {cause}")]
+    Detect { category: String, cause: DetectError },
+    #[error("category {category}: cannot use shot: {cause}")]
+    Shot { category: String, cause: crate::imageio::ImageError },
+    #[error("cannot list {path}: {cause}")]
+    List { path: PathBuf, cause: std::io::Error },
 }
 
 /// Metrics of one category (or their mean), all in 0..=1 except `ms_per_image`.
@@ -118,7 +118,7 @@ pub fn categories(dir: &Path) -> Result<Vec<(String, PathBuf)>, EvalError> {
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| EvalError::List { path: dir.to_path_buf(), source })?
+        .map_err(|cause| EvalError::List { path: dir.to_path_buf(), cause })?
         .flatten()
         .map(|e| e.path())
         .collect();
@@ -196,12 +196,12 @@ pub fn evaluate(
         let shot_paths = &train[seed as usize * shots..need];
         let mut refs = Vec::new();
         for p in shot_paths {
-            let img = imageio::load_rgb(p).map_err(|source| EvalError::Shot { category: name.into(), source })?;
+            let img = imageio::load_rgb(p).map_err(|cause| EvalError::Shot { category: name.into(), cause })?;
             refs.push((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), img));
         }
         let enrolment = det
             .enroll(&refs, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}")))
-            .map_err(|source| EvalError::Detect { category: name.into(), source })?;
+            .map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
         runs.push(run_seed(det, &enrolment, seed, &refs, &tests, on_image, name)?);
     }
     let mean = Scores::mean(&runs.iter().map(|r| r.scores.clone()).collect::<Vec<_>>());
@@ -227,7 +227,7 @@ fn run_seed(
     let mut total_ms = 0.0f64;
     for (it, img) in tests {
         let t = Instant::now();
-        let ins = det.inspect(enrolment, img).map_err(|source| EvalError::Detect { category: name.into(), source })?;
+        let ins = det.inspect(enrolment, img).map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
         total_ms += t.elapsed().as_secs_f64() * 1e3;
         let anomalous = it.kind != "good";
         scores.push(ins.verdict.score);
