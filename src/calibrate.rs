@@ -93,12 +93,20 @@ pub fn stationarity(
     pool: usize,
     _seed: u64,
 ) -> Result<f32, DetectError> {
-    let reference = det.patches(img, group, pool)?.remove(0);
+    let cosine = vec![features::Metric::Cosine; group.len()];
+    let reference = det.patches(img, group, pool, &cosine)?.remove(0);
     let (w, h) = img.dimensions();
     let shifted = RgbImage::from_fn(w, h, |x, y| *img.get_pixel((x + w / 3) % w, (y + h / 3) % h));
-    let q = det.patches(&shifted, group, pool)?.remove(0);
-    let (near, _) =
-        features::nearest_within(&q.rows, &q.pos, &reference.rows, &reference.pos, q.dim, STATIONARITY_WINDOW);
+    let q = det.patches(&shifted, group, pool, &cosine)?.remove(0);
+    let (near, _) = features::nearest_within(
+        &q.rows,
+        &q.pos,
+        &reference.rows,
+        &reference.pos,
+        q.dim,
+        STATIONARITY_WINDOW,
+        features::Metric::Cosine,
+    );
     let (anywhere, _) = features::nearest(&q.rows, &reference.rows, q.dim);
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
     Ok(mean(&near) / mean(&anywhere).max(1e-6))
@@ -152,7 +160,13 @@ pub(crate) fn calibrate(
         let halves = split_image(&prepared[0]);
         let mut half_patches = Vec::new();
         for half in &halves {
-            half_patches.push(det.augmented_patches(half, &meta.group_augment, &meta.groups, meta.pool)?);
+            half_patches.push(det.augmented_patches(
+                half,
+                &meta.group_augment,
+                &meta.groups,
+                meta.pool,
+                &meta.metrics,
+            )?);
         }
         cal.held_out = leave_one_out(det, meta, banks, &half_patches, &halves, cfg.max_bank)?;
     }

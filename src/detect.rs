@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibrate::{self, Calibration, Thresholds};
 use crate::engine::{Encoder, EngineError, InputSpec};
-use crate::features::{self, Patches};
+use crate::features::{self, Metric, Patches};
 use crate::imageio::{self, Dihedral};
 use crate::map::{self, Grid};
 use crate::regions::{self, Region};
@@ -37,6 +37,9 @@ pub struct DetectConfig {
     pub strides: Vec<usize>,
     /// How the strides are combined: `concat` (one joint bank) or `mean` (one bank per stride).
     pub fusion: Fusion,
+    /// Patch distance: `auto` (L2 for maps and aligned products' scores, cosine for a texture's
+    /// score), `cosine` (unit rows) or `l2` (raw rows, PatchCore) everywhere.
+    pub metric: MetricChoice,
     /// Neighbourhood pooling of patch features (PatchCore's 3 x 3).
     pub pool: usize,
     /// Aligned products: a query patch is matched only against reference patches within this
@@ -76,6 +79,7 @@ impl Default for DetectConfig {
             pixels: 256 * 256,
             strides: vec![8, 16],
             fusion: Fusion::Concat,
+            metric: MetricChoice::Auto,
             pool: 3,
             window: 0.0625,
             score_strides: None,
@@ -112,6 +116,14 @@ impl std::str::FromStr for GeometryChoice {
             _ => Err(format!("geometry must be auto, aligned or texture, not `{s}`")),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricChoice {
+    Auto,
+    Cosine,
+    L2,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -224,6 +236,8 @@ pub struct EnrolmentMeta {
     pub window: f32,
     /// Bank layer whose distances give the image score (None: the map's).
     pub score_group: Option<usize>,
+    /// Patch distance of each bank layer.
+    pub metrics: Vec<Metric>,
     pub top_fraction: f32,
     pub sigma: f32,
     pub min_region: f32,
@@ -324,12 +338,18 @@ impl Detector {
     }
 
     /// Patches of an image already at its encoder-input size, one set per group of outputs.
-    pub fn patches(&mut self, img: &RgbImage, groups: &[Vec<usize>], pool: usize) -> Result<Vec<Patches>, DetectError> {
+    pub fn patches(
+        &mut self,
+        img: &RgbImage,
+        groups: &[Vec<usize>],
+        pool: usize,
+        metrics: &[Metric],
+    ) -> Result<Vec<Patches>, DetectError> {
         let outputs = union(groups);
         let spec = &self.encoder.manifest().input;
         let t = imageio::to_tensor(img, spec.scale, spec.mean, spec.std);
         let maps = self.encoder.run(t, img.height() as usize, img.width() as usize, &outputs)?;
-        Ok(group_patches(&maps, &outputs, groups, pool))
+        Ok(group_patches(&maps, &outputs, groups, pool, metrics))
     }
 
     /// The patches of every augmented view of an image, concatenated per group (rows and positions).
@@ -340,6 +360,7 @@ impl Detector {
         augment: &[Vec<Dihedral>],
         groups: &[Vec<usize>],
         pool: usize,
+        metrics: &[Metric],
     ) -> Result<Vec<Patches>, DetectError> {
         let mut out: Vec<Option<Patches>> = vec![None; groups.len()];
         for d in Dihedral::all() {
@@ -348,7 +369,8 @@ impl Detector {
                 continue;
             }
             let sub: Vec<Vec<usize>> = takers.iter().map(|&g| groups[g].clone()).collect();
-            for (p, &g) in self.patches(&d.apply(img), &sub, pool)?.into_iter().zip(&takers) {
+            let sub_metrics: Vec<Metric> = takers.iter().map(|&g| metrics[g]).collect();
+            for (p, &g) in self.patches(&d.apply(img), &sub, pool, &sub_metrics)?.into_iter().zip(&takers) {
                 match &mut out[g] {
                     None => out[g] = Some(p),
                     Some(acc) => {
@@ -375,8 +397,8 @@ impl Detector {
         let t1 = Instant::now();
         let maps = self.encoder.run(tensor, img.height() as usize, img.width() as usize, &outputs)?;
         let t2 = Instant::now();
-        let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool);
-        let mut grids = distances(&patches, banks, meta.window);
+        let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool, &meta.metrics);
+        let mut grids = distances(&patches, banks, meta.window, &meta.metrics);
         if let Some(bg) = &meta.background {
             grids = grids.iter().map(|g| mask_background(g, img, bg)).collect();
         }
@@ -501,6 +523,17 @@ impl Detector {
             Some(groups.len() - 1)
         };
         let augment = if texture { Dihedral::all() } else { vec![Dihedral::IDENTITY] };
+        // Distances: raw-feature L2 keeps the magnitude of a local change, which localises defects and
+        // separates misplaced parts; a texture's verdict needs invariance to tile-to-tile contrast, so its
+        // score layer compares directions (cosine). Measured in docs/RESULTS.md.
+        let metrics: Vec<Metric> = (0..groups.len())
+            .map(|g| match cfg.metric {
+                MetricChoice::Cosine => Metric::Cosine,
+                MetricChoice::L2 => Metric::L2,
+                MetricChoice::Auto if texture && Some(g) == score_group => Metric::Cosine,
+                MetricChoice::Auto => Metric::L2,
+            })
+            .collect();
         // Textures: the score layer holds every rotation (the verdict must not depend on how a tile
         // lies), the map layers only the shot as seen unless `rotate_map`, so that a crack across the
         // grain is not explained away by the rotated grain.
@@ -525,7 +558,7 @@ impl Detector {
         let mut per_ref: Vec<Vec<Patches>> = Vec::new();
         for (i, img) in prepared.iter().enumerate() {
             progress(&format!("encoding reference {}/{} ({} views)", i + 1, prepared.len(), augment.len()));
-            let views = self.augmented_patches(img, &group_augment, &groups, cfg.pool)?;
+            let views = self.augmented_patches(img, &group_augment, &groups, cfg.pool, &metrics)?;
             per_ref.push(views);
         }
         let banks = build_banks(&per_ref, &bank_strides, None, cfg.max_bank, progress);
@@ -553,6 +586,7 @@ impl Detector {
             pool: cfg.pool,
             window: if texture { 1.0 } else { cfg.window },
             score_group,
+            metrics,
             top_fraction: cfg.top_fraction,
             sigma: cfg.sigma,
             min_region: cfg.min_region,
@@ -590,14 +624,23 @@ fn union(groups: &[Vec<usize>]) -> Vec<usize> {
 }
 
 /// Pools the encoder maps into patches and fuses each group (maps are in `outputs` order).
-fn group_patches(maps: &[features::FeatureMap], outputs: &[usize], groups: &[Vec<usize>], pool: usize) -> Vec<Patches> {
-    let per_output: Vec<Patches> = maps.iter().map(|m| m.to_patches(pool)).collect();
+fn group_patches(
+    maps: &[features::FeatureMap],
+    outputs: &[usize],
+    groups: &[Vec<usize>],
+    pool: usize,
+    metrics: &[Metric],
+) -> Vec<Patches> {
     groups
         .iter()
-        .map(|g| {
-            let parts: Vec<&Patches> =
-                g.iter().filter_map(|o| outputs.iter().position(|x| x == o).map(|i| &per_output[i])).collect();
-            features::concat(&parts)
+        .zip(metrics)
+        .map(|(g, &metric)| {
+            let parts: Vec<Patches> = g
+                .iter()
+                .filter_map(|o| outputs.iter().position(|x| x == o))
+                .map(|i| maps[i].to_patches_with(pool, metric))
+                .collect();
+            features::concat_with(&parts.iter().collect::<Vec<_>>(), metric)
         })
         .collect()
 }
@@ -634,12 +677,13 @@ pub(crate) fn build_banks(
 
 /// The decoder's search: each bank layer's nearest-neighbour distance grid (within `window` of each
 /// patch's place when it is below 1).
-pub fn distances(patches: &[Patches], banks: &[Bank], window: f32) -> Vec<Grid> {
+pub fn distances(patches: &[Patches], banks: &[Bank], window: f32, metrics: &[Metric]) -> Vec<Grid> {
     patches
         .iter()
         .zip(banks)
-        .map(|(p, bank)| {
-            let (dist, _) = features::nearest_within(&p.rows, &p.pos, &bank.rows, &bank.pos, bank.dim, window);
+        .zip(metrics)
+        .map(|((p, bank), &metric)| {
+            let (dist, _) = features::nearest_within(&p.rows, &p.pos, &bank.rows, &bank.pos, bank.dim, window, metric);
             Grid::new(p.w, p.h, dist)
         })
         .collect()

@@ -117,7 +117,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Enrolment, EnrolmentError
         if index != l {
             return Err(corrupt(format!("bank layer {l} is labelled {index}")));
         }
-        if meta.groups.len() != layers as usize {
+        if meta.groups.len() != layers as usize || meta.metrics.len() != layers as usize {
             return Err(corrupt(format!("{layers} bank layers but {} feature groups", meta.groups.len())));
         }
         if dim == 0 || dim > 4096 || rows == 0 {
@@ -186,6 +186,7 @@ pub(crate) mod tests {
                 groups: vec![vec![1], vec![2]],
                 window: 0.125,
                 score_group: None,
+                metrics: vec![crate::features::Metric::Cosine, crate::features::Metric::L2],
                 pool: 3,
                 top_fraction: 0.01,
                 sigma: 4.0,

@@ -1,6 +1,16 @@
 //! Patch features: encoder maps turned into L2-normalised patch rows, the exact nearest-neighbour
 //! search against a memory bank, and greedy coreset subsampling.
 
+/// How patch descriptors are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    /// Rows are L2-normalised; distance `1 - cos` (AnomalyDINO).
+    Cosine,
+    /// Rows keep their magnitude; Euclidean distance (PatchCore).
+    L2,
+}
+
 /// One encoder output, CHW (batch 1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureMap {
@@ -40,6 +50,11 @@ impl FeatureMap {
     /// Averages each position's `k x k` neighbourhood (PatchCore's local aggregation, edges replicated),
     /// transposes to rows and L2-normalises each row.
     pub fn to_patches(&self, k: usize) -> Patches {
+        self.to_patches_with(k, Metric::Cosine)
+    }
+
+    /// [`Self::to_patches`], leaving rows unnormalised for [`Metric::L2`].
+    pub fn to_patches_with(&self, k: usize, metric: Metric) -> Patches {
         let (c, h, w) = (self.c, self.h, self.w);
         let r = (k / 2) as isize;
         let mut rows = vec![0.0f32; h * w * c];
@@ -69,8 +84,10 @@ impl FeatureMap {
                 }
             }
         }
-        for row in rows.chunks_exact_mut(c) {
-            normalize(row);
+        if metric == Metric::Cosine {
+            for row in rows.chunks_exact_mut(c) {
+                normalize(row);
+            }
         }
         Patches { h, w, dim: c, rows, pos: grid_positions(h, w) }
     }
@@ -79,6 +96,11 @@ impl FeatureMap {
 /// Fuses the patches of several strides: each is resized (bilinear) to the finest grid, the unit rows
 /// are concatenated and renormalised, so every stride weighs the same in the cosine.
 pub fn concat(parts: &[&Patches]) -> Patches {
+    concat_with(parts, Metric::Cosine)
+}
+
+/// [`concat`]; with [`Metric::L2`] the parts are concatenated as they are (PatchCore).
+pub fn concat_with(parts: &[&Patches], metric: Metric) -> Patches {
     let finest = parts.iter().max_by_key(|p| p.len()).expect("at least one part");
     if parts.len() == 1 {
         return (*finest).clone();
@@ -109,6 +131,9 @@ pub fn concat(parts: &[&Patches]) -> Patches {
         }
         offset += p.dim;
     }
+    if metric == Metric::L2 {
+        return Patches { h, w, dim, rows, pos: grid_positions(h, w) };
+    }
     // Renormalise each part (interpolation shortens unit vectors), then the whole row.
     for row in rows.chunks_exact_mut(dim) {
         let mut o = 0;
@@ -136,7 +161,7 @@ const BANK_BLOCK: usize = 4096;
 /// For each query row, the cosine distance `1 - max_j <q, b_j>` to its nearest bank row and that row's
 /// index. Rows must be L2-normalised. Computed as blocked matrix products, never per patch pair.
 pub fn nearest(queries: &[f32], bank: &[f32], dim: usize) -> (Vec<f32>, Vec<u32>) {
-    nearest_impl(queries, bank, dim, None)
+    nearest_impl(queries, bank, dim, None, Metric::Cosine)
 }
 
 /// [`nearest`] restricted to bank rows whose position lies within `window` (a fraction of the image
@@ -149,18 +174,22 @@ pub fn nearest_within(
     bpos: &[[f32; 2]],
     dim: usize,
     window: f32,
+    metric: Metric,
 ) -> (Vec<f32>, Vec<u32>) {
-    if window >= 1.0 {
-        return nearest(queries, bank, dim);
-    }
-    nearest_impl(queries, bank, dim, Some((qpos, bpos, window)))
+    let window = if window >= 1.0 { None } else { Some((qpos, bpos, window)) };
+    nearest_impl(queries, bank, dim, window, metric)
 }
 
 type Window<'a> = Option<(&'a [[f32; 2]], &'a [[f32; 2]], f32)>;
 
-fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window) -> (Vec<f32>, Vec<u32>) {
+fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window, metric: Metric) -> (Vec<f32>, Vec<u32>) {
     let nq = queries.len() / dim;
     let nb = bank.len() / dim;
+    // L2: maximise 2 q.b - |b|^2, then d = sqrt(|q|^2 - max). Cosine: maximise q.b.
+    let bank_sq: Vec<f32> = match metric {
+        Metric::L2 => bank.chunks_exact(dim).map(|r| dot(r, r)).collect(),
+        Metric::Cosine => Vec::new(),
+    };
     let mut best = vec![f32::NEG_INFINITY; nq];
     let mut arg = vec![0u32; nq];
     if nb == 0 {
@@ -189,6 +218,13 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window) -> (V
                     n as isize,
                     1,
                 );
+            }
+            if metric == Metric::L2 {
+                for i in 0..m {
+                    for (v, bsq) in sims[i * n..(i + 1) * n].iter_mut().zip(&bank_sq[b0..b0 + n]) {
+                        *v = 2.0 * *v - bsq;
+                    }
+                }
             }
             for i in 0..m {
                 let row = &sims[i * n..(i + 1) * n];
@@ -222,20 +258,31 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window) -> (V
     }
     if window.is_some() && best.contains(&f32::NEG_INFINITY) {
         // Queries whose window held no bank row: search the whole bank for them.
-        let (gd, ga) = nearest_impl(queries, bank, dim, None);
+        let (gd, ga) = nearest_impl(queries, bank, dim, None, metric);
+        let mut dist = finish(&best, queries, dim, metric);
         for i in 0..nq {
             if best[i] == f32::NEG_INFINITY {
-                best[i] = 1.0 - gd[i];
+                dist[i] = gd[i];
                 arg[i] = ga[i];
             }
         }
+        return (dist, arg);
     }
-    let dist = best.iter().map(|s| (1.0 - s).max(0.0)).collect();
-    (dist, arg)
+    (finish(&best, queries, dim, metric), arg)
 }
 
 /// Dimension rows are projected to before the coreset search (PatchCore's Johnson-Lindenstrauss step).
 const CORESET_DIM: usize = 64;
+
+/// Distances from the best similarity values of [`nearest_impl`].
+fn finish(best: &[f32], queries: &[f32], dim: usize, metric: Metric) -> Vec<f32> {
+    match metric {
+        Metric::Cosine => best.iter().map(|s| (1.0 - s).max(0.0)).collect(),
+        Metric::L2 => {
+            best.iter().zip(queries.chunks_exact(dim)).map(|(s, q)| (dot(q, q) - s).max(0.0).sqrt()).collect()
+        }
+    }
+}
 
 /// Greedy k-centre coreset (PatchCore): picks `target` rows so that every row is close to a picked one.
 /// Rows wider than 64 values are first projected by a fixed seeded Gaussian matrix, which keeps
@@ -349,7 +396,7 @@ mod tests {
         let b = lcg_rows(5000, dim, 5);
         let qpos = grid_positions(15, 20);
         let bpos = grid_positions(50, 100);
-        let (dist, arg) = nearest_within(&q, &qpos, &b, &bpos, dim, 0.1);
+        let (dist, arg) = nearest_within(&q, &qpos, &b, &bpos, dim, 0.1, Metric::Cosine);
         for (i, qr) in q.chunks_exact(dim).enumerate() {
             let [qx, qy] = qpos[i];
             let mut bs = f32::NEG_INFINITY;
@@ -365,8 +412,27 @@ mod tests {
         }
         // An empty window falls back to the global nearest.
         let far = [[5.0f32, 5.0]];
-        let (d, _) = nearest_within(&q[..dim], &far, &b, &bpos, dim, 0.1);
+        let (d, _) = nearest_within(&q[..dim], &far, &b, &bpos, dim, 0.1, Metric::Cosine);
         assert_eq!(d, nearest(&q[..dim], &b, dim).0);
+    }
+
+    #[test]
+    fn l2_search_matches_brute_force_euclidean() {
+        let dim = 5;
+        let q: Vec<f32> = lcg_rows(70, dim, 8).iter().map(|v| v * 3.0).collect();
+        let b: Vec<f32> = lcg_rows(300, dim, 9).iter().enumerate().map(|(i, v)| v * (1.0 + (i % 7) as f32)).collect();
+        let pos = grid_positions(1, 300);
+        let (dist, arg) = nearest_within(&q, &pos[..70], &b, &pos, dim, 1.0, Metric::L2);
+        for (i, qr) in q.chunks_exact(dim).enumerate() {
+            let (bj, bd) = b
+                .chunks_exact(dim)
+                .map(|br| qr.iter().zip(br).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt())
+                .enumerate()
+                .min_by(|x, y| x.1.total_cmp(&y.1))
+                .unwrap();
+            assert!((dist[i] - bd).abs() < 1e-3, "row {i}: {} vs {bd}", dist[i]);
+            assert_eq!(arg[i] as usize, bj);
+        }
     }
 
     #[test]
