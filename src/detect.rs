@@ -670,6 +670,11 @@ pub(crate) fn build_banks(
                 rows = keep.iter().flat_map(|&i| rows[i as usize * dim..(i as usize + 1) * dim].to_vec()).collect();
                 pos = keep.iter().map(|&i| pos[i as usize]).collect();
             }
+            // Rows sorted by y let the positional search skip rows out of a query block's reach.
+            let mut order: Vec<usize> = (0..pos.len()).collect();
+            order.sort_by(|&a, &b| pos[a][1].total_cmp(&pos[b][1]));
+            let rows = order.iter().flat_map(|&i| rows[i * dim..(i + 1) * dim].to_vec()).collect();
+            let pos = order.iter().map(|&i| pos[i]).collect();
             Bank { stride: strides[l], dim, rows, pos }
         })
         .collect()

@@ -196,10 +196,21 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window, metri
         return (vec![1.0; nq], arg);
     }
     let mut sims = vec![0.0f32; QUERY_BLOCK * BANK_BLOCK];
+    // With a window and a bank sorted by y, a query block can only match the bank rows whose y lies
+    // within the window of the block's y range: a contiguous band, found by binary search.
+    let sorted_by_y = window.is_some_and(|(_, bpos, _)| bpos.windows(2).all(|p| p[0][1] <= p[1][1]));
     for q0 in (0..nq).step_by(QUERY_BLOCK) {
         let m = QUERY_BLOCK.min(nq - q0);
-        for b0 in (0..nb).step_by(BANK_BLOCK) {
-            let n = BANK_BLOCK.min(nb - b0);
+        let (lo, hi) = match window {
+            Some((qpos, bpos, r)) if sorted_by_y => {
+                let ys = qpos[q0..q0 + m].iter().map(|p| p[1]);
+                let (ymin, ymax) = ys.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
+                (bpos.partition_point(|p| p[1] < ymin - r), bpos.partition_point(|p| p[1] <= ymax + r))
+            }
+            _ => (0, nb),
+        };
+        for b0 in (lo..hi).step_by(BANK_BLOCK) {
+            let n = BANK_BLOCK.min(hi - b0);
             // sims[m x n] = Q[m x dim] * B^T[dim x n]; B is row-major, so B^T has row stride 1.
             unsafe {
                 matrixmultiply::sgemm(
@@ -410,6 +421,20 @@ mod tests {
             let [bx, by] = bpos[arg[i] as usize];
             assert!((bx - qx).abs() <= 0.1 && (by - qy).abs() <= 0.1);
         }
+        // The same search over the bank in shuffled order (no y-band shortcut) gives the same distances.
+        let perm: Vec<usize> = (0..5000).map(|i| (i * 2654435761usize) % 5000).collect();
+        assert_eq!(
+            {
+                let mut p = perm.clone();
+                p.sort();
+                p
+            },
+            (0..5000).collect::<Vec<_>>()
+        );
+        let shuffled: Vec<f32> = perm.iter().flat_map(|&i| b[i * dim..(i + 1) * dim].to_vec()).collect();
+        let spos: Vec<[f32; 2]> = perm.iter().map(|&i| bpos[i]).collect();
+        let (sd, _) = nearest_within(&q, &qpos, &shuffled, &spos, dim, 0.1, Metric::Cosine);
+        assert!(sd.iter().zip(&dist).all(|(a, b)| (a - b).abs() < 1e-6));
         // An empty window falls back to the global nearest.
         let far = [[5.0f32, 5.0]];
         let (d, _) = nearest_within(&q[..dim], &far, &b, &bpos, dim, 0.1, Metric::Cosine);
