@@ -400,7 +400,8 @@ impl Detector {
         let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool, &meta.metrics);
         let mut grids = distances(&patches, banks, meta.window, &meta.metrics);
         if let Some(bg) = &meta.background {
-            grids = grids.iter().map(|g| mask_background(g, img, bg)).collect();
+            let fg = calibrate::foreground(img, bg);
+            grids = grids.iter().map(|g| mask_background(g, img.width(), img.height(), &fg)).collect();
         }
         let score_grid = meta.score_group.and_then(|i| grids.get(i).cloned());
         let grid = average(grids.into_iter().enumerate().filter(|(i, _)| Some(*i) != meta.score_group).map(|(_, g)| g));
@@ -710,18 +711,18 @@ pub fn average(grids: impl IntoIterator<Item = Grid>) -> Grid {
 }
 
 /// Zeroes patch scores where the image shows only the plain background.
-fn mask_background(grid: &Grid, img: &RgbImage, bg: &Background) -> Grid {
-    let fg = calibrate::foreground(img, bg);
+/// `fg` holds the image's per-pixel foreground flags (`w x h`, row-major).
+fn mask_background(grid: &Grid, w: u32, h: u32, fg: &[bool]) -> Grid {
     // A patch counts as foreground if any pixel of its cell (dilated by one cell) is.
-    let (cw, ch) = (img.width() as f32 / grid.w as f32, img.height() as f32 / grid.h as f32);
+    let (cw, ch) = (w as f32 / grid.w as f32, h as f32 / grid.h as f32);
     let mut out = grid.clone();
     for gy in 0..grid.h {
         for gx in 0..grid.w {
             let x0 = ((gx as f32 - 1.0) * cw).max(0.0) as u32;
             let y0 = ((gy as f32 - 1.0) * ch).max(0.0) as u32;
-            let x1 = (((gx + 2) as f32 * cw) as u32).min(img.width());
-            let y1 = (((gy + 2) as f32 * ch) as u32).min(img.height());
-            let any = (y0..y1).any(|y| (x0..x1).any(|x| fg[(y * img.width() + x) as usize]));
+            let x1 = (((gx + 2) as f32 * cw) as u32).min(w);
+            let y1 = (((gy + 2) as f32 * ch) as u32).min(h);
+            let any = (y0..y1).any(|y| (x0..x1).any(|x| fg[(y * w + x) as usize]));
             if !any {
                 out.data[gy * grid.w + gx] = 0.0;
             }
