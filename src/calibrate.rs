@@ -86,13 +86,7 @@ pub fn quantile(v: &[f32], q: f32) -> f32 {
 /// (within [`STATIONARITY_WINDOW`]) and anywhere. A texture looks alike everywhere, so both searches
 /// find equally good matches (ratio near 1); an object's moved parts exist only elsewhere, so the
 /// positional search is much worse (ratio well above 1). The ratio is of the mean distances.
-pub fn stationarity(
-    det: &mut Detector,
-    img: &RgbImage,
-    group: &[Vec<usize>],
-    pool: usize,
-    _seed: u64,
-) -> Result<f32, DetectError> {
+pub fn stationarity(det: &mut Detector, img: &RgbImage, group: &[Vec<usize>], pool: usize) -> Result<f32, DetectError> {
     let cosine = vec![features::Metric::Cosine; group.len()];
     let reference = det.patches(img, group, pool, &cosine)?.remove(0);
     let (w, h) = img.dimensions();
@@ -130,7 +124,7 @@ fn split_image(img: &RgbImage) -> [RgbImage; 2] {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn calibrate(
     det: &mut Detector,
-    meta: &mut EnrolmentMeta,
+    meta: &EnrolmentMeta,
     banks: &[Bank],
     per_ref: &[Vec<Patches>],
     prepared: &[RgbImage],
@@ -138,9 +132,10 @@ pub(crate) fn calibrate(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Thresholds, Calibration), DetectError> {
     let mut rng = Rng::new(cfg.seed);
-    let mut cal = Calibration { stationarity: meta.calibration.stationarity, ..Default::default() };
+    let mut cal = Calibration::default();
     let k = prepared.len();
-    let texture = meta.window >= 1.0 && meta.augment.len() > 1;
+    // Enrolment gives a texture's bank its rotations and flips, and an aligned product's none.
+    let texture = meta.augment.len() > 1;
     let mut pixel_samples: Vec<(Grid, Option<image::GrayImage>)> = Vec::new();
 
     progress(&format!("calibrating: {} nuisance views, {} simulated anomalies", cfg.normal_views, cfg.anomaly_views));

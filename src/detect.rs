@@ -463,7 +463,7 @@ impl Detector {
         let aligned_first = imageio::resize(first, aw, ah);
 
         // Geometry: aligned object or texture, decided from the first shot unless configured.
-        let stationarity = calibrate::stationarity(self, &aligned_first, &groups[..1], cfg.pool, cfg.seed)?;
+        let stationarity = calibrate::stationarity(self, &aligned_first, &groups[..1], cfg.pool)?;
         let texture = match cfg.geometry {
             GeometryChoice::Auto => stationarity < calibrate::TEXTURE_RATIO,
             GeometryChoice::Aligned => false,
@@ -600,9 +600,9 @@ impl Detector {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
-        meta.calibration.stationarity = stationarity;
-        let (thresholds, calibration) =
-            calibrate::calibrate(self, &mut meta, &banks, &per_ref, &prepared, cfg, progress)?;
+        let (thresholds, mut calibration) =
+            calibrate::calibrate(self, &meta, &banks, &per_ref, &prepared, cfg, progress)?;
+        calibration.stationarity = stationarity;
         if let Some((i, score)) = calibration.outlier() {
             return Err(DetectError::Outlier {
                 name: references[i].0.clone(),
