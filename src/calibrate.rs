@@ -48,7 +48,7 @@ pub struct Calibration {
     pub held_out: Vec<f32>,
     /// Scores of simulated anomalies.
     pub anomaly: Vec<f32>,
-    /// Half-to-half over nuisance-view matching distance of the first shot (low = texture).
+    /// Positional over anywhere matching distance of the circularly shifted first shot (low = texture).
     pub stationarity: f32,
     /// Whether `held_out` holds leave-one-out scores of whole references (one per reference).
     pub leave_one_out: bool,

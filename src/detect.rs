@@ -2,15 +2,16 @@
 //! a query image into an anomaly map, an image score, a verdict and its regions.
 //!
 //! Inspection (the decoder): the encoder's stride-8 and stride-16 maps are pooled 3 x 3 and
-//! L2-normalised; each query patch's cosine distance to its nearest bank patch is found by blocked
-//! matrix products; the layers' distance grids are averaged on the stride-8 grid; the image score is
-//! the mean of the top 1% of patch distances; the map is upsampled bilinearly to the input size and
-//! smoothed with a Gaussian (sigma 4 px at 256 px).
+//! concatenated on the stride-8 grid; each query patch's distance to its nearest bank patch (L2 on raw
+//! features, or cosine) is found by blocked matrix products; the image score is the mean of the top 1%
+//! of patch distances; the map is upsampled bilinearly to the input size and smoothed with a Gaussian
+//! (sigma 4 px at 256 px).
 //!
 //! Enrolment chooses from the shots themselves how the product is seen (see [`crate::calibrate`]):
-//! `aligned` products are resized to one fixed input and matched without augmentation; products
-//! that look like a texture (stationary: one half of a shot predicts the other) keep each image's
-//! aspect and scale, and their bank holds the eight rotations and flips of the shots (AnomalyDINO).
+//! `aligned` products are resized to one fixed input and each patch is matched only near its own
+//! place; products that look like a texture (a shifted shot matches itself as well anywhere as near
+//! its place) are matched anywhere, their bank holds the eight rotations and flips of the shots
+//! (AnomalyDINO), and their image score comes from a cosine stride-16 layer.
 
 use std::time::Instant;
 
@@ -535,9 +536,9 @@ impl Detector {
                 MetricChoice::Auto => Metric::L2,
             })
             .collect();
-        // Textures: the score layer holds every rotation (the verdict must not depend on how a tile
-        // lies), the map layers only the shot as seen unless `rotate_map`, so that a crack across the
-        // grain is not explained away by the rotated grain.
+        // Textures: the score layer always holds every rotation (the verdict must not depend on how a
+        // tile lies); the map layers hold them too unless `rotate_map = false`, which halves the
+        // decoder's time at a small cost in localisation (docs/RESULTS.md).
         let group_augment: Vec<Vec<Dihedral>> = (0..groups.len())
             .map(|g| {
                 if Some(g) == score_group || cfg.rotate_map || score_group.is_none() {
