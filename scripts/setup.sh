@@ -1,9 +1,35 @@
 #!/usr/bin/env bash
-# Installs what anomalyd needs at run time: the ONNX Runtime shared library, from PyPI's onnxruntime
-# wheel, into the project's own venv (.venv), where anomalyd finds it without configuration.
+# Installs what anomalyd needs: GStreamer (build headers and base plugins, for camera sources), and the
+# ONNX Runtime shared library from PyPI's onnxruntime wheel into the project's own venv (.venv), where
+# anomalyd finds it without configuration. With --test, also mosquitto (the tests' MQTT broker and its
+# command-line clients). Only what is missing is installed; apt is used on Debian/Ubuntu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_VERSION=${ORT_VERSION:-1.32.0}
+
+packages=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
+  gstreamer1.0-plugins-good)
+[[ ${1:-} == --test ]] && packages+=(mosquitto mosquitto-clients)
+if command -v dpkg-query >/dev/null; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    echo "installing with apt: ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The tests start brokers of their own; a system broker on 1883 would only take the demo's port.
+    if [[ " ${missing[*]} " == *" mosquitto "* ]] && command -v systemctl >/dev/null; then
+      $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
+  fi
+else
+  echo "not a Debian/Ubuntu system: install GStreamer 1.x development files${1:+ and mosquitto} yourself" >&2
+fi
+
 if ! ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* >/dev/null 2>&1; then
   if ! python3 -m venv .venv 2>/dev/null; then
     echo "python3 venv is missing; installing python3-venv with apt" >&2

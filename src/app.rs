@@ -11,17 +11,23 @@ use image::RgbImage;
 use crate::cli::{Cli, Command, DetectArgs};
 use crate::config::Config;
 use crate::detect::{Detector, Enrolment};
-use crate::{bench, demo, engine, enrolment, eval, imageio, overlay};
+use crate::{bench, demo, engine, enrolment, eval, imageio, overlay, reference};
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Command::Validate { file } = &cli.command {
+        return validate_cmd(file.as_deref().or(cli.config.as_deref()));
+    }
     let base = match &cli.config {
         Some(p) => Config::load(p)?,
+        None if matches!(cli.command, Command::Run { .. }) => Config::demo(),
         None => Config::default(),
     };
     match cli.command {
+        Command::Validate { .. } => unreachable!("handled above"),
+        Command::Run { duration } => run_cmd(base, cli.config.clone(), duration),
         Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
         Command::Enroll { reference, out, opts } => {
             let cfg = configure(base, &opts)?;
@@ -54,7 +60,17 @@ pub fn run() -> Result<ExitCode> {
         Command::Eval { dir, shots, seeds, json, opts } => {
             eval_cmd(&configure(base, &opts)?, &dir, shots, &seeds, json.as_deref())
         }
-        Command::Bench { reference, frames, warmup, json, opts } => {
+        Command::Bench { e2e: true, seconds, json, opts, .. } => {
+            let cfg = configure(base, &opts)?;
+            let report = runtime()?.block_on(crate::daemon::e2e::run(&cfg, seconds))?;
+            println!("{report}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { reference, frames, warmup, json, opts, .. } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
             let (e, imgs) = match &reference {
@@ -78,6 +94,95 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("anomalyd-io")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `anomalyd validate`: every problem of the file at once, with its key and the fix.
+fn validate_cmd(file: Option<&Path>) -> Result<ExitCode> {
+    let Some(file) = file else {
+        bail!("give the file to check: anomalyd validate FILE (or --config FILE)");
+    };
+    let cfg = match Config::load(file) {
+        Ok(c) => c,
+        Err(crate::config::ConfigError::Invalid { problems, .. }) => {
+            // Report the core's problems together with the daemon's.
+            let text = std::fs::read_to_string(file)?;
+            let cfg: Config = toml::from_str(&text).unwrap_or_default();
+            let mut all = problems;
+            all.extend(crate::daemon::config::validate(&cfg.daemon, &cfg.mqtt, &cfg.http, &cfg.store, &cfg.camera));
+            return report_problems(file, &all);
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let problems = cfg.validate_all();
+    if problems.is_empty() {
+        println!("{}: ok ({} camera(s))", file.display(), cfg.camera.len());
+        return Ok(ExitCode::SUCCESS);
+    }
+    report_problems(file, &problems)
+}
+
+fn report_problems(file: &Path, problems: &[String]) -> Result<ExitCode> {
+    eprintln!("{}: {} problem(s):", file.display(), problems.len());
+    for p in problems {
+        eprintln!("  - {p}");
+    }
+    Ok(ExitCode::from(2))
+}
+
+/// `anomalyd run`: the daemon, with SIGTERM/SIGINT draining and SIGHUP reloading `config_path`.
+fn run_cmd(cfg: Config, config_path: Option<PathBuf>, duration: Option<f64>) -> Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let notifier = crate::daemon::systemd::Systemd::from_env();
+        let daemon = crate::daemon::Daemon::start(cfg).await?;
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let next = match &config_path {
+                    Some(p) => {
+                        tracing::info!("SIGHUP: reloading {}", p.display());
+                        Config::load(p).map_err(|e| e.to_string())
+                    }
+                    None => Ok(Config::demo()),
+                };
+                if reload_tx.send(next).is_err() {
+                    break;
+                }
+            }
+        });
+        let shutdown = async move {
+            let timer = async {
+                match duration {
+                    Some(s) => tokio::time::sleep(std::time::Duration::from_secs_f64(s.max(0.0))).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+                _ = timer => tracing::info!("--duration reached: draining"),
+            }
+        };
+        let (_, summary) = daemon.run(shutdown, reload_rx, &notifier).await;
+        println!("published {} verdict(s)", summary.published);
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn init_logging(verbose: u8) {
@@ -130,51 +235,17 @@ fn detector(cfg: &Config) -> Result<Detector> {
     Ok(Detector::new(engine::Encoder::load(&cfg.engine)?))
 }
 
-/// Images of a folder (name, RGB), refusing an empty folder and reporting any unreadable file.
 fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>> {
-    let files = eval::image_files(dir)?;
-    if files.is_empty() {
-        bail!(
-            "{} holds no images (png, jpg, bmp, tif, pgm, ppm): give a folder of normal images of the product",
-            dir.display()
-        );
-    }
-    load_files(&files)
-}
-
-fn load_files(files: &[PathBuf]) -> Result<Vec<(String, RgbImage)>> {
-    files
-        .iter()
-        .map(|p| {
-            let img = imageio::load_rgb(p)?;
-            Ok((p.display().to_string(), img))
-        })
-        .collect()
+    Ok(reference::load_dir(dir)?)
 }
 
 fn enroll_from(det: &mut Detector, reference: &[PathBuf], cfg: &Config) -> Result<Enrolment> {
-    let mut refs = Vec::new();
-    for r in reference {
-        if r.is_dir() {
-            refs.extend(load_dir(r)?);
-        } else {
-            refs.extend(load_files(std::slice::from_ref(r))?);
-        }
-    }
-    Ok(det.enroll(&refs, &cfg.detect, &mut log_progress)?)
+    Ok(reference::enroll_from(det, reference, &cfg.detect, &mut log_progress)?)
 }
 
 /// An enrolment file, or a folder of references enrolled on the spot.
 fn load_reference(det: &mut Detector, reference: &Path, cfg: &Config) -> Result<Enrolment> {
-    if reference.is_file() {
-        let e = enrolment::load(reference)?;
-        det.check(&e)?;
-        return Ok(e);
-    }
-    if !reference.exists() {
-        bail!("reference {} does not exist: give an enrolment file or a folder of normal images", reference.display());
-    }
-    enroll_from(det, &[reference.to_path_buf()], cfg)
+    Ok(reference::load(det, reference, &cfg.detect, &mut log_progress)?)
 }
 
 fn inspect_cmd(det: &mut Detector, e: &Enrolment, images: &[PathBuf], out: &Path) -> Result<ExitCode> {

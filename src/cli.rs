@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
     about = "Few-shot industrial anomaly detection: is this part good, and if not, where is the defect?"
 )]
 pub struct Cli {
-    /// TOML configuration ([engine] and [detect]); see config/anomalyd.toml.
+    /// TOML configuration; see config/anomalyd.toml. ANOMALYD__SECTION__KEY variables override it.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
@@ -23,6 +23,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the inspection daemon: cameras -> a verdict per frame on MQTT, metrics and health over HTTP.
+    /// With no --config it runs the built-in demo: generated parts on an embedded broker.
+    Run {
+        /// Stop (draining every queued frame) after this many seconds; default: until SIGTERM or,
+        /// for replay sources, until they end.
+        #[arg(long)]
+        duration: Option<f64>,
+    },
+    /// Check a configuration file and print every problem at once (exit status 2 if any).
+    Validate {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
     /// Inspect the built-in demo parts against their built-in reference (no dataset needed).
     Demo {
         /// Folder for the generated images, overlays and enrolment.
@@ -80,6 +93,13 @@ pub enum Command {
     },
     /// Measure ms/frame per stage, frames/s, p50/p99 latency and peak memory.
     Bench {
+        /// Measure the whole daemon instead: capture to publish through the embedded broker, with 1
+        /// and 4 cameras.
+        #[arg(long)]
+        e2e: bool,
+        /// Seconds per camera count (--e2e).
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
         /// Enrolment file or folder of references; default: the built-in demo part.
         #[arg(long)]
         reference: Option<PathBuf>,

@@ -1,10 +1,13 @@
-//! The TOML configuration of the inspection core: `[engine]` and `[detect]`, every key optional, unknown
-//! keys refused. `config/anomalyd.toml` documents every key.
+//! The TOML configuration: `[engine]` and `[detect]` (the inspection core), and `[daemon]`, `[mqtt]`,
+//! `[http]`, `[store]` and `[[camera]]` (the daemon). Every key is optional but the cameras; unknown keys
+//! are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
+//! `ANOMALYD__MQTT__BROKER=10.0.0.5:1883`). `config/anomalyd.toml` documents every key.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::config::{CameraConfig, DaemonConfig, HttpConfig, MqttConfig, StoreConfig};
 use crate::detect::DetectConfig;
 use crate::engine::EngineConfig;
 
@@ -13,7 +16,15 @@ use crate::engine::EngineConfig;
 pub struct Config {
     pub engine: EngineConfig,
     pub detect: DetectConfig,
+    pub daemon: DaemonConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub store: StoreConfig,
+    pub camera: Vec<CameraConfig>,
 }
+
+/// Prefix of environment overrides: `ANOMALYD__MQTT__BROKER` sets `mqtt.broker`.
+pub const ENV_PREFIX: &str = "ANOMALYD";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,16 +37,52 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Reads a file, applies `ANOMALYD__*` environment overrides and validates the core sections.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.into(), cause })?;
-        Self::parse(&text, path)
+        let cfg = Self::layered(&text, path, true)?;
+        let problems = cfg.validate();
+        cfg.checked(path, problems)
     }
 
+    /// Parses a file's text (no environment) and validates the core sections.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let cfg = Self::layered(text, path, false)?;
         let problems = cfg.validate();
-        if problems.is_empty() { Ok(cfg) } else { Err(ConfigError::Invalid { path: path.into(), problems }) }
+        cfg.checked(path, problems)
+    }
+
+    /// The built-in default of `anomalyd run`: the demo camera on the embedded broker.
+    pub fn demo() -> Config {
+        Config { camera: vec![CameraConfig::demo()], ..Config::default() }
+    }
+
+    fn checked(self, path: &Path, problems: Vec<String>) -> Result<Config, ConfigError> {
+        if problems.is_empty() { Ok(self) } else { Err(ConfigError::Invalid { path: path.into(), problems }) }
+    }
+
+    /// Every problem of the whole file, daemon sections included (`anomalyd validate`, `anomalyd run`).
+    pub fn validate_all(&self) -> Vec<String> {
+        let mut p = self.validate();
+        p.extend(crate::daemon::config::validate(&self.daemon, &self.mqtt, &self.http, &self.store, &self.camera));
+        p
+    }
+
+    /// The file through the `config` crate, with environment overrides on top. The file alone is
+    /// parsed by `toml` first, so that its mistakes are reported with line and column.
+    fn layered(text: &str, path: &Path, env: bool) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse { path: path.into(), message };
+        toml::from_str::<Config>(text).map_err(|e| parse_err(e.to_string()))?;
+        let mut builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
+        if env {
+            builder = builder.add_source(
+                config::Environment::with_prefix(ENV_PREFIX).prefix_separator("__").separator("__").try_parsing(true),
+            );
+        }
+        let merged = builder.build().map_err(|e| parse_err(e.to_string()))?;
+        merged
+            .try_deserialize::<Config>()
+            .map_err(|e| parse_err(format!("{e} (after applying {ENV_PREFIX}__SECTION__KEY environment overrides)")))
     }
 
     /// Every problem at once, each naming its key and the fix.
@@ -89,10 +136,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shipped_config_parses_and_equals_defaults() {
+    fn shipped_config_parses_and_equals_the_builtin_default() {
         let text = include_str!("../config/anomalyd.toml");
         let cfg = Config::parse(text, Path::new("config/anomalyd.toml")).unwrap();
-        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg, Config::demo());
+        assert!(cfg.validate_all().is_empty(), "{:?}", cfg.validate_all());
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        for (name, text) in [
+            ("config/examples/line.toml", include_str!("../config/examples/line.toml")),
+            ("config/examples/replay.toml", include_str!("../config/examples/replay.toml")),
+        ] {
+            let cfg = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!cfg.camera.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn camera_sources_are_tagged_by_kind_and_checked() {
+        let text = "[[camera]]\nname = \"c1\"\nreference = \"/x\"\n[camera.source]\nkind = \"test\"\nfps = 0\n";
+        let cfg = Config::parse(text, Path::new("c.toml")).unwrap();
+        assert!(matches!(cfg.camera[0].source, crate::source::SourceConfig::Test { fps: 0, .. }));
+        let all = cfg.validate_all().join("\n");
+        assert!(all.contains("camera[0].source.fps") && all.contains("camera[0].reference"), "{all}");
+        let e = Config::parse("[[camera]]\nname = \"c\"\n[camera.source]\nkind = \"webcam\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("webcam"), "{e}");
+    }
+
+    #[test]
+    fn daemon_problems_are_all_reported_with_their_keys() {
+        let cfg = Config {
+            daemon: DaemonConfig { node: "line 1/a".into(), ..DaemonConfig::default() },
+            mqtt: MqttConfig { qos: 3, broker: "nohost".into(), ..MqttConfig::default() },
+            http: HttpConfig { listen: "localhost".into() },
+            ..Config::default()
+        };
+        let all = cfg.validate_all().join("\n");
+        for key in ["daemon.node", "mqtt.qos", "mqtt.broker", "http.listen", "no [[camera]]"] {
+            assert!(all.contains(key), "{key} missing from {all}");
+        }
     }
 
     #[test]

@@ -166,47 +166,49 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A small, valid enrolment (made-up model and banks) for tests of code that carries an enrolment
+/// without inspecting with it.
+#[doc(hidden)]
+pub fn sample_for_tests() -> Enrolment {
+    use crate::calibrate::{Calibration, Thresholds};
+    use crate::detect::{Bank, Geometry};
+    use crate::engine::InputSpec;
+    use crate::imageio::Dihedral;
+    Enrolment {
+        meta: EnrolmentMeta {
+            model_name: "m".into(),
+            model_sha256: "ab".repeat(32),
+            input: InputSpec { name: "image".into(), scale: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] },
+            geometry: Geometry::Aligned { width: 64, height: 128 },
+            augment: vec![Dihedral::IDENTITY],
+            group_augment: vec![vec![Dihedral::IDENTITY]; 2],
+            groups: vec![vec![1], vec![2]],
+            window: 0.125,
+            score_group: None,
+            metrics: vec![crate::features::Metric::Cosine, crate::features::Metric::L2],
+            pool: 3,
+            top_fraction: 0.01,
+            sigma: 4.0,
+            min_region: 0.001,
+            background: None,
+            thresholds: Thresholds { image: 0.3, pixel: 0.25, source: "auto".into() },
+            calibration: Calibration { normal: vec![0.1], anomaly: vec![0.5], ..Default::default() },
+            references: vec!["a.png".into()],
+            created_unix: 1,
+        },
+        banks: vec![
+            Bank { stride: 8, dim: 3, rows: vec![0.0, 0.6, 0.8, 1.0, 0.0, 0.0], pos: vec![[0.25, 0.5], [0.75, 0.5]] },
+            Bank { stride: 16, dim: 2, rows: vec![0.6, 0.8], pos: vec![[0.5, 0.5]] },
+        ],
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::calibrate::{Calibration, Thresholds};
-    use crate::detect::Geometry;
-    use crate::engine::InputSpec;
-    use crate::imageio::Dihedral;
 
     pub(crate) fn sample() -> Enrolment {
-        Enrolment {
-            meta: EnrolmentMeta {
-                model_name: "m".into(),
-                model_sha256: "ab".repeat(32),
-                input: InputSpec { name: "image".into(), scale: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] },
-                geometry: Geometry::Aligned { width: 64, height: 128 },
-                augment: vec![Dihedral::IDENTITY],
-                group_augment: vec![vec![Dihedral::IDENTITY]; 2],
-                groups: vec![vec![1], vec![2]],
-                window: 0.125,
-                score_group: None,
-                metrics: vec![crate::features::Metric::Cosine, crate::features::Metric::L2],
-                pool: 3,
-                top_fraction: 0.01,
-                sigma: 4.0,
-                min_region: 0.001,
-                background: None,
-                thresholds: Thresholds { image: 0.3, pixel: 0.25, source: "auto".into() },
-                calibration: Calibration { normal: vec![0.1], anomaly: vec![0.5], ..Default::default() },
-                references: vec!["a.png".into()],
-                created_unix: 1,
-            },
-            banks: vec![
-                Bank {
-                    stride: 8,
-                    dim: 3,
-                    rows: vec![0.0, 0.6, 0.8, 1.0, 0.0, 0.0],
-                    pos: vec![[0.25, 0.5], [0.75, 0.5]],
-                },
-                Bank { stride: 16, dim: 2, rows: vec![0.6, 0.8], pos: vec![[0.5, 0.5]] },
-            ],
-        }
+        super::sample_for_tests()
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! - [`enrolment`]: the versioned, checksummed enrolment file.
 //! - [`eval`], [`metrics`]: MVTec-layout evaluation (AUROC, PRO, F1-max, accuracy).
 //! - [`bench`]: speed and memory measurement; [`demo`]: built-in demo parts; [`overlay`]: heat maps.
+//! - [`daemon`]: `anomalyd run`: cameras ([`source`]) → per-camera queue and inspection worker →
+//!   verdicts ([`sink`]: MQTT, flagged-frame store, HTTP API), metrics in [`telemetry`].
+//! - [`reference`]: an enrolment file or a folder of normal images, for the commands and the daemon.
 //! - [`config`], [`cli`], [`app`]: configuration and the command line.
 
 pub mod app;
@@ -21,6 +24,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod demo;
 pub mod detect;
 pub mod engine;
@@ -31,5 +35,9 @@ pub mod imageio;
 pub mod map;
 pub mod metrics;
 pub mod overlay;
+pub mod reference;
 pub mod regions;
+pub mod sink;
+pub mod source;
 pub mod synth;
+pub mod telemetry;

@@ -2,5 +2,6 @@
 
 mod cli;
 mod common;
+mod daemon;
 mod detection;
 mod evaluation;

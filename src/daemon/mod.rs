@@ -1,0 +1,687 @@
+//! `anomalyd run`: cameras → inspection → MQTT verdicts, with metrics, health and a flagged-frame
+//! store. [`Daemon::start`] builds everything from a [`Config`]; [`Daemon::run`] serves until the
+//! shutdown future resolves (or every replay source has ended), applying reloads and PLC commands as
+//! they come; then it drains: sources stop, queued frames are inspected, every verdict is published,
+//! `stopped` goes out, and only then does it return.
+//!
+//! Invariant: every frame a source offers leaves as exactly one verdict (see [`frame::FrameSink`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::detect::{DetectConfig, Detector};
+use crate::engine::{EngineConfig, EngineError};
+use crate::reference::{self, ReferenceError};
+use crate::sink::http::{self, HttpState};
+use crate::sink::mqtt::{self, Command, MqttState, Topics};
+use crate::sink::store::{Store, StoreJob};
+use crate::source::{SourceEnd, SourceHandle};
+use crate::telemetry::{Metrics, ModelLabels, ResultLabel};
+
+pub mod config;
+pub mod e2e;
+pub mod frame;
+pub mod message;
+pub mod systemd;
+pub mod worker;
+
+use config::CameraConfig;
+use frame::{CameraModel, CameraShared, FrameSink, Outgoing};
+use message::{EnrolmentRef, ModelRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+    #[error("camera {camera}: {cause}")]
+    Reference { camera: String, cause: ReferenceError },
+    #[error("camera {camera}: {cause}")]
+    Engine { camera: String, cause: EngineError },
+    #[error(transparent)]
+    Broker(#[from] crate::sink::broker::BrokerError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Store(#[from] crate::sink::store::StoreError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("{0}")]
+    Http(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// A running camera: its source thread, its queue's worker and the stop flag they share.
+struct CameraRuntime {
+    cfg: CameraConfig,
+    stop: Arc<AtomicBool>,
+    source: Option<SourceHandle>,
+    worker: std::thread::JoinHandle<()>,
+    /// How the source ended, once it has.
+    ended: Option<SourceEnd>,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    queue_tx: crossbeam_channel::Sender<frame::Frame>,
+}
+
+/// Why [`Daemon::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Signal,
+    SourcesEnded,
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub published: u64,
+}
+
+/// Notifications to the service manager (systemd); no-ops elsewhere.
+pub trait Notifier: Send + Sync {
+    fn ready(&self) {}
+    fn reloading(&self) {}
+    fn stopping(&self) {}
+    fn watchdog(&self) {}
+    fn status(&self, _msg: &str) {}
+}
+
+/// For runs outside systemd and tests.
+#[derive(Debug, Default)]
+pub struct NoNotify;
+impl Notifier for NoNotify {}
+
+pub struct Daemon {
+    cfg: Config,
+    boot: String,
+    metrics: Arc<Metrics>,
+    verdict_tx: Option<frame::VerdictTx>,
+    publisher: tokio::task::JoinHandle<u64>,
+    driver: tokio::task::JoinHandle<()>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<std::sync::Mutex<BTreeMap<String, Arc<CameraShared>>>>,
+    cameras: BTreeMap<String, CameraRuntime>,
+    store_tx: Option<crossbeam_channel::Sender<StoreJob>>,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    http: Option<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
+    http_addr: Option<SocketAddr>,
+    broker_addr: Option<SocketAddr>,
+    loaded: Arc<AtomicBool>,
+    provider: String,
+    model_labels: BTreeMap<String, ModelLabels>,
+}
+
+impl Daemon {
+    /// Starts the broker (if embedded), MQTT, the store, the HTTP API and every camera. Call from
+    /// inside a multi-threaded tokio runtime.
+    pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
+        let problems = cfg.validate_all();
+        if !problems.is_empty() {
+            return Err(DaemonError::Invalid(problems));
+        }
+        let metrics = Arc::new(Metrics::new());
+        let boot = format!("{:x}", message::unix_ms(SystemTime::now()));
+        let (embedded, local_port) = if cfg.mqtt.broker == "embedded" {
+            let port = cfg.mqtt.embedded_port;
+            let started = tokio::task::spawn_blocking(move || crate::sink::broker::start(port))
+                .await
+                .map_err(|e| DaemonError::Http(e.to_string()))?;
+            match started {
+                Ok(addr) => (Some(addr), Some(port)),
+                // A broker already serves this box (e.g. mosquitto): use it rather than fail.
+                Err(crate::sink::broker::BrokerError::Bind { addr, cause })
+                    if cause.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    tracing::warn!(
+                        "{addr} is already taken, presumably by an MQTT broker: publishing there instead of \
+                         starting the embedded one (set mqtt.broker to silence this)"
+                    );
+                    (None, Some(port))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            (None, None)
+        };
+        let node = cfg.daemon.node.clone();
+        let options = mqtt::options(&cfg.mqtt, &node, local_port)?;
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
+        let topics = Topics { prefix: cfg.mqtt.topic_prefix.clone(), node: node.clone() };
+        let qos = mqtt::qos(cfg.mqtt.qos);
+        let mqtt_state = Arc::new(MqttState::default());
+        let (cmd_tx, commands) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(mqtt::drive(
+            eventloop,
+            client.clone(),
+            topics.clone(),
+            qos,
+            mqtt_state.clone(),
+            metrics.clone(),
+            cmd_tx,
+        ));
+        let (verdict_tx, verdict_rx) = mpsc::unbounded_channel::<Outgoing>();
+        let publisher = mqtt::Publisher {
+            client,
+            topics,
+            qos,
+            state: mqtt_state.clone(),
+            metrics: metrics.clone(),
+            log: cfg.daemon.log_verdicts,
+            drain: Duration::from_millis(cfg.daemon.drain_timeout_ms),
+        };
+        let publisher = tokio::spawn(publisher.run(verdict_rx));
+
+        let (store, store_tx, store_thread) = if cfg.store.dir.as_os_str().is_empty() {
+            (None, None, None)
+        } else {
+            let store = Arc::new(Store::open(&cfg.store, metrics.clone())?);
+            let (tx, th) = store.spawn_writer(16)?;
+            (Some(store), Some(tx), Some(th))
+        };
+
+        let shared: Arc<std::sync::Mutex<BTreeMap<String, Arc<CameraShared>>>> = Arc::default();
+        let loaded = Arc::new(AtomicBool::new(false));
+        let mut daemon = Daemon {
+            cfg: cfg.clone(),
+            boot,
+            metrics: metrics.clone(),
+            verdict_tx: Some(verdict_tx),
+            publisher,
+            driver,
+            commands,
+            shared: shared.clone(),
+            cameras: BTreeMap::new(),
+            store_tx,
+            store_thread,
+            http: None,
+            http_addr: None,
+            broker_addr: embedded,
+            loaded: loaded.clone(),
+            provider: String::new(),
+            model_labels: BTreeMap::new(),
+        };
+
+        if !cfg.http.listen.is_empty() {
+            let (listener, addr) = http::bind(&cfg.http.listen).await.map_err(DaemonError::Http)?;
+            let ready_shared = shared.clone();
+            let ready: http::ReadyFn = Arc::new(move || {
+                let mut why = Vec::new();
+                if !loaded.load(Ordering::SeqCst) {
+                    why.push("cameras are still loading their enrolments".to_string());
+                }
+                if !mqtt_state.connected.load(Ordering::SeqCst) {
+                    why.push("not connected to the MQTT broker".into());
+                }
+                for (name, cam) in ready_shared.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let age = message::unix_ms(SystemTime::now()).saturating_sub(cam.heartbeat.load(Ordering::Relaxed));
+                    if age > 10_000 {
+                        why.push(format!("camera {name}'s inspection worker has not responded for {age} ms"));
+                    }
+                }
+                if why.is_empty() { Ok(()) } else { Err(why) }
+            });
+            let router = http::router(HttpState { metrics: metrics.clone(), store, ready });
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("HTTP API stopped: {e}");
+                }
+            });
+            tracing::info!("HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID)");
+            daemon.http = Some((task, stop_tx));
+            daemon.http_addr = Some(addr);
+        }
+
+        for cam in cfg.camera.clone() {
+            if let Err(e) = daemon.start_camera(cam, None).await {
+                daemon.abort().await;
+                return Err(e);
+            }
+        }
+        daemon.loaded.store(true, Ordering::SeqCst);
+        Ok(daemon)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.broker_addr
+    }
+
+    /// Loads a camera's detector and model (off the async threads), then starts its worker and source.
+    /// `existing` keeps the frame numbering of a camera restarted by a reload.
+    async fn start_camera(
+        &mut self,
+        cam: CameraConfig,
+        existing: Option<Arc<CameraShared>>,
+    ) -> Result<(), DaemonError> {
+        let (engine, detect) = (self.cfg.engine.clone(), self.cfg.detect.clone());
+        let cam2 = cam.clone();
+        let (detector, model) = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
+            let mut det = load_detector(&engine, &cam2.name)?;
+            let model = build_model(&mut det, &cam2, &detect)?;
+            Ok((det, model))
+        })
+        .await
+        .map_err(|e| DaemonError::Http(format!("camera {}: loading panicked: {e}", cam.name)))??;
+        self.provider = detector.encoder().provider().to_string();
+        let model = Arc::new(model);
+        self.model_metric(&cam.name, &model);
+        let Some(verdict_tx) = self.verdict_tx.clone() else {
+            return Err(DaemonError::Http("the daemon is stopping".into()));
+        };
+        let shared = match existing {
+            Some(s) => {
+                s.set_model(model);
+                s
+            }
+            None => Arc::new(CameraShared::new(
+                &cam.name,
+                &self.cfg.daemon.node,
+                &self.boot,
+                model,
+                verdict_tx,
+                self.metrics.clone(),
+            )),
+        };
+        shared.set_trigger(cam.trigger, Duration::from_millis(cam.trigger_timeout_ms));
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).insert(cam.name.clone(), shared.clone());
+        let label = self.metrics.camera(&cam.name);
+        self.metrics.queue_capacity.get_or_create(&label).set(cam.queue as i64);
+        let (queue_tx, queue_rx) = crossbeam_channel::bounded(cam.queue);
+        let worker = worker::Worker {
+            cam: shared.clone(),
+            rx: queue_rx,
+            detector,
+            max_age: Duration::from_millis(cam.max_age_ms),
+            delay: Duration::from_millis(self.cfg.daemon.inspect_delay_ms),
+            store: self.store_tx.clone(),
+        }
+        .spawn()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rt = CameraRuntime {
+            cfg: cam.clone(),
+            stop: stop.clone(),
+            source: None,
+            worker,
+            ended: None,
+            restart_at: None,
+            backoff: Duration::from_millis(500),
+            queue_tx,
+        };
+        match self.start_source(&mut rt, &shared) {
+            Ok(()) => {}
+            Err(e) => {
+                // Nothing has entered yet: stop the worker and report.
+                drop(rt.queue_tx);
+                let _ = tokio::task::spawn_blocking(move || rt.worker.join()).await;
+                return Err(e);
+            }
+        }
+        tracing::info!(
+            camera = %cam.name,
+            "camera {} started: source {}, trigger {:?}, queue {}",
+            cam.name,
+            cam.source.kind(),
+            cam.trigger,
+            cam.queue
+        );
+        self.cameras.insert(cam.name.clone(), rt);
+        Ok(())
+    }
+
+    fn start_source(&self, rt: &mut CameraRuntime, shared: &Arc<CameraShared>) -> Result<(), DaemonError> {
+        let sink = FrameSink::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
+        let handle = rt.cfg.source.start(sink)?;
+        shared.streaming.store(true, Ordering::Relaxed);
+        self.metrics.camera_up.get_or_create(&self.metrics.camera(&rt.cfg.name)).set(1);
+        rt.source = Some(handle);
+        rt.ended = None;
+        Ok(())
+    }
+
+    fn model_metric(&mut self, camera: &str, m: &CameraModel) {
+        let labels = ModelLabels {
+            camera: camera.into(),
+            model: m.model.name.clone(),
+            sha256: m.model.sha256.clone(),
+            provider: self.provider.clone(),
+            enrolment: m.enrolment_ref.id.clone(),
+        };
+        if let Some(old) = self.model_labels.insert(camera.into(), labels.clone()) {
+            self.metrics.model_info.remove(&old);
+        }
+        self.metrics.model_info.get_or_create(&labels).set(1);
+    }
+
+    /// Serves until `shutdown` resolves or (with `daemon.exit_when_sources_end`) every source has
+    /// ended; `reloads` yields a config to apply (SIGHUP). Then drains and returns.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
+        notifier: &dyn Notifier,
+    ) -> (StopReason, Summary) {
+        notifier.ready();
+        notifier.status("inspecting");
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tokio::pin!(shutdown);
+        let reason = loop {
+            tokio::select! {
+                _ = &mut shutdown => break StopReason::Signal,
+                Some(cfg) = reloads.recv() => {
+                    notifier.reloading();
+                    match cfg {
+                        Ok(cfg) => { let _ = self.reload(cfg).await; }
+                        Err(e) => self.reload_failed(&e),
+                    }
+                    notifier.ready();
+                }
+                Some(cmd) = self.commands.recv() => self.command(cmd).await,
+                _ = tick.tick() => {
+                    if self.healthy() {
+                        notifier.watchdog();
+                    }
+                    if self.poll_sources() {
+                        tracing::info!("every source has ended; draining and stopping");
+                        break StopReason::SourcesEnded;
+                    }
+                }
+            }
+        };
+        notifier.stopping();
+        notifier.status("draining");
+        let summary = self.shutdown().await;
+        (reason, summary)
+    }
+
+    fn healthy(&self) -> bool {
+        let now = message::unix_ms(SystemTime::now());
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|c| now.saturating_sub(c.heartbeat.load(Ordering::Relaxed)) < 10_000)
+    }
+
+    fn reload_failed(&self, why: &str) {
+        self.metrics.reloads.get_or_create(&ResultLabel { result: "failed".into() }).inc();
+        tracing::error!("reload refused, keeping the running configuration: {why}");
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Trigger { camera, part_id } => {
+                let cam = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&camera).cloned();
+                match cam {
+                    Some(c) if c.trigger_mode() == config::Trigger::Triggered => c.push_trigger(part_id),
+                    Some(_) => tracing::warn!("trigger for camera {camera} ignored: its trigger mode is every-frame"),
+                    None => tracing::warn!("trigger for unknown camera {camera:?} ignored"),
+                }
+            }
+            Command::Reload => {
+                tracing::info!("reload requested on the command topic");
+                let cfg = self.cfg.clone();
+                let _ = self.reload(cfg).await;
+            }
+        }
+    }
+
+    /// Checks finished sources and restarts failed live ones with exponential backoff (and jitter).
+    /// Returns true when every camera's source has ended for good.
+    fn poll_sources(&mut self) -> bool {
+        for shared in self.shared.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            shared.expire_triggers();
+        }
+        let names: Vec<String> = self.cameras.keys().cloned().collect();
+        for name in names {
+            let Some(rt) = self.cameras.get_mut(&name) else { continue };
+            if let Some(h) = rt.source.take_if(|h| h.thread.is_finished()) {
+                let end = h.thread.join().unwrap_or_else(|_| SourceEnd::Failed("source thread panicked".into()));
+                self.metrics.camera_up.get_or_create(&self.metrics.camera(&name)).set(0);
+                match &end {
+                    SourceEnd::Eos if rt.cfg.source.ends_by_itself() => {
+                        tracing::info!(camera = %name, "source finished")
+                    }
+                    SourceEnd::Stopped => {}
+                    other => {
+                        let jitter = 0.8
+                            + 0.4
+                                * (SystemTime::now()
+                                    .duration_since(SystemTime::UNIX_EPOCH)
+                                    .unwrap_or_default()
+                                    .subsec_nanos() as f64
+                                    / 1e9);
+                        let wait = rt.backoff.mul_f64(jitter);
+                        tracing::warn!(camera = %name, "source ended ({other:?}); restarting in {} ms", wait.as_millis());
+                        rt.restart_at = Some(Instant::now() + wait);
+                        rt.backoff = (rt.backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                rt.ended = Some(end);
+            }
+            if rt.restart_at.is_some_and(|t| Instant::now() >= t) {
+                rt.restart_at = None;
+                let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+                if let (Some(shared), Some(mut rt)) = (shared, self.cameras.remove(&name)) {
+                    if let Err(e) = self.start_source(&mut rt, &shared) {
+                        tracing::warn!(camera = %name, "restart failed: {e}");
+                        rt.restart_at = Some(Instant::now() + rt.backoff);
+                    }
+                    self.cameras.insert(name, rt);
+                }
+            }
+        }
+        self.cfg.daemon.exit_when_sources_end
+            && !self.cameras.is_empty()
+            && self.cameras.values().all(|c| c.source.is_none() && c.restart_at.is_none() && c.ended.is_some())
+    }
+
+    /// Applies a new configuration: every new model is built first, and only if all succeed are they
+    /// swapped in. Cameras whose source, trigger or queue changed are restarted after their queued
+    /// frames are inspected; no frame is lost. Engine, MQTT, HTTP and store changes need a restart.
+    pub async fn reload(&mut self, new: Config) -> Result<(), DaemonError> {
+        let problems = new.validate_all();
+        if !problems.is_empty() {
+            self.reload_failed(&problems.join("; "));
+            return Err(DaemonError::Invalid(problems));
+        }
+        for (what, changed) in [
+            ("[engine]", new.engine != self.cfg.engine),
+            ("[mqtt]", new.mqtt != self.cfg.mqtt),
+            ("[http]", new.http != self.cfg.http),
+            ("[store]", new.store != self.cfg.store),
+            ("daemon.node", new.daemon.node != self.cfg.daemon.node),
+        ] {
+            if changed {
+                tracing::warn!("{what} changed: it takes effect at the next restart");
+            }
+        }
+        // Build every model that stays on a running camera first; refuse the reload on any failure.
+        let (engine, detect) = (self.cfg.engine.clone(), new.detect.clone());
+        let keep: Vec<CameraConfig> = new
+            .camera
+            .iter()
+            .filter(|c| self.cameras.get(&c.name).is_some_and(|rt| same_pipeline(&rt.cfg, c)))
+            .cloned()
+            .collect();
+        let built = tokio::task::spawn_blocking(move || -> Result<Vec<(String, CameraModel)>, DaemonError> {
+            let mut det: Option<Detector> = None;
+            let mut out = Vec::new();
+            for c in &keep {
+                if det.is_none() {
+                    det = Some(load_detector(&engine, &c.name)?);
+                }
+                if let Some(d) = det.as_mut() {
+                    out.push((c.name.clone(), build_model(d, c, &detect)?));
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| DaemonError::Http(e.to_string()))
+        .and_then(|r| r);
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.reload_failed(&e.to_string());
+                return Err(e);
+            }
+        };
+        for (name, model) in built {
+            let cam = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+            if let (Some(cam), Some(c)) = (cam, new.camera.iter().find(|c| c.name == name)) {
+                let model = Arc::new(model);
+                self.model_metric(&name, &model);
+                tracing::info!(camera = %name, "enrolment {} in use", model.enrolment_ref.id);
+                cam.set_model(model);
+                *cam.trigger_timeout.write().unwrap_or_else(|e| e.into_inner()) =
+                    Duration::from_millis(c.trigger_timeout_ms);
+                if let Some(rt) = self.cameras.get_mut(&name) {
+                    rt.cfg = c.clone();
+                }
+            }
+        }
+        // Cameras removed or restructured: drain and stop, then (re)start the new ones.
+        let names: Vec<String> = self.cameras.keys().cloned().collect();
+        for name in names {
+            let replacement = new.camera.iter().find(|c| c.name == name);
+            let keep = replacement.is_some_and(|c| self.cameras.get(&name).is_some_and(|rt| same_pipeline(&rt.cfg, c)));
+            if keep {
+                continue;
+            }
+            if let Some(rt) = self.cameras.remove(&name) {
+                stop_camera(rt).await;
+            }
+            if replacement.is_none() {
+                self.shared.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                tracing::info!(camera = %name, "camera removed");
+            }
+        }
+        let mut applied = new.clone();
+        applied.engine = self.cfg.engine.clone();
+        applied.mqtt = self.cfg.mqtt.clone();
+        applied.http = self.cfg.http.clone();
+        applied.store = self.cfg.store.clone();
+        applied.daemon.node = self.cfg.daemon.node.clone();
+        self.cfg = applied;
+        let to_start: Vec<CameraConfig> =
+            new.camera.iter().filter(|c| !self.cameras.contains_key(&c.name)).cloned().collect();
+        for c in to_start {
+            let existing = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&c.name).cloned();
+            if let Err(e) = self.start_camera(c, existing).await {
+                tracing::error!("reload: {e}");
+                self.metrics.reloads.get_or_create(&ResultLabel { result: "partial".into() }).inc();
+                return Err(e);
+            }
+        }
+        self.metrics.reloads.get_or_create(&ResultLabel { result: "applied".into() }).inc();
+        tracing::info!("configuration reloaded ({} camera(s))", self.cameras.len());
+        Ok(())
+    }
+
+    /// Stops sources, inspects what is queued, publishes every verdict and `stopped`, closes MQTT,
+    /// the store and the HTTP API.
+    pub async fn shutdown(mut self) -> Summary {
+        for rt in self.cameras.values() {
+            rt.stop.store(true, Ordering::SeqCst);
+        }
+        let cams: Vec<CameraRuntime> = std::mem::take(&mut self.cameras).into_values().collect();
+        for rt in cams {
+            stop_camera(rt).await;
+        }
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        drop(self.verdict_tx.take());
+        let published = self.publisher.await.unwrap_or(0);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.driver).await;
+        drop(self.store_tx.take());
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some((task, stop)) = self.http.take() {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        tracing::info!("stopped after publishing {published} verdict(s)");
+        Summary { published }
+    }
+
+    /// Tears down after a failed start.
+    async fn abort(&mut self) {
+        let cams: Vec<CameraRuntime> = std::mem::take(&mut self.cameras).into_values().collect();
+        for rt in cams {
+            rt.stop.store(true, Ordering::SeqCst);
+            stop_camera(rt).await;
+        }
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        drop(self.verdict_tx.take());
+        if let Some((_, stop)) = self.http.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Same source, trigger mode and queue: the camera keeps running and only its model is swapped.
+fn same_pipeline(a: &CameraConfig, b: &CameraConfig) -> bool {
+    a.source == b.source && a.trigger == b.trigger && a.queue == b.queue && a.max_age_ms == b.max_age_ms
+}
+
+/// Stops a camera's source, then lets its worker inspect what is queued and finish.
+async fn stop_camera(rt: CameraRuntime) {
+    rt.stop.store(true, Ordering::SeqCst);
+    let CameraRuntime { source, worker, queue_tx, cfg, .. } = rt;
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(h) = source {
+            let _ = h.thread.join();
+        }
+        drop(queue_tx);
+        let _ = worker.join();
+    })
+    .await;
+    tracing::info!(camera = %cfg.name, "camera stopped");
+}
+
+fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detector, DaemonError> {
+    crate::engine::Encoder::load(engine)
+        .map(Detector::new)
+        .map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
+}
+
+/// The camera's enrolment: its reference (file or folder), or the built-in demo part.
+fn build_model(det: &mut Detector, cam: &CameraConfig, detect: &DetectConfig) -> Result<CameraModel, DaemonError> {
+    let err = |cause| DaemonError::Reference { camera: cam.name.clone(), cause };
+    let name = cam.name.clone();
+    let mut progress = move |m: &str| tracing::info!(camera = %name, "{m}");
+    let (enrolment, source) = match &cam.reference {
+        Some(r) => (reference::load(det, r, detect, &mut progress).map_err(err)?, r.display().to_string()),
+        None => {
+            let refs = vec![("demo-reference".to_string(), crate::demo::part(0, crate::demo::Defect::None))];
+            let e = det.enroll(&refs, detect, &mut progress).map_err(|e| err(ReferenceError::Detect(e)))?;
+            (e, "built-in demo part".into())
+        }
+    };
+    let digest = Sha256::digest(crate::enrolment::to_bytes(&enrolment));
+    let id: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let enc = det.encoder();
+    Ok(CameraModel {
+        enrolment,
+        model: ModelRef { name: enc.manifest().name.clone(), sha256: enc.model_sha256().to_string() },
+        enrolment_ref: EnrolmentRef { id, source },
+    })
+}

@@ -1,0 +1,128 @@
+//! A camera's inspection worker: takes frames off the camera's queue in order and turns each into
+//! exactly one verdict (OK, NG, SKIPPED when it waited too long, ERROR when decoding or inference
+//! failed). It owns its detector, so cameras never wait on each other's encoder session.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use crate::daemon::frame::{CameraShared, Frame};
+use crate::daemon::message::{self, Outcome};
+use crate::detect::Detector;
+use crate::sink::store::StoreJob;
+
+pub struct Worker {
+    pub cam: Arc<CameraShared>,
+    pub rx: crossbeam_channel::Receiver<Frame>,
+    pub detector: Detector,
+    pub max_age: Duration,
+    pub delay: Duration,
+    pub store: Option<crossbeam_channel::Sender<StoreJob>>,
+}
+
+impl Worker {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name(format!("inspect-{}", self.cam.name)).spawn(move || self.run())
+    }
+
+    /// Runs until the queue's senders are gone and the queue is empty.
+    fn run(mut self) {
+        let depth = self.cam.metrics.queue_depth.get_or_create(&self.cam.metrics.camera(&self.cam.name)).clone();
+        loop {
+            self.cam.heartbeat.store(message::unix_ms(SystemTime::now()), Ordering::Relaxed);
+            match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(frame) => {
+                    depth.set(self.rx.len() as i64);
+                    self.handle(frame);
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        depth.set(0);
+    }
+
+    fn handle(&mut self, f: Frame) {
+        let cam = self.cam.clone();
+        let waited = f.captured_at.elapsed();
+        let mut msg = cam.skeleton(f.seq, f.id.clone(), f.part_id.clone(), f.captured);
+        msg.latency_ms.queue = waited.as_secs_f32() * 1e3;
+        cam.metrics.stage(&cam.name, "queue", msg.latency_ms.queue);
+        let img = match f.image {
+            Err(reason) => {
+                msg.verdict = Outcome::Error;
+                msg.reason = Some(format!("frame could not be decoded: {reason}"));
+                return cam.emit(msg, f.captured_at, "decode");
+            }
+            Ok(img) => img,
+        };
+        msg.width = Some(img.width());
+        msg.height = Some(img.height());
+        if waited > self.max_age {
+            msg.verdict = Outcome::Skipped;
+            msg.reason = Some(format!(
+                "stale: waited {} ms for inspection, more than max_age_ms = {}",
+                waited.as_millis(),
+                self.max_age.as_millis()
+            ));
+            return cam.emit(msg, f.captured_at, "stale");
+        }
+        if img.width() < 16 || img.height() < 16 {
+            msg.verdict = Outcome::Error;
+            msg.reason =
+                Some(format!("frame is {}x{}: too small to inspect (at least 16x16)", img.width(), img.height()));
+            return cam.emit(msg, f.captured_at, "frame_size");
+        }
+        let model = cam.model();
+        let detector = &mut self.detector;
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| detector.inspect(&model.enrolment, &img)));
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+        let ins = match result {
+            Ok(Ok(ins)) => ins,
+            Ok(Err(e)) => {
+                msg.verdict = Outcome::Error;
+                msg.reason = Some(format!("inspection failed: {e}"));
+                return cam.emit(msg, f.captured_at, "inspect");
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                tracing::error!(camera = %cam.name, frame = %f.id, "inspection panicked: {what}");
+                msg.verdict = Outcome::Error;
+                msg.reason = Some(format!("internal error during inspection: {what}"));
+                return cam.emit(msg, f.captured_at, "internal");
+            }
+        };
+        let v = &ins.verdict;
+        let t = v.timings;
+        for (stage, ms) in [("preprocess", t.preprocess_ms), ("encoder", t.encoder_ms), ("decoder", t.decoder_ms)] {
+            cam.metrics.stage(&cam.name, stage, ms);
+        }
+        msg.latency_ms.preprocess = t.preprocess_ms;
+        msg.latency_ms.encoder = t.encoder_ms;
+        msg.latency_ms.decoder = t.decoder_ms;
+        msg.verdict = if v.anomalous { Outcome::Ng } else { Outcome::Ok };
+        msg.score = Some(v.score);
+        msg.threshold = Some(v.threshold);
+        msg.regions = v.regions.clone();
+        msg.answer = Some(v.answer.clone());
+        if v.anomalous
+            && let Some(store) = &self.store
+        {
+            msg.frame_url = Some(format!("/v1/frames/{}", msg.frame_id));
+            let job = StoreJob { msg: msg.clone(), image: img, inspection: ins };
+            if store.try_send(job).is_err() {
+                msg.frame_url = None;
+                cam.metrics.store_failures.inc();
+                tracing::warn!(camera = %cam.name, frame = %msg.frame_id, "flagged-frame store is behind; this frame is not kept");
+            }
+        }
+        cam.emit(msg, f.captured_at, "");
+    }
+}

@@ -1,0 +1,7 @@
+//! Where verdicts go: MQTT ([`mqtt`], with the embedded [`broker`]), the flagged-frame [`store`] and
+//! the HTTP API ([`http`]: metrics, health, stored frames).
+
+pub mod broker;
+pub mod http;
+pub mod mqtt;
+pub mod store;

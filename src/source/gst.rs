@@ -1,0 +1,198 @@
+//! GStreamer sources: a pipeline description per kind, ending in an appsink that anomalyd asks for
+//! RGB. The appsink holds at most one buffer and never drops: each sample is copied (row by row, by
+//! stride) into the camera's sink at once, which SKIPs it explicitly when the queue is full.
+
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+use image::RgbImage;
+
+use super::{SourceConfig, SourceEnd};
+use crate::daemon::frame::FrameSink;
+
+fn init() -> Result<(), String> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| gst::init().map_err(|e| format!("GStreamer failed to initialise: {e}"))).clone()
+}
+
+/// Ok when the element's plugin is installed; otherwise which package to install.
+pub fn check_element(name: &str) -> Result<(), String> {
+    init()?;
+    if gst::ElementFactory::find(name).is_some() {
+        return Ok(());
+    }
+    let package = match name {
+        "aravissrc" => "gstreamer1.0-plugins-aravis (or aravis built with its GStreamer plugin)",
+        "v4l2src" => "gstreamer1.0-plugins-good",
+        "videotestsrc" | "uridecodebin" | "videoconvert" | "appsink" => "gstreamer1.0-plugins-base",
+        _ => "the GStreamer plugin that provides it",
+    };
+    Err(format!("GStreamer element `{name}` is not installed: install {package}"))
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The pipeline description of a GStreamer source kind.
+pub fn description(cfg: &SourceConfig) -> String {
+    const TAIL: &str = "videoconvert ! appsink name=sink";
+    match cfg {
+        SourceConfig::Test { pattern, width, height, fps, frames } => {
+            let n = if *frames == 0 { -1 } else { *frames as i64 };
+            format!(
+                "videotestsrc pattern={} is-live=true num-buffers={n} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! {TAIL}",
+                quote(pattern)
+            )
+        }
+        SourceConfig::Uri { uri } => format!("uridecodebin uri={} ! {TAIL}", quote(uri)),
+        SourceConfig::V4l2 { device, width, height, fps } => {
+            let mut caps = Vec::new();
+            if *width > 0 {
+                caps.push(format!("width={width}"));
+            }
+            if *height > 0 {
+                caps.push(format!("height={height}"));
+            }
+            if *fps > 0 {
+                caps.push(format!("framerate={fps}/1"));
+            }
+            // Raw or MJPEG, whichever the camera offers in that mode; decodebin handles both.
+            let filter = if caps.is_empty() {
+                String::new()
+            } else {
+                let c = caps.join(",");
+                format!("! capsfilter caps=\"video/x-raw,{c};image/jpeg,{c}\" ")
+            };
+            format!("v4l2src device={} {filter}! decodebin ! {TAIL}", quote(device))
+        }
+        SourceConfig::Aravis { camera } => match camera {
+            Some(c) => format!("aravissrc camera-name={} ! {TAIL}", quote(c)),
+            None => format!("aravissrc ! {TAIL}"),
+        },
+        SourceConfig::Pipeline { description } => description.clone(),
+        SourceConfig::Files { .. } | SourceConfig::Demo { .. } => String::new(),
+    }
+}
+
+/// Copies a mapped RGB frame into a tightly packed image, row by row (rows may be padded).
+pub fn copy_rgb(data: &[u8], width: usize, height: usize, stride: usize) -> Result<RgbImage, String> {
+    let row = width * 3;
+    if stride < row || height == 0 || width == 0 {
+        return Err(format!("frame {width}x{height} with stride {stride} is not a valid RGB frame"));
+    }
+    let needed = stride * (height - 1) + row;
+    if data.len() < needed {
+        return Err(format!("frame {width}x{height} stride {stride} needs {needed} bytes, buffer has {}", data.len()));
+    }
+    let mut out = Vec::with_capacity(row * height);
+    for y in 0..height {
+        out.extend_from_slice(&data[y * stride..y * stride + row]);
+    }
+    RgbImage::from_raw(width as u32, height as u32, out).ok_or_else(|| "RGB buffer size mismatch".into())
+}
+
+fn sample_to_rgb(sample: &gst::Sample) -> Result<RgbImage, String> {
+    let buffer = sample.buffer().ok_or("sample without a buffer")?;
+    let caps = sample.caps().ok_or("sample without caps")?;
+    let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| format!("caps {caps}: {e}"))?;
+    if info.format() != gst_video::VideoFormat::Rgb {
+        return Err(format!("expected RGB frames, got {:?}", info.format()));
+    }
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).map_err(|e| e.to_string())?;
+    let stride = frame.plane_stride()[0].max(0) as usize;
+    let data = frame.plane_data(0).map_err(|e| e.to_string())?;
+    copy_rgb(data, info.width() as usize, info.height() as usize, stride)
+}
+
+/// Runs a pipeline until EOS, an error or the sink's stop flag; always leaves it in `Null`.
+pub fn run(description: &str, sink: FrameSink) -> SourceEnd {
+    let name = sink.camera.name.clone();
+    let pipeline = match build(description, sink.clone()) {
+        Ok(p) => p,
+        Err(e) => return SourceEnd::Failed(e),
+    };
+    let end = watch(&pipeline, &sink);
+    let _ = pipeline.set_state(gst::State::Null);
+    tracing::info!(camera = %name, "source ended: {end:?}");
+    end
+}
+
+fn build(description: &str, sink: FrameSink) -> Result<gst::Pipeline, String> {
+    let element = gst::parse::launch(description).map_err(|e| format!("pipeline {description:?}: {e}"))?;
+    let pipeline = match element.downcast::<gst::Pipeline>() {
+        Ok(p) => p,
+        Err(single) => {
+            let p = gst::Pipeline::new();
+            p.add(&single).map_err(|e| e.to_string())?;
+            p
+        }
+    };
+    let appsink = pipeline
+        .by_name("sink")
+        .and_then(|e| e.downcast::<gst_app::AppSink>().ok())
+        .ok_or_else(|| format!("pipeline {description:?} has no `appsink name=sink`"))?;
+    appsink.set_caps(Some(&gst::Caps::builder("video/x-raw").field("format", "RGB").build()));
+    appsink.set_max_buffers(1);
+    appsink.set_drop(false);
+    appsink.set_sync(false);
+    appsink.set_callbacks(
+        gst_app::AppSinkCallbacks::builder()
+            .new_sample(move |appsink| {
+                let (captured, at) = (SystemTime::now(), Instant::now());
+                let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                sink.offer(sample_to_rgb(&sample), captured, at);
+                if sink.stopping() { Err(gst::FlowError::Flushing) } else { Ok(gst::FlowSuccess::Ok) }
+            })
+            .build(),
+    );
+    pipeline.set_state(gst::State::Playing).map_err(|e| format!("pipeline {description:?} would not start: {e}"))?;
+    Ok(pipeline)
+}
+
+fn watch(pipeline: &gst::Pipeline, sink: &FrameSink) -> SourceEnd {
+    let Some(bus) = pipeline.bus() else { return SourceEnd::Failed("pipeline has no bus".into()) };
+    sink.camera.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
+    let end = loop {
+        if sink.stopping() {
+            break SourceEnd::Stopped;
+        }
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        match msg.view() {
+            gst::MessageView::Eos(_) => break SourceEnd::Eos,
+            gst::MessageView::Error(err) => {
+                let debug = err.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+                break SourceEnd::Failed(format!("{}{debug}", err.error()));
+            }
+            _ => {}
+        }
+    };
+    sink.camera.streaming.store(false, std::sync::atomic::Ordering::Relaxed);
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_copied_by_stride() {
+        // 2x2 RGB with 8-byte rows (2 bytes of padding each).
+        let data = [1, 2, 3, 4, 5, 6, 99, 99, 7, 8, 9, 10, 11, 12, 99, 99];
+        let img = copy_rgb(&data, 2, 2, 8).unwrap();
+        assert_eq!(img.into_raw(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert!(copy_rgb(&data, 2, 2, 4).is_err(), "stride shorter than a row");
+        assert!(copy_rgb(&data[..12], 2, 2, 8).is_err(), "buffer too short");
+    }
+
+    #[test]
+    fn values_are_quoted_against_pipeline_injection() {
+        let d = description(&SourceConfig::Uri { uri: "file:///a\" ! fakesink".into() });
+        assert!(d.starts_with("uridecodebin uri=\"file:///a\\\" ! fakesink\""), "{d}");
+    }
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics of the daemon, all named `anomalyd_*`. Each event that changes a metric is one
+//! method here, so that the log line and the metric move together. `docs/METRICS.md` lists them.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CameraLabel {
+    pub camera: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub camera: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub camera: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub camera: String,
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub camera: String,
+    pub model: String,
+    pub sha256: String,
+    pub provider: String,
+    pub enrolment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric of the daemon.
+pub struct Metrics {
+    registry: Registry,
+    pub frames: Family<VerdictLabels, Counter>,
+    pub skipped: Family<ReasonLabels, Counter>,
+    pub errors: Family<ReasonLabels, Counter>,
+    pub stage: HistFamily<StageLabels>,
+    pub latency: HistFamily<CameraLabel>,
+    pub queue_depth: Family<CameraLabel, Gauge>,
+    pub queue_capacity: Family<CameraLabel, Gauge>,
+    pub last_frame: Family<CameraLabel, Gauge<f64, AtomicU64>>,
+    pub camera_up: Family<CameraLabel, Gauge>,
+    pub idle_frames: Family<CameraLabel, Counter>,
+    pub published: Family<CameraLabel, Counter>,
+    pub publish_failures: Counter,
+    pub publish_backlog: Gauge,
+    pub mqtt_connected: Gauge,
+    pub mqtt_reconnects: Counter,
+    pub model_info: Family<ModelLabels, Gauge>,
+    pub triggers: Family<ReasonLabels, Counter>,
+    pub commands: Family<ResultLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub store_bytes: Gauge,
+    pub store_files: Gauge,
+    pub store_evicted: Counter,
+    pub store_failures: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("anomalyd"),
+            frames: Family::default(),
+            skipped: Family::default(),
+            errors: Family::default(),
+            stage: Family::new_with_constructor(latency_histogram),
+            latency: Family::new_with_constructor(latency_histogram),
+            queue_depth: Family::default(),
+            queue_capacity: Family::default(),
+            last_frame: Family::default(),
+            camera_up: Family::default(),
+            idle_frames: Family::default(),
+            published: Family::default(),
+            publish_failures: Counter::default(),
+            publish_backlog: Gauge::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_reconnects: Counter::default(),
+            model_info: Family::default(),
+            triggers: Family::default(),
+            commands: Family::default(),
+            reloads: Family::default(),
+            store_bytes: Gauge::default(),
+            store_files: Gauge::default(),
+            store_evicted: Counter::default(),
+            store_failures: Counter::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "frames",
+            "Frames that left the pipeline, by camera and verdict (OK, NG, SKIPPED, ERROR)",
+            m.frames.clone(),
+        );
+        r.register("skipped", "SKIPPED verdicts by camera and reason", m.skipped.clone());
+        r.register("errors", "ERROR verdicts by camera and reason", m.errors.clone());
+        r.register(
+            "stage_seconds",
+            "Latency of each stage (queue, preprocess, encoder, decoder, publish)",
+            m.stage.clone(),
+        );
+        r.register("frame_latency_seconds", "Capture to publish, per frame", m.latency.clone());
+        r.register("queue_depth", "Frames waiting for inspection", m.queue_depth.clone());
+        r.register("queue_capacity", "Size of the inspection queue", m.queue_capacity.clone());
+        r.register(
+            "camera_last_frame_timestamp_seconds",
+            "Unix time of the camera's latest frame",
+            m.last_frame.clone(),
+        );
+        r.register("camera_up", "1 while the camera's source is streaming", m.camera_up.clone());
+        r.register(
+            "idle_frames",
+            "Frames of a triggered camera that arrived with no trigger pending (not parts)",
+            m.idle_frames.clone(),
+        );
+        r.register("verdicts_published", "Verdicts handed to the MQTT broker", m.published.clone());
+        r.register(
+            "mqtt_publish_failures",
+            "Publishes the MQTT client refused or lost a connection on",
+            m.publish_failures.clone(),
+        );
+        r.register("publish_backlog", "Verdicts waiting to be published", m.publish_backlog.clone());
+        r.register("mqtt_connected", "1 while connected to the MQTT broker", m.mqtt_connected.clone());
+        r.register("mqtt_reconnects", "Connections made to the broker after the first", m.mqtt_reconnects.clone());
+        r.register("model_info", "Encoder model and enrolment in use, per camera (value 1)", m.model_info.clone());
+        r.register("triggers", "PLC triggers by camera and result (inspected, timeout)", m.triggers.clone());
+        r.register("commands", "Commands on the command topic by result", m.commands.clone());
+        r.register("reloads", "Configuration reloads by result", m.reloads.clone());
+        r.register("store_bytes", "Bytes held by the flagged-frame store", m.store_bytes.clone());
+        r.register("store_frames", "Frames held by the flagged-frame store", m.store_files.clone());
+        r.register("store_evicted", "Flagged frames deleted to stay under the byte budget", m.store_evicted.clone());
+        r.register("store_failures", "Flagged frames that could not be written", m.store_failures.clone());
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn stage(&self, camera: &str, stage: &str, ms: f32) {
+        self.stage.get_or_create(&StageLabels { camera: camera.into(), stage: stage.into() }).observe(ms as f64 / 1e3);
+    }
+
+    pub fn camera(&self, camera: &str) -> CameraLabel {
+        CameraLabel { camera: camera.into() }
+    }
+}

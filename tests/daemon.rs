@@ -1,0 +1,572 @@
+//! The daemon end to end: a real mosquitto on a free 127.0.0.1 port, `anomalyd run` as a child process
+//! on generated images, and `mosquitto_sub` listening. Without mosquitto these tests say "skipped"
+//! (scripts/test.sh installs it and sets ANOMALYD_REQUIRE_MOSQUITTO=1, which turns a skip into a failure).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anomalyd::daemon::message::{Outcome, VerdictMessage};
+use anomalyd::demo::{self, Defect};
+use serde_json::Value;
+
+use crate::common::bin;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn find(names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(PathBuf::from).find(|p| p.is_file()).or_else(|| {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).map(|d| d.join(Path::new(names[0]).file_name().unwrap())).find(|p| p.is_file())
+    })
+}
+
+/// A mosquitto broker of our own on a free port.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> Option<Mosquitto> {
+        let Some(exe) = find(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]) else {
+            assert!(
+                std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(),
+                "mosquitto is required (ANOMALYD_REQUIRE_MOSQUITTO is set) but not installed"
+            );
+            eprintln!("skipped: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let child = Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "mosquitto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Mosquitto { child, port, _dir: dir })
+    }
+
+    fn publish(&self, topic: &str, payload: &str) {
+        let exe = find(&["/usr/bin/mosquitto_pub"]).expect("mosquitto_pub (mosquitto-clients)");
+        let st = Command::new(exe)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-m", payload])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mosquitto_sub -v` on `anomalyd/#`, collecting (topic, payload) lines.
+struct Sub {
+    child: Child,
+    lines: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Sub {
+    fn start(port: u16) -> Sub {
+        let exe = find(&["/usr/bin/mosquitto_sub"]).expect("mosquitto_sub (mosquitto-clients)");
+        let mut child = Command::new(exe)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v", "-t", "anomalyd/#"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let (topic, payload) = line.split_once(' ').unwrap_or((&line, ""));
+                sink.lock().unwrap().push((topic.to_string(), payload.to_string()));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        Sub { child, lines }
+    }
+
+    fn verdicts(&self) -> Vec<VerdictMessage> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.ends_with("/verdict"))
+            .map(|(t, p)| serde_json::from_str(p).unwrap_or_else(|e| panic!("{t}: {e}: {p}")))
+            .collect()
+    }
+
+    fn statuses(&self) -> Vec<String> {
+        self.lines.lock().unwrap().iter().filter(|(t, _)| t.ends_with("/status")).map(|(_, p)| p.clone()).collect()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Sub) -> bool) {
+        let t0 = Instant::now();
+        while !done(self) {
+            assert!(t0.elapsed() < timeout, "timed out waiting for {what}; got {:?}", self.lines.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `anomalyd --config <file> run` as a child, its log in `<dir>/daemon.log`.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, config: &str) -> Daemon {
+        let cfg = dir.join("anomalyd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join("daemon.log");
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; its exit must be clean.
+    fn wait(&mut self, timeout: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "daemon exited with {st}:\n{}", self.log());
+                return;
+            }
+            assert!(t0.elapsed() < timeout, "daemon did not exit:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf[split + 4..].to_vec())
+}
+
+/// Metric value of an exact series line (`name{labels}`), 0 when absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// A reference folder (one good part) and frames: good parts, two defective ones, one corrupt file.
+fn scene(dir: &Path) -> (PathBuf, PathBuf) {
+    let reference = dir.join("ref");
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&reference).unwrap();
+    std::fs::create_dir_all(&frames).unwrap();
+    demo::part(0, Defect::None).save(reference.join("good_0.png")).unwrap();
+    for (name, v, stain) in [
+        ("00_good.png", 1, None),
+        ("01_good.png", 2, None),
+        ("03_dark.png", 3, Some(((96, 36), [15, 15, 15]))),
+        ("04_good.png", 4, None),
+        ("05_bright.png", 5, Some(((200, 150), [250, 240, 90]))),
+        ("06_good.png", 6, None),
+    ] {
+        let mut img = demo::part(v, Defect::None);
+        if let Some(((x, y), rgb)) = stain {
+            for dy in 0..20 {
+                for dx in 0..20 {
+                    img.put_pixel(x + dx, y + dy, image::Rgb(rgb));
+                }
+            }
+        }
+        img.save(frames.join(name)).unwrap();
+    }
+    std::fs::write(frames.join("02_corrupt.png"), b"\x89PNG but not really").unwrap();
+    (reference, frames)
+}
+
+/// `[engine]`, `[daemon]` (node plus `daemon` lines), `[mqtt]` and `[http]` of a test config.
+fn base_config(broker: u16, http: &str, node: &str, daemon: &str) -> String {
+    format!(
+        "[engine]\nproviders = [\"cpu\"]\n[daemon]\nnode = \"{node}\"\n{daemon}[mqtt]\nbroker = \"127.0.0.1:{broker}\"\n\
+         [http]\nlisten = \"{http}\"\n"
+    )
+}
+
+#[test]
+fn one_verdict_per_frame_matching_inspect_with_metrics_status_and_stored_frames() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = scene(dir.path());
+    let http = free_port();
+    let sub = Sub::start(broker.port);
+    let config = base_config(broker.port, &format!("127.0.0.1:{http}"), "t1", "exit_when_sources_end = false\n")
+        + &format!(
+            "[store]\ndir = \"{}\"\n[[camera]]\nname = \"line\"\nreference = \"{}\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
+            dir.path().join("store").display(),
+            reference.display(),
+            frames.display()
+        );
+    let mut daemon = Daemon::start(dir.path(), &config);
+    sub.wait_for("7 verdicts", Duration::from_secs(180), |s| s.verdicts().len() >= 7);
+    std::thread::sleep(Duration::from_millis(300));
+    let verdicts = sub.verdicts();
+    assert_eq!(verdicts.len(), 7, "exactly one verdict per frame");
+    let seqs: Vec<u64> = verdicts.iter().map(|v| v.seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    let ids: BTreeSet<&str> = verdicts.iter().map(|v| v.frame_id.as_str()).collect();
+    assert_eq!(ids.len(), 7, "frame ids are unique");
+    for v in &verdicts {
+        assert_eq!((v.schema, v.node.as_str(), v.camera.as_str()), (1, "t1", "line"));
+        assert!(!v.captured_at.is_empty() && !v.published_at.is_empty() && v.published_unix_ms >= v.captured_unix_ms);
+        assert!(!v.model.sha256.is_empty() && v.enrolment.is_some());
+        assert!(v.latency_ms.total >= v.latency_ms.encoder);
+    }
+    // The corrupt file (third in order) is an ERROR with the decoder's reason; the rest are inspected.
+    assert_eq!(verdicts[2].verdict, Outcome::Error, "{:?}", verdicts[2]);
+    assert!(verdicts[2].reason.as_deref().unwrap().contains("decode"), "{:?}", verdicts[2].reason);
+
+    // Same verdicts and scores as `anomalyd inspect` on the same files.
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&frames).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let out = Command::new(bin())
+        .args(["inspect", "--providers", "cpu", "--reference"])
+        .arg(&reference)
+        .arg("--out")
+        .arg(dir.path().join("overlays"))
+        .args(&files)
+        .output()
+        .unwrap();
+    let inspected: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let daemon_inspected: Vec<&VerdictMessage> = verdicts.iter().filter(|v| v.verdict != Outcome::Error).collect();
+    assert_eq!(inspected.len(), daemon_inspected.len());
+    for (i, v) in inspected.iter().zip(&daemon_inspected) {
+        let ng = i["anomalous"].as_bool().unwrap();
+        assert_eq!(ng, v.verdict == Outcome::Ng, "{} vs {:?}", i["image"], v);
+        let score = i["score"].as_f64().unwrap();
+        assert!((score - v.score.unwrap() as f64).abs() < 1e-3 * score.abs().max(1.0), "{score} vs {:?}", v.score);
+    }
+    let ng: Vec<&&VerdictMessage> = daemon_inspected.iter().filter(|v| v.verdict == Outcome::Ng).collect();
+    assert_eq!(ng.len(), 2, "the two stained parts are NG, the good parts OK: {daemon_inspected:?}");
+    assert!(ng.iter().all(|v| !v.regions.is_empty() && v.answer.as_deref().unwrap().starts_with("Yes")));
+
+    // /metrics agrees with the messages.
+    let (st, body) = http_get(http, "/metrics");
+    assert_eq!(st, 200);
+    let text = String::from_utf8(body).unwrap();
+    for (verdict, n) in [("OK", 4.0), ("NG", 2.0), ("ERROR", 1.0)] {
+        let series = format!("anomalyd_frames_total{{camera=\"line\",verdict=\"{verdict}\"}}");
+        assert_eq!(metric(&text, &series), n, "{series} in\n{text}");
+    }
+    assert_eq!(metric(&text, "anomalyd_verdicts_published_total{camera=\"line\"}"), 7.0);
+    assert_eq!(metric(&text, "anomalyd_mqtt_connected"), 1.0);
+    assert_eq!(metric(&text, "anomalyd_stage_seconds_count{camera=\"line\",stage=\"encoder\"}"), 6.0, "{text}");
+    assert_eq!(metric(&text, "anomalyd_frame_latency_seconds_count{camera=\"line\"}"), 7.0, "{text}");
+    assert!(text.contains("anomalyd_model_info{camera=\"line\""), "{text}");
+    assert_eq!(http_get(http, "/healthz").0, 200);
+    assert_eq!(http_get(http, "/readyz").0, 200);
+
+    // NG frames are stored and served; ids that are not frame ids are refused.
+    let url = ng[0].frame_url.clone().expect("NG frames carry their URL");
+    let t0 = Instant::now();
+    while http_get(http, &url).0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "stored frame {url} never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, json) = http_get(http, &url);
+    let stored: VerdictMessage = serde_json::from_slice(&json).unwrap();
+    assert_eq!(stored.frame_id, ng[0].frame_id);
+    for part in ["image", "overlay"] {
+        let (st, jpeg) = http_get(http, &format!("{url}/{part}"));
+        assert_eq!((st, &jpeg[..2]), (200, &[0xFF, 0xD8][..]), "{part}");
+    }
+    assert_eq!(http_get(http, "/v1/frames/..%2F..%2Fetc%2Fpasswd").0, 400);
+    assert_eq!(http_get(http, "/v1/frames/line-0-999").0, 404);
+
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
+    sub.wait_for("stopped", Duration::from_secs(5), |s| s.statuses().last().map(String::as_str) == Some("stopped"));
+    let statuses = sub.statuses();
+    assert_eq!(statuses.first().map(String::as_str), Some("online"), "{statuses:?}");
+    assert_eq!(sub.verdicts().len(), 7, "nothing more after the drain");
+}
+
+#[test]
+fn overload_and_corrupt_frames_still_give_exactly_one_verdict_each() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    demo::part(0, Defect::None).save(dir.path().join("ref.png")).unwrap();
+    for i in 0..16u64 {
+        if i == 7 {
+            std::fs::write(frames.join(format!("{i:02}.png")), b"garbage").unwrap();
+        } else {
+            demo::part(i + 1, Defect::None).save(frames.join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+    let sub = Sub::start(broker.port);
+    // A camera at 40 frames/s, an engine made slow (200 ms per frame), a queue of 1.
+    let config = base_config(broker.port, "", "t2", "inspect_delay_ms = 200\n")
+        + &format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"fast\"\nreference = \"{}\"\nqueue = 1\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 40\n",
+            dir.path().join("ref.png").display(),
+            frames.display()
+        );
+    let mut daemon = Daemon::start(dir.path(), &config);
+    daemon.wait(Duration::from_secs(180));
+    sub.wait_for("stopped", Duration::from_secs(5), |s| s.statuses().last().map(String::as_str) == Some("stopped"));
+    let v = sub.verdicts();
+    let seqs: Vec<u64> = v.iter().map(|m| m.seq).collect::<BTreeSet<_>>().into_iter().collect();
+    assert_eq!(v.len(), 16, "one verdict per frame: {v:?}");
+    assert_eq!(seqs, (1..=16).collect::<Vec<_>>());
+    let skipped: Vec<_> = v.iter().filter(|m| m.verdict == Outcome::Skipped).collect();
+    assert!(!skipped.is_empty(), "an overloaded camera must produce SKIPPED verdicts");
+    assert!(
+        skipped.iter().all(|m| m.reason.as_deref().is_some_and(|r| r.contains("queue full") || r.contains("stale")))
+    );
+    assert!(v.iter().any(|m| m.verdict == Outcome::Ok), "some frames are still inspected");
+    let corrupt = v.iter().find(|m| m.seq == 8).unwrap();
+    assert!(matches!(corrupt.verdict, Outcome::Error | Outcome::Skipped), "{corrupt:?}");
+}
+
+#[test]
+fn sighup_swaps_the_enrolment_without_losing_a_frame_and_refuses_a_broken_config() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.enrol"), dir.path().join("b.enrol"));
+    for (file, variant) in [(&a, 0u64), (&b, 40)] {
+        let refdir = dir.path().join(format!("ref{variant}"));
+        std::fs::create_dir_all(&refdir).unwrap();
+        demo::part(variant, Defect::None).save(refdir.join("good.png")).unwrap();
+        let st = Command::new(bin())
+            .args(["enroll", "--providers", "cpu", "--reference"])
+            .arg(&refdir)
+            .arg("--out")
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    }
+    let sub = Sub::start(broker.port);
+    let config = |reference: &Path| {
+        base_config(broker.port, "", "t3", "")
+            + &format!(
+                "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\n[camera.source]\nkind = \"demo\"\nfps = 6\nframes = 0\n",
+                reference.display()
+            )
+    };
+    let mut daemon = Daemon::start(dir.path(), &config(&a));
+    sub.wait_for("verdicts with enrolment A", Duration::from_secs(120), |s| s.verdicts().len() >= 4);
+    std::fs::write(dir.path().join("anomalyd.toml"), config(&b)).unwrap();
+    daemon.signal("HUP");
+    let is_b = |m: &VerdictMessage| m.enrolment.as_ref().is_some_and(|e| e.source.ends_with("b.enrol"));
+    sub.wait_for("verdicts with enrolment B", Duration::from_secs(60), |s| {
+        s.verdicts().iter().filter(|m| is_b(m)).count() >= 3
+    });
+    std::fs::write(dir.path().join("anomalyd.toml"), config(&b) + "[detect]\nbogus_key = 1\n").unwrap();
+    daemon.signal("HUP");
+    let before = sub.verdicts().len();
+    sub.wait_for("verdicts after the refused reload", Duration::from_secs(30), |s| s.verdicts().len() >= before + 4);
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
+    sub.wait_for("stopped", Duration::from_secs(5), |s| s.statuses().last().map(String::as_str) == Some("stopped"));
+    let v = sub.verdicts();
+    let seqs: Vec<u64> = v.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=v.len() as u64).collect::<Vec<_>>(), "no frame lost or repeated across reloads");
+    assert!(v.iter().all(|m| matches!(m.verdict, Outcome::Ok | Outcome::Ng)), "{v:?}");
+    let first_b = v.iter().position(is_b).unwrap();
+    assert!(v[first_b..].iter().all(is_b), "after the swap every verdict uses B");
+    assert!(v.last().is_some_and(is_b), "the broken config did not replace B");
+    let ids: BTreeSet<&str> = v.iter().filter_map(|m| m.enrolment.as_ref().map(|e| e.id.as_str())).collect();
+    assert_eq!(ids.len(), 2, "two enrolments, two ids");
+    assert!(daemon.log().contains("reload refused"), "{}", daemon.log());
+}
+
+#[test]
+fn plc_triggers_tag_frames_with_part_ids_and_a_trigger_without_frame_is_an_error() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = scene(dir.path());
+    std::fs::remove_file(frames.join("02_corrupt.png")).unwrap();
+    for f in ["04_good.png", "05_bright.png", "06_good.png"] {
+        std::fs::remove_file(frames.join(f)).unwrap();
+    }
+    let sub = Sub::start(broker.port);
+    let config = base_config(broker.port, "", "t4", "exit_when_sources_end = false\n")
+        + &format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"station\"\nreference = \"{}\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 800\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
+            reference.display(),
+            frames.display()
+        );
+    let mut daemon = Daemon::start(dir.path(), &config);
+    sub.wait_for("online", Duration::from_secs(120), |s| s.statuses().iter().any(|x| x == "online"));
+    std::thread::sleep(Duration::from_millis(300));
+    for p in ["P-1", "P-2", "P-3"] {
+        broker
+            .publish("anomalyd/t4/cmd", &format!("{{\"cmd\":\"trigger\",\"camera\":\"station\",\"part_id\":\"{p}\"}}"));
+        sub.wait_for(p, Duration::from_secs(60), |s| s.verdicts().iter().any(|m| m.part_id.as_deref() == Some(p)));
+    }
+    broker.publish("anomalyd/t4/cmd", "{\"cmd\":\"format-disk\"}");
+    broker.publish("anomalyd/t4/cmd", "{\"cmd\":\"trigger\",\"camera\":\"station\",\"part_id\":\"P-4\"}");
+    sub.wait_for("P-4", Duration::from_secs(30), |s| s.verdicts().iter().any(|m| m.part_id.as_deref() == Some("P-4")));
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
+    let v = sub.verdicts();
+    let parts: Vec<(&str, Outcome)> = v.iter().map(|m| (m.part_id.as_deref().unwrap_or("-"), m.verdict)).collect();
+    assert_eq!(
+        parts,
+        [("P-1", Outcome::Ok), ("P-2", Outcome::Ok), ("P-3", Outcome::Ng), ("P-4", Outcome::Error)],
+        "{v:?}"
+    );
+    assert!(v[3].reason.as_deref().unwrap().contains("no frame arrived"), "{:?}", v[3].reason);
+}
+
+#[test]
+fn mqtt_contract_examples_parse() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/MQTT.md")).unwrap();
+    let blocks: Vec<&str> = doc.split("```json").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    let (mut verdicts, mut commands) = (0, 0);
+    for b in blocks {
+        let v: Value = serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {b}"));
+        if v.get("schema").is_some() {
+            let m: VerdictMessage = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
+            assert_eq!(m.schema, anomalyd::daemon::message::SCHEMA);
+            assert!(anomalyd::daemon::message::valid_frame_id(&m.frame_id));
+            verdicts += 1;
+        } else {
+            let _: anomalyd::sink::mqtt::Command = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
+            commands += 1;
+        }
+    }
+    assert_eq!((verdicts, commands), (4, 2));
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(
+        &f,
+        "[mqtt]\nqos = 7\n[http]\nlisten = \"nowhere\"\n[[camera]]\nname = \"a b\"\nreference = \"/no/such\"\n[camera.source]\nkind = \"files\"\npath = \"/no/such/*.png\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin()).arg("validate").arg(&f).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for key in ["mqtt.qos", "http.listen", "camera[0].name", "camera[0].reference", "camera[0].source.path"] {
+        assert!(err.contains(key), "{key} missing:\n{err}");
+    }
+    let ok = Command::new(bin())
+        .arg("validate")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/anomalyd.toml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+/// Frames a source delivers into a test camera within `timeout` (until the source ends).
+fn frames_from(
+    source: anomalyd::source::SourceConfig,
+    timeout: Duration,
+) -> (Vec<image::RgbImage>, anomalyd::source::SourceEnd) {
+    use anomalyd::daemon::frame::FrameSink;
+    let t = FrameSink::new_test("gst", 64, true, anomalyd::daemon::config::Trigger::EveryFrame);
+    let h = source.start(t.sink.clone()).unwrap();
+    let t0 = Instant::now();
+    while !h.thread.is_finished() && t0.elapsed() < timeout {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.sink.stop_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+    let end = h.thread.join().unwrap();
+    let frames = t.queue.try_iter().map(|f| f.image.unwrap()).collect();
+    (frames, end)
+}
+
+#[cfg(feature = "gstreamer")]
+#[test]
+fn gstreamer_test_source_delivers_rgb_frames_copied_by_stride() {
+    use anomalyd::source::{SourceConfig, SourceEnd};
+    // 90 px rows are 270 bytes, padded to 272 by GStreamer: the copy must follow the stride.
+    let src = SourceConfig::Test { pattern: "red".into(), width: 90, height: 60, fps: 30, frames: 5 };
+    let (frames, end) = frames_from(src, Duration::from_secs(20));
+    assert_eq!(end, SourceEnd::Eos);
+    assert_eq!(frames.len(), 5);
+    for f in &frames {
+        assert_eq!(f.dimensions(), (90, 60));
+        for p in [f.get_pixel(0, 0), f.get_pixel(89, 59), f.get_pixel(45, 30)] {
+            assert!(p[0] > 200 && p[1] < 50 && p[2] < 50, "not red: {p:?}");
+        }
+    }
+    let desc =
+        "videotestsrc num-buffers=3 pattern=green ! video/x-raw,width=50,height=40 ! videoconvert ! appsink name=sink";
+    let (frames, end) = frames_from(SourceConfig::Pipeline { description: desc.into() }, Duration::from_secs(20));
+    assert_eq!((frames.len(), end), (3, SourceEnd::Eos));
+    assert!(frames.iter().all(|f| f.dimensions() == (50, 40) && f.get_pixel(10, 10)[1] > 200));
+}
+
+#[cfg(feature = "gstreamer")]
+#[test]
+fn gstreamer_faults_are_reported_not_panics() {
+    use anomalyd::source::{SourceConfig, SourceEnd};
+    let (_, end) = frames_from(SourceConfig::Uri { uri: "file:///no/such/video.mp4".into() }, Duration::from_secs(20));
+    assert!(
+        matches!(end, SourceEnd::Failed(ref why) if why.to_lowercase().contains("not") || why.contains("exist")),
+        "{end:?}"
+    );
+    let bad = SourceConfig::Pipeline { description: "videotestsrc ! appsink name=other".into() };
+    let (_, end) = frames_from(bad, Duration::from_secs(5));
+    assert!(matches!(end, SourceEnd::Failed(ref why) if why.contains("appsink name=sink")), "{end:?}");
+    let problems = SourceConfig::Aravis { camera: None }.validate("camera[0].source");
+    if !problems.is_empty() {
+        assert!(problems[0].contains("aravissrc") && problems[0].contains("install"), "{problems:?}");
+    }
+}
