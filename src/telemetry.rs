@@ -185,3 +185,53 @@ impl Metrics {
         CameraLabel { camera: camera.into() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every series name the exposition can hold: counters with `_total`, histograms with their suffixes.
+    fn exposed_names() -> std::collections::BTreeSet<String> {
+        let text = Metrics::new().encode();
+        let mut names = std::collections::BTreeSet::new();
+        for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+            match kind {
+                "counter" => names.insert(format!("{name}_total")),
+                "histogram" => ["", "_bucket", "_sum", "_count"].iter().all(|s| names.insert(format!("{name}{s}"))),
+                _ => names.insert(name.to_string()),
+            };
+        }
+        names
+    }
+
+    #[test]
+    fn dashboards_alerts_and_docs_name_only_metrics_that_exist() {
+        let names = exposed_names();
+        for (file, text) in [
+            ("deploy/prometheus/alerts.yml", include_str!("../deploy/prometheus/alerts.yml")),
+            ("deploy/grafana/anomalyd.json", include_str!("../deploy/grafana/anomalyd.json")),
+            ("docs/METRICS.md", include_str!("../docs/METRICS.md")),
+        ] {
+            let mut seen = 0;
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("anomalyd_") && word.len() > "anomalyd_".len() {
+                    assert!(names.contains(word), "{file} names {word}, which anomalyd does not export: {names:?}");
+                    seen += 1;
+                }
+            }
+            assert!(seen > 3, "{file} names no metrics");
+        }
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for n in exposed_names() {
+            assert!(n.starts_with("anomalyd_"), "{n}");
+        }
+        let text = Metrics::new().encode();
+        assert!(text.contains("# TYPE anomalyd_stage_seconds histogram"));
+        assert!(text.contains("# TYPE anomalyd_frames counter"));
+    }
+}

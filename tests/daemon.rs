@@ -505,6 +505,17 @@ fn validate_reports_every_problem_with_its_key() {
     for key in ["mqtt.qos", "http.listen", "camera[0].name", "camera[0].reference", "camera[0].source.path"] {
         assert!(err.contains(key), "{key} missing:\n{err}");
     }
+    // Environment overrides go through the same validation, named by their key.
+    let env = Command::new(bin())
+        .arg("validate")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/anomalyd.toml"))
+        .env("ANOMALYD__DAEMON__NODE", "bad name")
+        .env("ANOMALYD__MQTT__QOS", "5")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&env.stderr);
+    assert_eq!(env.status.code(), Some(2), "{err}");
+    assert!(err.contains("daemon.node") && err.contains("mqtt.qos"), "{err}");
     let ok = Command::new(bin())
         .arg("validate")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/anomalyd.toml"))

@@ -179,3 +179,58 @@ impl Store {
         Ok((tx, handle))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::frame::FrameSink;
+    use crate::daemon::message::Outcome;
+    use crate::map::Grid;
+
+    fn job(id: &str) -> StoreJob {
+        let t = FrameSink::new_test("c", 1, true, crate::daemon::config::Trigger::EveryFrame);
+        let mut msg = t.sink.camera.skeleton(1, id.into(), None, SystemTime::now());
+        msg.verdict = Outcome::Ng;
+        // Noise so that JPEG cannot shrink it to nothing.
+        let mut rng = crate::synth::Rng::new(id.len() as u64);
+        let image = RgbImage::from_fn(256, 256, |_, _| image::Rgb([rng.below(256) as u8, 0, 0]));
+        let verdict = crate::detect::Verdict {
+            anomalous: true,
+            score: 1.0,
+            threshold: 0.5,
+            pixel_threshold: 0.5,
+            regions: vec![],
+            answer: String::new(),
+            timings: Default::default(),
+        };
+        let inspection = Inspection { verdict, map: Grid::new(256, 256, vec![0.0; 256 * 256]) };
+        StoreJob { msg, image, inspection }
+    }
+
+    #[test]
+    fn keeps_frames_under_the_byte_budget_oldest_deleted_first_and_reindexes_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig { dir: dir.path().into(), max_bytes: 1 << 20, jpeg_quality: 90 };
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::open(&cfg, metrics.clone()).unwrap();
+        for i in 0..30 {
+            store.put(&job(&format!("c-0-{i}"))).unwrap();
+        }
+        let held = metrics.store_bytes.get() as u64;
+        assert!(held <= cfg.max_bytes && held > 0, "{held}");
+        assert!(metrics.store_evicted.get() > 0, "30 noisy frames exceed 1 MiB");
+        assert!(store.get("c-0-0", Part::Image).is_none(), "the oldest went first");
+        let newest = store.get("c-0-29", Part::Verdict).unwrap();
+        let back: VerdictMessage = serde_json::from_slice(&newest).unwrap();
+        assert_eq!(back.frame_id, "c-0-29");
+        assert_eq!(&store.get("c-0-29", Part::Overlay).unwrap()[..2], &[0xFF, 0xD8]);
+        assert!(store.get("../c-0-29", Part::Verdict).is_none());
+        // A restart finds what is there and keeps honouring the budget.
+        let frames = metrics.store_files.get();
+        let again = Store::open(&cfg, Arc::new(Metrics::new())).unwrap();
+        assert_eq!(again.index.lock().unwrap().0.len() as i64, frames);
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp"))
+        );
+    }
+}
