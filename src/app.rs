@@ -117,7 +117,7 @@ fn validate_cmd(file: Option<&Path>) -> Result<ExitCode> {
             let text = std::fs::read_to_string(file)?;
             let cfg: Config = toml::from_str(&text).unwrap_or_default();
             let mut all = problems;
-            all.extend(crate::daemon::config::validate(&cfg.daemon, &cfg.mqtt, &cfg.http, &cfg.store, &cfg.camera));
+            all.extend(crate::daemon::config::validate(&cfg));
             return report_problems(file, &all);
         }
         Err(e) => {
@@ -181,6 +181,7 @@ fn run_cmd(cfg: Config, config_path: Option<PathBuf>, duration: Option<f64>) -> 
         };
         let (_, summary) = daemon.run(shutdown, reload_rx, &notifier).await;
         println!("published {} verdict(s)", summary.published);
+        println!("summary: {}", serde_json::to_string(&summary)?);
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::config::{CameraConfig, DaemonConfig, HttpConfig, MqttConfig, StoreConfig};
+use crate::daemon::config::{CameraConfig, DaemonConfig, HttpConfig, MqttConfig, OutboxConfig, StoreConfig};
 use crate::detect::DetectConfig;
 use crate::engine::EngineConfig;
 
@@ -20,6 +20,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub store: StoreConfig,
+    pub outbox: OutboxConfig,
     pub camera: Vec<CameraConfig>,
 }
 
@@ -64,7 +65,7 @@ impl Config {
     /// Every problem of the whole file, daemon sections included (`anomalyd validate`, `anomalyd run`).
     pub fn validate_all(&self) -> Vec<String> {
         let mut p = self.validate();
-        p.extend(crate::daemon::config::validate(&self.daemon, &self.mqtt, &self.http, &self.store, &self.camera));
+        p.extend(crate::daemon::config::validate(self));
         p
     }
 
@@ -172,7 +173,7 @@ mod tests {
         let cfg = Config {
             daemon: DaemonConfig { node: "line 1/a".into(), ..DaemonConfig::default() },
             mqtt: MqttConfig { qos: 3, broker: "nohost".into(), ..MqttConfig::default() },
-            http: HttpConfig { listen: "localhost".into() },
+            http: HttpConfig { listen: "localhost".into(), ..HttpConfig::default() },
             ..Config::default()
         };
         let all = cfg.validate_all().join("\n");

@@ -28,6 +28,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub camera: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub camera: String,
     pub stage: String,
@@ -80,6 +86,11 @@ pub struct Metrics {
     pub store_files: Gauge,
     pub store_evicted: Counter,
     pub store_failures: Counter,
+    pub outbox_bytes: Gauge,
+    pub outbox_verdicts: Gauge,
+    pub outbox_evicted: Counter,
+    pub replayed: Counter,
+    pub camera_state: Family<StateLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +132,11 @@ impl Metrics {
             store_files: Gauge::default(),
             store_evicted: Counter::default(),
             store_failures: Counter::default(),
+            outbox_bytes: Gauge::default(),
+            outbox_verdicts: Gauge::default(),
+            outbox_evicted: Counter::default(),
+            replayed: Counter::default(),
+            camera_state: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -166,6 +182,31 @@ impl Metrics {
         r.register("store_frames", "Frames held by the flagged-frame store", m.store_files.clone());
         r.register("store_evicted", "Flagged frames deleted to stay under the byte budget", m.store_evicted.clone());
         r.register("store_failures", "Flagged frames that could not be written", m.store_failures.clone());
+        r.register(
+            "outbox_bytes",
+            "Bytes of verdicts logged but not yet acknowledged by the broker",
+            m.outbox_bytes.clone(),
+        );
+        r.register(
+            "outbox_verdicts",
+            "Verdicts logged but not yet acknowledged by the broker",
+            m.outbox_verdicts.clone(),
+        );
+        r.register(
+            "outbox_evicted",
+            "Unpublished verdicts evicted (oldest first) to keep the outbox under its byte bound",
+            m.outbox_evicted.clone(),
+        );
+        r.register(
+            "verdicts_replayed",
+            "Verdicts published again after a broker outage or a restart",
+            m.replayed.clone(),
+        );
+        r.register(
+            "camera_state",
+            "1 for the camera's current state: streaming, reconnecting, failed, ended, stopped",
+            m.camera_state.clone(),
+        );
         m
     }
 

@@ -31,11 +31,18 @@ fn find(names: &[&str]) -> Option<PathBuf> {
 struct Mosquitto {
     child: Child,
     port: u16,
+    exe: PathBuf,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     fn start() -> Option<Mosquitto> {
+        Self::start_on(free_port(), false)
+    }
+
+    /// On `port`; `persistent` keeps sessions and queued messages across restarts (saved on SIGTERM).
+    fn start_on(port: u16, persistent: bool) -> Option<Mosquitto> {
         let Some(exe) = find(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]) else {
             assert!(
                 std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(),
@@ -45,16 +52,39 @@ impl Mosquitto {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        // Started as root, mosquitto drops to its own user, which must be able to write its state here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
-        let child = Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let persistence = if persistent {
+            format!("persistence true\npersistence_location {}/\nautosave_interval 1\n", dir.path().display())
+        } else {
+            "persistence false\n".to_string()
+        };
+        let log = format!("log_dest file {}/mosquitto.log\nlog_type all\n", dir.path().display());
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{log}")).unwrap();
+        let child = Self::spawn(&exe, &conf, port);
+        Some(Mosquitto { child, port, exe, conf, _dir: dir })
+    }
+
+    fn spawn(exe: &Path, conf: &Path, port: u16) -> Child {
+        let child = Command::new(exe).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(t0.elapsed() < Duration::from_secs(10), "mosquitto did not start on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(Mosquitto { child, port, _dir: dir })
+        child
+    }
+
+    /// Stops the broker (SIGTERM: it saves its sessions) and waits for it to exit.
+    fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.exe, &self.conf, self.port);
     }
 
     fn publish(&self, topic: &str, payload: &str) {
@@ -82,8 +112,19 @@ struct Sub {
 
 impl Sub {
     fn start(port: u16) -> Sub {
+        Self::start_with(port, &[])
+    }
+
+    /// A subscriber with a persistent session: it reconnects after broker restarts and gets what was
+    /// queued for it meanwhile.
+    fn persistent(port: u16) -> Sub {
+        Self::start_with(port, &["-c", "-i", "anomalyd-soak-subscriber"])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> Sub {
         let exe = find(&["/usr/bin/mosquitto_sub"]).expect("mosquitto_sub (mosquitto-clients)");
         let mut child = Command::new(exe)
+            .args(extra)
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v", "-t", "anomalyd/#"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -132,10 +173,11 @@ impl Drop for Sub {
     }
 }
 
-/// `anomalyd --config <file> run` as a child, its log in `<dir>/daemon.log`.
+/// `anomalyd --config <file> run` as a child, its log in `<dir>/daemon.log`, its output in `<dir>/daemon.out`.
 struct Daemon {
     child: Child,
     log: PathBuf,
+    out: PathBuf,
 }
 
 impl Daemon {
@@ -143,16 +185,25 @@ impl Daemon {
         let cfg = dir.join("anomalyd.toml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.join("daemon.log");
+        let out = dir.join("daemon.out");
         let child = Command::new(bin())
             .arg("--config")
             .arg(&cfg)
             .arg("run")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
             .spawn()
             .unwrap();
-        Daemon { child, log }
+        Daemon { child, log, out }
+    }
+
+    /// The summary line a clean exit prints.
+    fn summary(&self) -> Value {
+        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let line =
+            out.lines().find_map(|l| l.strip_prefix("summary: ")).unwrap_or_else(|| panic!("no summary in {out}"));
+        serde_json::from_str(line).unwrap()
     }
 
     fn signal(&self, sig: &str) {
@@ -185,8 +236,18 @@ impl Drop for Daemon {
 }
 
 fn http_get(port: u16, path: &str) -> (u16, Vec<u8>) {
+    http(port, "GET", path, None, "")
+}
+
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).unwrap();
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
@@ -229,11 +290,13 @@ fn scene(dir: &Path) -> (PathBuf, PathBuf) {
     (reference, frames)
 }
 
-/// `[engine]`, `[daemon]` (node plus `daemon` lines), `[mqtt]` and `[http]` of a test config.
-fn base_config(broker: u16, http: &str, node: &str, daemon: &str) -> String {
+/// `[engine]`, `[daemon]` (node plus `daemon` lines), `[mqtt]`, `[http]` and `[outbox]` (in `dir`) of a
+/// test config.
+fn base_config(dir: &Path, broker: u16, http: &str, node: &str, daemon: &str) -> String {
     format!(
         "[engine]\nproviders = [\"cpu\"]\n[daemon]\nnode = \"{node}\"\n{daemon}[mqtt]\nbroker = \"127.0.0.1:{broker}\"\n\
-         [http]\nlisten = \"{http}\"\n"
+         [http]\nlisten = \"{http}\"\n[outbox]\npath = \"{}\"\n",
+        dir.join("outbox.redb").display()
     )
 }
 
@@ -244,13 +307,18 @@ fn one_verdict_per_frame_matching_inspect_with_metrics_status_and_stored_frames(
     let (reference, frames) = scene(dir.path());
     let http = free_port();
     let sub = Sub::start(broker.port);
-    let config = base_config(broker.port, &format!("127.0.0.1:{http}"), "t1", "exit_when_sources_end = false\n")
-        + &format!(
-            "[store]\ndir = \"{}\"\n[[camera]]\nname = \"line\"\nreference = \"{}\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
-            dir.path().join("store").display(),
-            reference.display(),
-            frames.display()
-        );
+    let config = base_config(
+        dir.path(),
+        broker.port,
+        &format!("127.0.0.1:{http}"),
+        "t1",
+        "exit_when_sources_end = false\n",
+    ) + &format!(
+        "[store]\ndir = \"{}\"\n[[camera]]\nname = \"line\"\nreference = \"{}\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
+        dir.path().join("store").display(),
+        reference.display(),
+        frames.display()
+    );
     let mut daemon = Daemon::start(dir.path(), &config);
     sub.wait_for("7 verdicts", Duration::from_secs(180), |s| s.verdicts().len() >= 7);
     std::thread::sleep(Duration::from_millis(300));
@@ -355,7 +423,7 @@ fn overload_and_corrupt_frames_still_give_exactly_one_verdict_each() {
     }
     let sub = Sub::start(broker.port);
     // A camera at 40 frames/s, an engine made slow (200 ms per frame), a queue of 1.
-    let config = base_config(broker.port, "", "t2", "inspect_delay_ms = 200\n")
+    let config = base_config(dir.path(), broker.port, "", "t2", "inspect_delay_ms = 200\n")
         + &format!(
             "[store]\ndir = \"\"\n[[camera]]\nname = \"fast\"\nreference = \"{}\"\nqueue = 1\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 40\n",
             dir.path().join("ref.png").display(),
@@ -398,7 +466,7 @@ fn sighup_swaps_the_enrolment_without_losing_a_frame_and_refuses_a_broken_config
     }
     let sub = Sub::start(broker.port);
     let config = |reference: &Path| {
-        base_config(broker.port, "", "t3", "")
+        base_config(dir.path(), broker.port, "", "t3", "")
             + &format!(
                 "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\n[camera.source]\nkind = \"demo\"\nfps = 6\nframes = 0\n",
                 reference.display()
@@ -441,7 +509,7 @@ fn plc_triggers_tag_frames_with_part_ids_and_a_trigger_without_frame_is_an_error
         std::fs::remove_file(frames.join(f)).unwrap();
     }
     let sub = Sub::start(broker.port);
-    let config = base_config(broker.port, "", "t4", "exit_when_sources_end = false\n")
+    let config = base_config(dir.path(), broker.port, "", "t4", "exit_when_sources_end = false\n")
         + &format!(
             "[store]\ndir = \"\"\n[[camera]]\nname = \"station\"\nreference = \"{}\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 800\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
             reference.display(),
@@ -580,4 +648,211 @@ fn gstreamer_faults_are_reported_not_panics() {
     if !problems.is_empty() {
         assert!(problems[0].contains("aravissrc") && problems[0].contains("install"), "{problems:?}");
     }
+}
+
+fn wait_http(port: u16) {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "HTTP API never came up on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn state_changing_endpoints_need_the_token_and_frame_ids_cannot_traverse_paths() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let http_port = free_port();
+    let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "t5", "")
+        .replace("[outbox]", &format!("token_file = \"{}\"\n[outbox]", token_file.display()))
+        + "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\ntrigger = \"triggered\"\n[camera.source]\nkind = \"demo\"\nfps = 5\nframes = 0\n";
+    // A token file others can read is refused before anything starts.
+    std::fs::write(dir.path().join("anomalyd.toml"), &config).unwrap();
+    let out = Command::new(bin()).arg("validate").arg(dir.path().join("anomalyd.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &config);
+    wait_http(http_port);
+    sub.wait_for("online", Duration::from_secs(120), |s| s.statuses().iter().any(|x| x == "online"));
+    let trigger = r#"{"camera":"cam","part_id":"HTTP-1"}"#;
+    assert_eq!(http(http_port, "POST", "/v1/trigger", None, trigger).0, 401);
+    assert_eq!(http(http_port, "POST", "/v1/trigger", Some("0123456789abcdef0123456789abcdeX"), trigger).0, 401);
+    assert_eq!(http(http_port, "POST", "/v1/reload", None, "").0, 401);
+    assert_eq!(http(http_port, "POST", "/v1/trigger", Some(token), "{\"camera\":1}").0, 400);
+    assert_eq!(http(http_port, "POST", "/v1/trigger", Some(token), trigger).0, 202);
+    sub.wait_for("the HTTP trigger's verdict", Duration::from_secs(30), |s| {
+        s.verdicts().iter().any(|m| m.part_id.as_deref() == Some("HTTP-1"))
+    });
+    assert_eq!(http(http_port, "POST", "/v1/reload", Some(token), "").0, 202);
+    // Read-only endpoints are open by default; the probes always are.
+    assert_eq!(http_get(http_port, "/metrics").0, 200);
+    assert_eq!(http_get(http_port, "/healthz").0, 200);
+    for bad in
+        ["/v1/frames/..%2F..%2Fetc%2Fpasswd", "/v1/frames/%2Fetc%2Fshadow", "/v1/frames/.hidden", "/v1/frames/a%00b"]
+    {
+        assert_eq!(http_get(http_port, bad).0, 400, "{bad}");
+    }
+    let t0 = Instant::now();
+    while !daemon.log().contains("configuration reloaded") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
+    let log = daemon.log();
+    assert!(!log.contains(token), "the token must never be logged");
+}
+
+/// Frame ids grouped by the daemon start they came from: `<camera>-<start>-<seq>`.
+fn boot_of(frame_id: &str) -> &str {
+    frame_id.rsplit('-').nth(1).unwrap()
+}
+
+#[test]
+fn verdicts_logged_before_a_crash_are_published_after_the_restart() {
+    let port = free_port();
+    if find(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]).is_none() {
+        assert!(std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(), "mosquitto is required");
+        eprintln!("skipped: mosquitto is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = scene(dir.path());
+    std::fs::remove_file(frames.join("02_corrupt.png")).unwrap();
+    let http_port = free_port();
+    // The broker is down: every verdict waits in the outbox.
+    let config = base_config(
+        dir.path(),
+        port,
+        &format!("127.0.0.1:{http_port}"),
+        "t6",
+        "exit_when_sources_end = false\n",
+    ) + &format!(
+        "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\n",
+        reference.display(),
+        frames.display()
+    );
+    let mut first = Daemon::start(dir.path(), &config);
+    wait_http(http_port);
+    let t0 = Instant::now();
+    loop {
+        let text = String::from_utf8(http_get(http_port, "/metrics").1).unwrap();
+        if metric(&text, "anomalyd_outbox_verdicts") == 6.0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "verdicts never reached the outbox:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let Some(_broker) = Mosquitto::start_on(port, false) else { return };
+    let sub = Sub::start(port);
+    let mut second = Daemon::start(dir.path(), &config);
+    sub.wait_for("12 verdicts", Duration::from_secs(120), |s| s.verdicts().len() >= 12);
+    second.signal("TERM");
+    second.wait(Duration::from_secs(30));
+    let v = sub.verdicts();
+    let boots: BTreeSet<&str> = v.iter().map(|m| boot_of(&m.frame_id)).collect();
+    assert_eq!(boots.len(), 2, "{boots:?}");
+    let before_crash: Vec<&VerdictMessage> = v.iter().filter(|m| m.replayed).collect();
+    let seqs: BTreeSet<u64> = before_crash.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=6).collect(), "every verdict logged before SIGKILL arrives, marked replayed: {v:?}");
+    assert_eq!(before_crash.iter().map(|m| boot_of(&m.frame_id)).collect::<BTreeSet<_>>().len(), 1);
+    assert_eq!(v.iter().filter(|m| !m.replayed).count(), 6, "the second run's own frames");
+}
+
+#[test]
+fn soak_broker_restarts_and_camera_unplugs_lose_no_verdict() {
+    let secs: u64 = std::env::var("ANOMALYD_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40).max(40);
+    let Some(mut broker) = Mosquitto::start_on(free_port(), true) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    for v in 1..=3 {
+        demo::part(v, Defect::None).save(share.join(format!("{v}.png"))).unwrap();
+    }
+    let sub = Sub::persistent(broker.port);
+    let config = base_config(
+        dir.path(),
+        broker.port,
+        "",
+        "soak",
+        "log_verdicts = \"ng\"\nexit_when_sources_end = false\n",
+    ) + &format!(
+        "[store]\ndir = \"\"\n\
+             [[camera]]\nname = \"line\"\n[camera.source]\nkind = \"demo\"\nfps = 6\nframes = 0\n\
+             [[camera]]\nname = \"share\"\nreference = \"{}\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 5\nrepeat = true\n",
+        share.join("1.png").display(),
+        share.display()
+    );
+    let mut daemon = Daemon::start(dir.path(), &config);
+    sub.wait_for("the first verdicts", Duration::from_secs(120), |s| s.verdicts().len() >= 5);
+    let t0 = Instant::now();
+    let step = secs as f64 / 10.0;
+    let at = |k: f64| t0 + Duration::from_secs_f64(k * step);
+    let until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
+    let (mut broker_restarts, mut unplugs) = (0, 0);
+    let off = dir.path().join("share.unplugged");
+    for round in 0..3 {
+        let base = round as f64 * 3.0;
+        until(at(base + 1.0));
+        broker.stop();
+        until(at(base + 1.8));
+        broker.restart();
+        broker_restarts += 1;
+        if round < 2 {
+            until(at(base + 2.2));
+            std::fs::rename(&share, &off).unwrap();
+            until(at(base + 3.0));
+            std::fs::rename(&off, &share).unwrap();
+            unplugs += 1;
+        }
+    }
+    until(at(10.0));
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(60));
+    let summary = daemon.summary();
+    let frames = summary["frames"].as_object().unwrap().clone();
+    let total: u64 = frames.values().map(|v| v.as_u64().unwrap()).sum();
+    let t1 = Instant::now();
+    while (sub.verdicts().iter().map(|m| m.frame_id.clone()).collect::<BTreeSet<_>>().len() as u64) < total
+        && t1.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = sub.verdicts();
+    let mut missing = Vec::new();
+    for (camera, n) in &frames {
+        let seen: BTreeSet<u64> = v.iter().filter(|m| &m.camera == camera).map(|m| m.seq).collect();
+        missing.extend((1..=n.as_u64().unwrap()).filter(|s| !seen.contains(s)).map(|s| format!("{camera}#{s}")));
+    }
+    let distinct = v.iter().map(|m| m.frame_id.as_str()).collect::<BTreeSet<_>>().len();
+    let states: Vec<String> =
+        sub.lines.lock().unwrap().iter().filter(|(t, _)| t.ends_with("/share/state")).map(|(_, p)| p.clone()).collect();
+    eprintln!(
+        "soak: {secs} s, frames {total} ({frames:?}), broker restarts {broker_restarts}, camera unplugs {unplugs}, \
+         messages {}, duplicates {}, missing {}, replayed {}, max outbox backlog {}, reconnects {}",
+        v.len(),
+        v.len() - distinct,
+        missing.len(),
+        v.iter().filter(|m| m.replayed).count(),
+        summary["max_backlog"],
+        summary["reconnects"]
+    );
+    let blog = std::fs::read_to_string(broker._dir.path().join("mosquitto.log")).unwrap_or_default();
+    let interesting: Vec<&str> = blog.lines().filter(|l| !l.contains("PUBLISH") && !l.contains("PUBACK")).collect();
+    assert!(missing.is_empty(), "missing verdicts: {missing:?}\n{}\nbroker:\n{}", daemon.log(), interesting.join("\n"));
+    assert!(summary["reconnects"].as_u64().unwrap() >= 3, "{summary}");
+    assert!(states.iter().filter(|s| *s == "reconnecting").count() >= 2, "camera states: {states:?}");
+    assert!(v.iter().any(|m| m.replayed), "verdicts held during the outages go out marked replayed");
+    assert!(total > 50, "{total}");
 }

@@ -89,12 +89,56 @@ impl Default for MqttConfig {
 pub struct HttpConfig {
     /// Address of /metrics, /healthz, /readyz and /v1/frames; "" turns the server off.
     pub listen: String,
+    /// Bearer token for the endpoints that change state (POST /v1/reload, /v1/trigger). Prefer
+    /// `token_file`; with neither set those endpoints answer 403.
+    pub token: Option<Secret>,
+    /// File holding the token (first line); it must not be readable by group or others (0600).
+    pub token_file: Option<PathBuf>,
+    /// Require the token for the read-only endpoints too (/metrics, /v1/frames); /healthz and
+    /// /readyz stay open for probes.
+    pub protect_reads: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:9464".into() }
+        Self { listen: "127.0.0.1:9464".into(), token: None, token_file: None, protect_reads: false }
     }
+}
+
+/// A secret from the configuration: never printed (Debug shows `***`).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The HTTP token: from `token_file` (refused unless 0600) or `token`.
+pub fn http_token(h: &HttpConfig) -> Result<Option<Secret>, String> {
+    if let Some(f) = &h.token_file {
+        let meta = std::fs::metadata(f).map_err(|e| format!("http.token_file = {}: {e}", f.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "http.token_file = {} has mode {mode:o}: others can read it; chmod 600 it",
+                    f.display()
+                ));
+            }
+        }
+        let _ = meta;
+        let token = read_secret(f).map_err(|e| format!("http.token_file = {}: {e}", f.display()))?;
+        if token.len() < 16 {
+            return Err(format!("http.token_file = {}: the token is shorter than 16 characters", f.display()));
+        }
+        return Ok(Some(Secret(token)));
+    }
+    Ok(h.token.clone())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -111,6 +155,21 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self { dir: "anomalyd-state/flagged".into(), max_bytes: 512 << 20, jpeg_quality: 90 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The durable log of verdicts not yet acknowledged by the broker (a redb file).
+    pub path: PathBuf,
+    /// Byte bound; past it the oldest unpublished verdicts are evicted (counted and logged).
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { path: "anomalyd-state/outbox.redb".into(), max_bytes: 256 << 20 }
     }
 }
 
@@ -178,14 +237,15 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// Problems of the daemon sections, each naming its key and the fix.
-pub fn validate(
-    d: &DaemonConfig,
-    m: &MqttConfig,
-    h: &HttpConfig,
-    s: &StoreConfig,
-    cams: &[CameraConfig],
-) -> Vec<String> {
+pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
+    let (d, m, h, s, cams) = (&cfg.daemon, &cfg.mqtt, &cfg.http, &cfg.store, &cfg.camera);
     let mut p = Vec::new();
+    if cfg.outbox.path.as_os_str().is_empty() {
+        p.push("outbox.path is empty: verdicts must be logged before they are published; give a file path".into());
+    }
+    if cfg.outbox.max_bytes < 1 << 20 {
+        p.push(format!("outbox.max_bytes = {}: use at least 1048576 (1 MiB)", cfg.outbox.max_bytes));
+    }
     if !valid_name(&d.node) {
         p.push(format!("daemon.node = {:?}: use 1-64 letters, digits, '-' or '_' (it is part of MQTT topics)", d.node));
     }
@@ -226,6 +286,15 @@ pub fn validate(
     }
     if m.password_file.is_some() && m.username.is_none() {
         p.push("mqtt.password_file needs mqtt.username".into());
+    }
+    if let Err(e) = http_token(h) {
+        p.push(e);
+    }
+    if h.token.as_ref().is_some_and(|t| t.0.len() < 16) {
+        p.push("http.token is shorter than 16 characters: use a long random token (openssl rand -hex 32)".into());
+    }
+    if h.token.is_some() && h.token_file.is_some() {
+        p.push("http.token and http.token_file are both set: keep one (token_file is preferred)".into());
     }
     if !h.listen.is_empty() && h.listen.parse::<SocketAddr>().is_err() {
         p.push(format!("http.listen = {:?}: use \"address:port\" (e.g. \"127.0.0.1:9464\") or \"\" for off", h.listen));

@@ -109,6 +109,13 @@ fn free_port() -> Result<u16, DaemonError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A fresh folder for one phase's outbox.
+fn tempfile_dir() -> Result<std::path::PathBuf, DaemonError> {
+    let d = std::env::temp_dir().join(format!("anomalyd-e2e-{}-{}", std::process::id(), free_port()?));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
 fn current_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -158,6 +165,8 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
     cfg.mqtt.embedded_port = free_port()?;
     cfg.http.listen = String::new();
     cfg.store.dir = "".into();
+    let outbox_dir = tempfile_dir()?;
+    cfg.outbox.path = outbox_dir.join("outbox.redb");
     cfg.daemon.log_verdicts = LogVerdicts::None;
     cfg.daemon.exit_when_sources_end = false;
     cfg.camera = (0..cameras)
@@ -178,6 +187,7 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
         .run(tokio::time::sleep(Duration::from_secs_f64(seconds)), tokio::sync::mpsc::unbounded_channel().1, &NoNotify)
         .await;
     let wall = t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&outbox_dir);
     tokio::time::sleep(Duration::from_millis(300)).await;
     sub.abort();
     let all = got.lock().map(|g| g[start_count..].to_vec()).unwrap_or_default();

@@ -115,6 +115,11 @@ impl CameraShared {
         *self.trigger.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Frames numbered so far (the last sequence number).
+    pub fn frames(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
     /// Numbers a new frame: (sequence, frame id).
     pub fn next_id(&self) -> (u64, String) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;

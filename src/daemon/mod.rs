@@ -21,9 +21,13 @@ use crate::engine::{EngineConfig, EngineError};
 use crate::reference::{self, ReferenceError};
 use crate::sink::http::{self, HttpState};
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
+use crate::sink::outbox::Outbox;
 use crate::sink::store::{Store, StoreJob};
 use crate::source::{SourceEnd, SourceHandle};
-use crate::telemetry::{Metrics, ModelLabels, ResultLabel};
+use crate::telemetry::{Metrics, ModelLabels, ResultLabel, StateLabels};
+
+/// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
+pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
 
 pub mod config;
 pub mod e2e;
@@ -51,6 +55,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] crate::sink::store::StoreError),
     #[error(transparent)]
+    Outbox(#[from] crate::sink::outbox::OutboxError),
+    #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error("{0}")]
     Http(String),
@@ -68,6 +74,9 @@ struct CameraRuntime {
     ended: Option<SourceEnd>,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// Restarts in a row that did not stream for long: 5 make the camera `failed`.
+    failures: u32,
+    started_at: Instant,
     queue_tx: crossbeam_channel::Sender<frame::Frame>,
 }
 
@@ -79,9 +88,16 @@ pub enum StopReason {
 }
 
 /// What a finished run did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Summary {
+    /// Verdicts the broker acknowledged.
     pub published: u64,
+    /// Frames (verdicts produced) per camera.
+    pub frames: BTreeMap<String, u64>,
+    /// Most verdicts waiting in the outbox at once.
+    pub max_backlog: u64,
+    /// Broker reconnections.
+    pub reconnects: u64,
 }
 
 /// Notifications to the service manager (systemd); no-ops elsewhere.
@@ -103,8 +119,8 @@ pub struct Daemon {
     boot: String,
     metrics: Arc<Metrics>,
     verdict_tx: Option<frame::VerdictTx>,
-    publisher: tokio::task::JoinHandle<u64>,
-    driver: tokio::task::JoinHandle<()>,
+    publisher: tokio::task::JoinHandle<mqtt::LinkSummary>,
+    states: StateReporter,
     commands: mpsc::UnboundedReceiver<Command>,
     shared: Arc<std::sync::Mutex<BTreeMap<String, Arc<CameraShared>>>>,
     cameras: BTreeMap<String, CameraRuntime>,
@@ -152,31 +168,32 @@ impl Daemon {
         };
         let node = cfg.daemon.node.clone();
         let options = mqtt::options(&cfg.mqtt, &node, local_port)?;
-        let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
         let topics = Topics { prefix: cfg.mqtt.topic_prefix.clone(), node: node.clone() };
-        let qos = mqtt::qos(cfg.mqtt.qos);
         let mqtt_state = Arc::new(MqttState::default());
         let (cmd_tx, commands) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(mqtt::drive(
-            eventloop,
-            client.clone(),
-            topics.clone(),
-            qos,
-            mqtt_state.clone(),
-            metrics.clone(),
-            cmd_tx,
-        ));
+        let http_commands = cmd_tx.clone();
+        let (retained_tx, retained_rx) = mpsc::unbounded_channel();
         let (verdict_tx, verdict_rx) = mpsc::unbounded_channel::<Outgoing>();
-        let publisher = mqtt::Publisher {
-            client,
-            topics,
-            qos,
+        let (outbox_path, outbox_max, outbox_metrics) =
+            (cfg.outbox.path.clone(), cfg.outbox.max_bytes, metrics.clone());
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics))
+            .await
+            .map_err(|e| DaemonError::Http(e.to_string()))??;
+        let link = mqtt::Link {
+            options,
+            topics: topics.clone(),
+            qos: mqtt::qos(cfg.mqtt.qos),
             state: mqtt_state.clone(),
             metrics: metrics.clone(),
             log: cfg.daemon.log_verdicts,
             drain: Duration::from_millis(cfg.daemon.drain_timeout_ms),
+            outbox,
+            commands: cmd_tx,
+            retained: retained_rx,
+            unlogged: Default::default(),
+            max_backlog: 0,
         };
-        let publisher = tokio::spawn(publisher.run(verdict_rx));
+        let publisher = tokio::spawn(link.run(verdict_rx));
 
         let (store, store_tx, store_thread) = if cfg.store.dir.as_os_str().is_empty() {
             (None, None, None)
@@ -194,7 +211,7 @@ impl Daemon {
             metrics: metrics.clone(),
             verdict_tx: Some(verdict_tx),
             publisher,
-            driver,
+            states: StateReporter { metrics: metrics.clone(), retained: retained_tx, topics },
             commands,
             shared: shared.clone(),
             cameras: BTreeMap::new(),
@@ -227,7 +244,15 @@ impl Daemon {
                 }
                 if why.is_empty() { Ok(()) } else { Err(why) }
             });
-            let router = http::router(HttpState { metrics: metrics.clone(), store, ready });
+            let token = config::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e]))?;
+            let router = http::router(HttpState {
+                metrics: metrics.clone(),
+                store,
+                ready,
+                commands: http_commands,
+                token,
+                protect_reads: cfg.http.protect_reads,
+            });
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {
                 let serve = axum::serve(listener, router).with_graceful_shutdown(async {
@@ -323,6 +348,8 @@ impl Daemon {
             ended: None,
             restart_at: None,
             backoff: Duration::from_millis(500),
+            failures: 0,
+            started_at: Instant::now(),
             queue_tx,
         };
         match self.start_source(&mut rt, &shared) {
@@ -353,6 +380,8 @@ impl Daemon {
         self.metrics.camera_up.get_or_create(&self.metrics.camera(&rt.cfg.name)).set(1);
         rt.source = Some(handle);
         rt.ended = None;
+        rt.started_at = Instant::now();
+        self.states.set(&rt.cfg.name, "streaming");
         Ok(())
     }
 
@@ -455,12 +484,20 @@ impl Daemon {
             if let Some(h) = rt.source.take_if(|h| h.thread.is_finished()) {
                 let end = h.thread.join().unwrap_or_else(|_| SourceEnd::Failed("source thread panicked".into()));
                 self.metrics.camera_up.get_or_create(&self.metrics.camera(&name)).set(0);
+                if rt.started_at.elapsed() > Duration::from_secs(10) {
+                    // It streamed for a while: this is a new fault, not the same one again.
+                    rt.failures = 0;
+                    rt.backoff = Duration::from_millis(500);
+                }
                 match &end {
                     SourceEnd::Eos if rt.cfg.source.ends_by_itself() => {
-                        tracing::info!(camera = %name, "source finished")
+                        tracing::info!(camera = %name, "source finished");
+                        self.states.set(&name, "ended");
                     }
                     SourceEnd::Stopped => {}
                     other => {
+                        rt.failures += 1;
+                        self.states.set(&name, if rt.failures >= 5 { "failed" } else { "reconnecting" });
                         let jitter = 0.8
                             + 0.4
                                 * (SystemTime::now()
@@ -482,7 +519,10 @@ impl Daemon {
                 if let (Some(shared), Some(mut rt)) = (shared, self.cameras.remove(&name)) {
                     if let Err(e) = self.start_source(&mut rt, &shared) {
                         tracing::warn!(camera = %name, "restart failed: {e}");
+                        rt.failures += 1;
+                        self.states.set(&name, if rt.failures >= 5 { "failed" } else { "reconnecting" });
                         rt.restart_at = Some(Instant::now() + rt.backoff);
+                        rt.backoff = (rt.backoff * 2).min(Duration::from_secs(30));
                     }
                     self.cameras.insert(name, rt);
                 }
@@ -604,12 +644,21 @@ impl Daemon {
         }
         let cams: Vec<CameraRuntime> = std::mem::take(&mut self.cameras).into_values().collect();
         for rt in cams {
+            let name = rt.cfg.name.clone();
             stop_camera(rt).await;
+            self.states.set(&name, "stopped");
         }
+        let frames: BTreeMap<String, u64> = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| (n.clone(), c.frames()))
+            .collect();
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
         drop(self.verdict_tx.take());
-        let published = self.publisher.await.unwrap_or(0);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.driver).await;
+        let link = self.publisher.await.unwrap_or_default();
+        let published = link.acked;
         drop(self.store_tx.take());
         if let Some(t) = self.store_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
@@ -619,7 +668,7 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         tracing::info!("stopped after publishing {published} verdict(s)");
-        Summary { published }
+        Summary { published, frames, max_backlog: link.max_backlog, reconnects: link.reconnects }
     }
 
     /// Tears down after a failed start.
@@ -634,6 +683,23 @@ impl Daemon {
         if let Some((_, stop)) = self.http.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// Reports camera states: a retained `<prefix>/<node>/<camera>/state` message and the metric.
+struct StateReporter {
+    metrics: Arc<Metrics>,
+    retained: mpsc::UnboundedSender<(String, String)>,
+    topics: Topics,
+}
+
+impl StateReporter {
+    fn set(&self, camera: &str, state: &str) {
+        for s in CAMERA_STATES {
+            let labels = StateLabels { camera: camera.into(), state: s.into() };
+            self.metrics.camera_state.get_or_create(&labels).set(i64::from(s == state));
+        }
+        let _ = self.retained.send((self.topics.camera_state(camera), state.to_string()));
     }
 }
 

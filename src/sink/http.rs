@@ -4,17 +4,24 @@
 //! - `GET /readyz`: 200 once every camera has its model and the broker is connected, else 503 with reasons;
 //! - `GET /v1/frames/{id}` (the stored verdict JSON), `/v1/frames/{id}/image` and `/v1/frames/{id}/overlay` (JPEG).
 //!   An id that is not a frame id gets 400; one that is not stored gets 404.
+//! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
+//!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
+//!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use tokio::sync::mpsc;
 
+use crate::daemon::config::Secret;
 use crate::daemon::message::valid_frame_id;
+use crate::sink::mqtt::Command;
 use crate::sink::store::{Part, Store};
 use crate::telemetry::Metrics;
 
@@ -26,17 +33,99 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub store: Option<Arc<Store>>,
     pub ready: ReadyFn,
+    /// Where reload and trigger requests go (the daemon's command channel).
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub token: Option<Secret>,
+    pub protect_reads: bool,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let reads = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
         .route("/v1/frames/:id", get(|s, p| frame(s, p, Part::Verdict)))
         .route("/v1/frames/:id/image", get(|s, p| frame(s, p, Part::Image)))
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
+    let writes = Router::new()
+        .route("/v1/reload", post(reload))
+        .route("/v1/trigger", post(trigger))
+        .route_layer(middleware::from_fn_with_state(state.clone(), write_guard));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(reads)
+        .merge(writes)
         .with_state(state)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `None` when the request carries the configured token; otherwise the refusal to send.
+fn refusal(s: &HttpState, req: &Request) -> Option<Response> {
+    let Some(token) = &s.token else {
+        return Some(
+            (StatusCode::FORBIDDEN, "this endpoint needs http.token_file (or http.token) to be configured\n")
+                .into_response(),
+        );
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same(given.as_bytes(), token.0.as_bytes()) {
+        None
+    } else {
+        Some(
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "missing or wrong bearer token\n")
+                .into_response(),
+        )
+    }
+}
+
+async fn write_guard(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    match refusal(&s, &req) {
+        None => next.run(req).await,
+        Some(r) => r,
+    }
+}
+
+async fn read_guard(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    if !s.protect_reads {
+        return next.run(req).await;
+    }
+    match refusal(&s, &req) {
+        None => next.run(req).await,
+        Some(r) => r,
+    }
+}
+
+async fn reload(State(s): State<HttpState>) -> Response {
+    match s.commands.send(Command::Reload) {
+        Ok(()) => (StatusCode::ACCEPTED, "reload requested; the log says whether it applied\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    camera: String,
+    part_id: String,
+}
+
+async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Response {
+    let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
+        return (StatusCode::BAD_REQUEST, "expected {\"camera\":\"...\",\"part_id\":\"...\"}\n").into_response();
+    };
+    match s.commands.send(Command::Trigger { camera: t.camera, part_id: t.part_id }) {
+        Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {

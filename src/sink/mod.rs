@@ -4,4 +4,5 @@
 pub mod broker;
 pub mod http;
 pub mod mqtt;
+pub mod outbox;
 pub mod store;

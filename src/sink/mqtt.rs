@@ -6,18 +6,20 @@
 //!   daemon vanishes; `stopped` after a clean exit.
 //! - `<prefix>/<node>/cmd`: commands, e.g. `{"cmd":"trigger","camera":"cam1","part_id":"P-1"}`.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::daemon::config::{LogVerdicts, MqttConfig, broker_addr, read_secret};
 use crate::daemon::frame::Outgoing;
 use crate::daemon::message::{self, Outcome, VerdictMessage};
-use crate::telemetry::Metrics;
+use crate::sink::outbox::Outbox;
+use crate::telemetry::{Metrics, ResultLabel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -41,6 +43,9 @@ impl Topics {
     pub fn status(&self) -> String {
         format!("{}/{}/status", self.prefix, self.node)
     }
+    pub fn camera_state(&self, camera: &str) -> String {
+        format!("{}/{}/{camera}/state", self.prefix, self.node)
+    }
     pub fn command(&self) -> String {
         format!("{}/{}/cmd", self.prefix, self.node)
     }
@@ -60,8 +65,6 @@ pub enum Command {
 #[derive(Debug, Default)]
 pub struct MqttState {
     pub connected: AtomicBool,
-    /// QoS>0 publishes the broker has not acknowledged yet.
-    pub unacked: AtomicI64,
     /// Set once the publisher has sent its last message; the event loop then ends on disconnect.
     pub closing: AtomicBool,
 }
@@ -113,95 +116,20 @@ pub fn options(cfg: &MqttConfig, node: &str, embedded: Option<u16>) -> Result<Mq
     Ok(o)
 }
 
-/// Drives the connection: reconnects with backoff, announces `online` and subscribes to commands on
-/// every connect, counts acknowledgements and forwards commands. Ends once closing and disconnected.
-pub async fn drive(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    topics: Topics,
-    qos_level: QoS,
-    state: Arc<MqttState>,
-    metrics: Arc<Metrics>,
-    commands: mpsc::UnboundedSender<Command>,
-) {
-    let mut backoff = Duration::from_millis(250);
-    let mut connects = 0u64;
-    let mut last_error_log: Option<Instant> = None;
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                connects += 1;
-                if connects > 1 {
-                    metrics.mqtt_reconnects.inc();
-                }
-                backoff = Duration::from_millis(250);
-                state.connected.store(true, Ordering::SeqCst);
-                metrics.mqtt_connected.set(1);
-                tracing::info!("connected to the MQTT broker");
-                let _ = client.try_publish(topics.status(), qos_level, true, "online");
-                let _ = client.try_subscribe(topics.command(), QoS::AtLeastOnce);
-            }
-            Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == topics.command() => {
-                match serde_json::from_slice::<Command>(&p.payload) {
-                    Ok(cmd) => {
-                        metrics
-                            .commands
-                            .get_or_create(&crate::telemetry::ResultLabel { result: "accepted".into() })
-                            .inc();
-                        let _ = commands.send(cmd);
-                    }
-                    Err(e) => {
-                        metrics
-                            .commands
-                            .get_or_create(&crate::telemetry::ResultLabel { result: "invalid".into() })
-                            .inc();
-                        tracing::warn!(
-                            "ignored a command on {}: {e} (expected e.g. {{\"cmd\":\"trigger\",\"camera\":\"cam1\",\"part_id\":\"P-1\"}})",
-                            topics.command()
-                        );
-                    }
-                }
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos_level != QoS::AtMostOnce => {
-                state.unacked.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(Event::Incoming(Incoming::PubAck(_))) | Ok(Event::Incoming(Incoming::PubComp(_))) => {
-                state.unacked.fetch_sub(1, Ordering::SeqCst);
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                state.connected.store(false, Ordering::SeqCst);
-                metrics.mqtt_connected.set(0);
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let was = state.connected.swap(false, Ordering::SeqCst);
-                metrics.mqtt_connected.set(0);
-                if state.closing.load(Ordering::SeqCst) {
-                    break;
-                }
-                if matches!(e, rumqttc::ConnectionError::RequestsDone) {
-                    break;
-                }
-                if was {
-                    metrics.publish_failures.inc();
-                }
-                // The client resends unacknowledged publishes after reconnecting.
-                state.unacked.store(0, Ordering::SeqCst);
-                if was || last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!("MQTT broker unreachable: {e}; retrying in {} ms", backoff.as_millis());
-                    last_error_log = Some(Instant::now());
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
-}
+/// Most verdicts handed to the broker and not yet acknowledged, per connection.
+const WINDOW: usize = 64;
 
-/// Publishes verdicts in the order they are produced.
-pub struct Publisher {
-    pub client: AsyncClient,
+/// The MQTT link: one task owns the connection, the outbox and the order of publication.
+///
+/// Verdicts arrive on a channel (the frame path never waits), are appended to the [`Outbox`] in one
+/// durable transaction per batch, and are published from the outbox in key order with at most
+/// [`WINDOW`] unacknowledged. Acknowledgements arrive in publication order (MQTT 3.1.1, 4.6), so each
+/// PUBACK retires the oldest in-flight key. When the connection drops, the client is discarded (so
+/// nothing is retransmitted behind the outbox's back), and after reconnecting, with backoff, every
+/// verdict still in the outbox is published again, marked `replayed`. `online` is announced on every
+/// connect, and the cameras' retained states are re-sent.
+pub struct Link {
+    pub options: MqttOptions,
     pub topics: Topics,
     pub qos: QoS,
     pub state: Arc<MqttState>,
@@ -209,64 +137,344 @@ pub struct Publisher {
     pub log: LogVerdicts,
     /// How long the last verdicts may take to be acknowledged at shutdown.
     pub drain: Duration,
+    pub outbox: Outbox,
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// Retained (topic, payload) pairs to publish, e.g. camera states.
+    pub retained: mpsc::UnboundedReceiver<(String, String)>,
+    /// Verdicts the outbox could not take (a disk failure): published from memory, never dropped.
+    pub unlogged: VecDeque<VerdictMessage>,
+    /// Most verdicts waiting in the outbox at once (reported at exit).
+    pub max_backlog: u64,
 }
 
-impl Publisher {
-    /// Publishes every verdict from `rx` in order until the channel closes, then `stopped`, waits for
-    /// the broker's acknowledgements (up to `drain`) and disconnects. Returns how many were published.
-    pub async fn run(self, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> u64 {
-        let Publisher { client, topics, qos: qos_level, state, metrics, log, drain } = self;
-        let mut sent = 0u64;
-        while let Some(Outgoing { mut msg, captured_at }) = rx.recv().await {
-            metrics.publish_backlog.dec();
+/// What the link did over the daemon's life.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkSummary {
+    /// Verdicts the broker acknowledged.
+    pub acked: u64,
+    /// Most verdicts waiting in the outbox at once.
+    pub max_backlog: u64,
+    /// Connections after the first.
+    pub reconnects: u64,
+}
+
+/// One connection's bookkeeping.
+struct Conn {
+    client: AsyncClient,
+    connected: bool,
+    /// Keys handed to this connection, oldest first; `None` for status messages.
+    inflight: VecDeque<Option<u64>>,
+    /// Next outbox key to hand over.
+    cursor: u64,
+    stopped_sent: bool,
+}
+
+impl Link {
+    /// Runs until the verdict channel closes and everything is acknowledged (or the drain time is up,
+    /// leaving the rest in the outbox for the next start). Returns how many verdicts were acknowledged.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> LinkSummary {
+        let mut acked_total = 0u64;
+        let mut backoff = Duration::from_millis(250);
+        let mut receiving = true;
+        let mut retained_open = true;
+        let mut deadline: Option<Instant> = None;
+        let mut born: HashMap<u64, Instant> = HashMap::new();
+        // Keys below this were handed to an earlier connection: sending them again is a replay.
+        let mut resend_below = 0u64;
+        let mut connects = 0u64;
+        let mut last_error_log: Option<Instant> = None;
+        let mut states: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
+            let mut c = Conn { client, connected: false, inflight: VecDeque::new(), cursor: 0, stopped_sent: false };
+            let failure = loop {
+                if !receiving && self.outbox.is_empty() && self.unlogged.is_empty() && c.connected && !c.stopped_sent {
+                    if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
+                        && self.qos != QoS::AtMostOnce
+                    {
+                        c.inflight.push_back(None);
+                    }
+                    c.stopped_sent = true;
+                }
+                if c.stopped_sent && c.inflight.is_empty() {
+                    return self.close(c, &mut eventloop, acked_total, connects).await;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    tracing::warn!(
+                        "stopping with {} verdict(s) not acknowledged by the broker after {} ms; they stay in \
+                         the outbox and are published at the next start",
+                        self.outbox.len(),
+                        self.drain.as_millis()
+                    );
+                    return self.close(c, &mut eventloop, acked_total, connects).await;
+                }
+                tokio::select! {
+                    ev = eventloop.poll() => match ev {
+                        Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                            connects += 1;
+                            if connects > 1 {
+                                self.metrics.mqtt_reconnects.inc();
+                            }
+                            backoff = Duration::from_millis(250);
+                            c.connected = true;
+                            self.state.connected.store(true, Ordering::SeqCst);
+                            self.metrics.mqtt_connected.set(1);
+                            tracing::info!("connected to the MQTT broker");
+                            self.status(&mut c, &self.topics.status(), "online");
+                            for (topic, payload) in &states {
+                                self.status(&mut c, topic, payload);
+                            }
+                            let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
+                        }
+                        Ok(Event::Incoming(Incoming::PubAck(_))) | Ok(Event::Incoming(Incoming::PubComp(_))) => {
+                            let mut keys = Vec::new();
+                            if let Some(Some(k)) = c.inflight.pop_front() {
+                                keys.push(k);
+                            }
+                            acked_total += self.retire(&keys, &mut born);
+                        }
+                        Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.command() => {
+                            self.command(&p.payload);
+                        }
+                        Ok(_) => {}
+                        Err(e) => break e,
+                    },
+                    m = rx.recv(), if receiving => match m {
+                        Some(first) => {
+                            let mut batch = vec![first];
+                            while batch.len() < 256 {
+                                match rx.try_recv() {
+                                    Ok(o) => batch.push(o),
+                                    Err(_) => break,
+                                }
+                            }
+                            self.log_batch(&mut batch, c.connected, &mut born);
+                        }
+                        None => {
+                            receiving = false;
+                            deadline = Some(Instant::now() + self.drain);
+                        }
+                    },
+                    r = self.retained.recv(), if retained_open => match r {
+                        Some((topic, payload)) => {
+                            if c.connected {
+                                self.status(&mut c, &topic, &payload);
+                            }
+                            states.insert(topic, payload);
+                        }
+                        None => retained_open = false,
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(100)), if !receiving => {}
+                }
+                if c.connected {
+                    acked_total += self.fill(&mut c, resend_below, &mut born);
+                }
+            };
+            // The connection failed (or never came up).
+            resend_below = resend_below.max(c.cursor);
+            let was = c.connected;
+            self.state.connected.store(false, Ordering::SeqCst);
+            self.metrics.mqtt_connected.set(0);
+            if was {
+                self.metrics.publish_failures.inc_by(c.inflight.iter().flatten().count().max(1) as u64);
+            }
+            if was || last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                tracing::warn!(
+                    "MQTT broker unreachable: {failure}; {} verdict(s) kept in the outbox; retrying in {} ms",
+                    self.outbox.len(),
+                    backoff.as_millis()
+                );
+                last_error_log = Some(Instant::now());
+            }
+            let wait = tokio::time::sleep(backoff);
+            tokio::pin!(wait);
+            // Keep logging verdicts durably while waiting to reconnect.
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    m = rx.recv(), if receiving => match m {
+                        Some(first) => {
+                            let mut batch = vec![first];
+                            while let Ok(o) = rx.try_recv() {
+                                batch.push(o);
+                            }
+                            self.log_batch(&mut batch, false, &mut born);
+                        }
+                        None => {
+                            receiving = false;
+                            deadline = Some(Instant::now() + self.drain);
+                        }
+                    },
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::warn!(
+                    "stopping while the broker is unreachable: {} verdict(s) stay in the outbox for the next start",
+                    self.outbox.len()
+                );
+                self.state.closing.store(true, Ordering::SeqCst);
+                return self.summary(acked_total, connects);
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Sends DISCONNECT (so the broker does not publish the last will) and drives the event loop until
+    /// it is on the wire.
+    fn summary(&self, acked: u64, connects: u64) -> LinkSummary {
+        LinkSummary { acked, max_backlog: self.max_backlog, reconnects: connects.saturating_sub(1) }
+    }
+
+    async fn close(&self, c: Conn, eventloop: &mut rumqttc::EventLoop, acked: u64, connects: u64) -> LinkSummary {
+        self.state.closing.store(true, Ordering::SeqCst);
+        if c.connected && c.client.try_disconnect().is_ok() {
+            let flushed = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            });
+            let _ = flushed.await;
+        }
+        self.state.connected.store(false, Ordering::SeqCst);
+        self.metrics.mqtt_connected.set(0);
+        self.summary(acked, connects)
+    }
+
+    fn status(&self, c: &mut Conn, topic: &str, payload: &str) {
+        if c.client.try_publish(topic, self.qos, true, payload.as_bytes().to_vec()).is_ok()
+            && self.qos != QoS::AtMostOnce
+        {
+            c.inflight.push_back(None);
+        }
+    }
+
+    fn command(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Command>(payload) {
+            Ok(cmd) => {
+                self.metrics.commands.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+                let _ = self.commands.send(cmd);
+            }
+            Err(e) => {
+                self.metrics.commands.get_or_create(&ResultLabel { result: "invalid".into() }).inc();
+                tracing::warn!(
+                    "ignored a command on {}: {e} (expected e.g. {{\"cmd\":\"trigger\",\"camera\":\"cam1\",\"part_id\":\"P-1\"}})",
+                    self.topics.command()
+                );
+            }
+        }
+    }
+
+    /// Writes a batch of new verdicts to the outbox (one durable transaction) and logs them.
+    fn log_batch(&mut self, batch: &mut [Outgoing], connected: bool, born: &mut HashMap<u64, Instant>) {
+        self.metrics.publish_backlog.dec_by(batch.len() as i64);
+        for o in batch.iter_mut() {
+            // Written while the broker is away: it will go out as part of the backlog.
+            o.msg.replayed = !connected;
+            match self.log {
+                LogVerdicts::All => log_verdict(&o.msg),
+                LogVerdicts::Ng if o.msg.verdict != Outcome::Ok => log_verdict(&o.msg),
+                _ => {}
+            }
+        }
+        let msgs: Vec<VerdictMessage> = batch.iter().map(|o| o.msg.clone()).collect();
+        match self.outbox.append(&msgs) {
+            Ok(keys) => {
+                self.max_backlog = self.max_backlog.max(self.outbox.len());
+                for (k, o) in keys.into_iter().zip(batch.iter()) {
+                    born.insert(k, o.captured_at);
+                }
+            }
+            Err(e) => {
+                // The disk failed: never lose the verdicts; publish them from memory instead.
+                tracing::error!("{e}; publishing {} verdict(s) from memory, without the durable copy", msgs.len());
+                self.unlogged.extend(msgs);
+            }
+        }
+    }
+
+    /// Hands outbox verdicts to the client until the window is full; returns verdicts retired at once
+    /// (QoS 0 needs no acknowledgement).
+    fn fill(&mut self, c: &mut Conn, resend_below: u64, born: &mut HashMap<u64, Instant>) -> u64 {
+        let mut retired = 0;
+        while c.inflight.len() < WINDOW
+            && let Some(mut msg) = self.unlogged.pop_front()
+        {
             let now = SystemTime::now();
             msg.published_at = message::rfc3339(now);
             msg.published_unix_ms = message::unix_ms(now);
-            let total = captured_at.elapsed().as_secs_f32() * 1e3;
-            msg.latency_ms.publish = (total - msg.latency_ms.total).max(0.0);
-            msg.latency_ms.total = total;
-            let label = metrics.camera(&msg.camera);
-            metrics.stage(&msg.camera, "publish", msg.latency_ms.publish);
-            metrics.latency.get_or_create(&label).observe(msg.latency_ms.total as f64 / 1e3);
-            let payload = match serde_json::to_vec(&msg) {
-                Ok(p) => p,
+            let payload = serde_json::to_vec(&msg).unwrap_or_default();
+            if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
+                self.unlogged.push_front(msg);
+                return retired;
+            }
+            if self.qos != QoS::AtMostOnce {
+                c.inflight.push_back(None);
+            }
+        }
+        while c.inflight.len() < WINDOW {
+            let entries = match self.outbox.from_key(c.cursor, WINDOW - c.inflight.len()) {
+                Ok(e) if !e.is_empty() => e,
+                Ok(_) => break,
                 Err(e) => {
-                    tracing::error!(frame = %msg.frame_id, "cannot serialise verdict: {e}");
-                    continue;
+                    tracing::error!("{e}");
+                    break;
                 }
             };
-            match log {
-                LogVerdicts::All => log_verdict(&msg),
-                LogVerdicts::Ng if msg.verdict != Outcome::Ok => log_verdict(&msg),
-                _ => {}
+            for e in entries {
+                let Ok(mut msg) = serde_json::from_slice::<VerdictMessage>(&e.json) else {
+                    tracing::error!("outbox entry {} is not a verdict; dropping it", e.key);
+                    let _ = self.outbox.remove(&[e.key]);
+                    c.cursor = e.key + 1;
+                    continue;
+                };
+                let again = msg.replayed || e.key < resend_below || self.outbox.from_earlier_run(e.key);
+                msg.replayed = again;
+                let now = SystemTime::now();
+                msg.published_at = message::rfc3339(now);
+                msg.published_unix_ms = message::unix_ms(now);
+                let label = self.metrics.camera(&msg.camera);
+                if let Some(t0) = born.get(&e.key) {
+                    let total = t0.elapsed().as_secs_f32() * 1e3;
+                    msg.latency_ms.publish = (total - msg.latency_ms.total).max(0.0);
+                    msg.latency_ms.total = total;
+                }
+                if again {
+                    self.metrics.replayed.inc();
+                } else {
+                    self.metrics.stage(&msg.camera, "publish", msg.latency_ms.publish);
+                    self.metrics.latency.get_or_create(&label).observe(msg.latency_ms.total as f64 / 1e3);
+                }
+                let payload = serde_json::to_vec(&msg).unwrap_or_default();
+                if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
+                    return retired;
+                }
+                self.metrics.published.get_or_create(&label).inc();
+                c.cursor = e.key + 1;
+                if self.qos == QoS::AtMostOnce {
+                    retired += self.retire(&[e.key], born);
+                } else {
+                    c.inflight.push_back(Some(e.key));
+                }
             }
-            if let Err(e) = client.publish(topics.verdict(&msg.camera), qos_level, false, payload).await {
-                metrics.publish_failures.inc();
-                tracing::error!(frame = %msg.frame_id, "MQTT client refused the verdict: {e}");
-                continue;
-            }
-            metrics.published.get_or_create(&label).inc();
-            sent += 1;
         }
-        let _ = client.publish(topics.status(), qos_level, true, "stopped").await;
-        let t0 = Instant::now();
-        // Wait for the broker to take everything (including `stopped`), within the drain budget.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        while t0.elapsed() < drain
-            && (state.unacked.load(Ordering::SeqCst) > 0 || !state.connected.load(Ordering::SeqCst))
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        retired
+    }
+
+    /// Removes acknowledged verdicts from the outbox.
+    fn retire(&mut self, keys: &[u64], born: &mut HashMap<u64, Instant>) -> u64 {
+        if keys.is_empty() {
+            return 0;
         }
-        if state.unacked.load(Ordering::SeqCst) > 0 || !state.connected.load(Ordering::SeqCst) {
-            tracing::warn!(
-                "stopping with {} verdict(s) not acknowledged by the broker after {} ms",
-                state.unacked.load(Ordering::SeqCst).max(0),
-                drain.as_millis()
-            );
+        for k in keys {
+            born.remove(k);
         }
-        state.closing.store(true, Ordering::SeqCst);
-        let _ = client.disconnect().await;
-        sent
+        if let Err(e) = self.outbox.remove(keys) {
+            tracing::error!("{e}");
+        }
+        keys.len() as u64
     }
 }
 

@@ -93,6 +93,12 @@ pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, sink: FrameSink) -> Sour
             if sink.stopping() {
                 return SourceEnd::Stopped;
             }
+            // A replay folder on a share that vanished is an unplugged camera: fail, and be restarted.
+            if let Some(dir) = path.parent()
+                && !dir.exists()
+            {
+                return SourceEnd::Failed(format!("{} disappeared", dir.display()));
+            }
             n += 1;
             let (captured, at) = (SystemTime::now(), Instant::now());
             let image = imageio::load_rgb(path).map_err(|e| e.to_string());
