@@ -85,6 +85,10 @@ pub struct EngineConfig {
     pub providers: Vec<Provider>,
     /// Intra-op threads for the CPU provider (0 = ONNX Runtime's choice: one per core).
     pub threads: usize,
+    /// Whether idle intra-op threads spin (lowest latency for one stream, but spinning threads of
+    /// several sessions starve each other and the daemon's I/O). Unset: on, and off in a daemon with
+    /// more than one camera.
+    pub spin: Option<bool>,
     /// Folder for TensorRT engine caches.
     pub trt_cache: Option<PathBuf>,
 }
@@ -96,6 +100,7 @@ impl Default for EngineConfig {
             model: None,
             providers: vec![Provider::Tensorrt, Provider::Cuda, Provider::Cpu],
             threads: 0,
+            spin: None,
             trt_cache: None,
         }
     }
@@ -347,6 +352,9 @@ fn build_session(model: &[u8], provider: Provider, cfg: &EngineConfig, sha: &str
         .map_err(|e| e.to_string())?;
     if cfg.threads > 0 {
         builder = builder.with_intra_threads(cfg.threads).map_err(|e| e.to_string())?;
+    }
+    if let Some(spin) = cfg.spin {
+        builder = builder.with_intra_op_spinning(spin).map_err(|e| e.to_string())?;
     }
     builder.commit_from_memory(model).map_err(|e| e.to_string())
 }

@@ -16,19 +16,57 @@ pub enum ImageError {
     TooSmall { path: PathBuf, w: u32, h: u32 },
 }
 
+/// Largest side accepted from a file or a frame (hostile headers cannot ask for more).
+pub const MAX_SIDE: u32 = 16384;
+
 /// Reads an image and converts grayscale, 16-bit and alpha formats to 8-bit RGB.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| ImageError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+    decode_rgb(&bytes, path)
+}
+
+/// Decodes an encoded image (PNG, JPEG, BMP, TIFF, PNM) from memory into 8-bit RGB, within bounded
+/// dimensions and memory; `path` only names it in errors.
+pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
     let read_err = |reason: String| ImageError::Read { path: path.to_path_buf(), reason };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| read_err(e.to_string()))?
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| read_err(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(1 << 30);
+    reader.limits(limits);
     let img = reader.decode().map_err(|e| read_err(e.to_string()))?;
     let rgb = img.to_rgb8();
     if rgb.width() < MIN_SIDE || rgb.height() < MIN_SIDE {
         return Err(ImageError::TooSmall { path: path.to_path_buf(), w: rgb.width(), h: rgb.height() });
     }
     Ok(rgb)
+}
+
+/// Copies a mapped RGB frame (rows `stride` bytes apart, possibly padded) into a packed image. A
+/// frame whose size, stride and buffer do not agree is an error, never a panic or an over-read.
+pub fn rgb_from_strided(data: &[u8], width: usize, height: usize, stride: usize) -> Result<RgbImage, String> {
+    let bad =
+        || format!("frame {width}x{height} with stride {stride} and {} bytes is not a valid RGB frame", data.len());
+    if width == 0 || height == 0 || width > MAX_SIDE as usize || height > MAX_SIDE as usize {
+        return Err(bad());
+    }
+    let row = width * 3;
+    if stride < row {
+        return Err(bad());
+    }
+    let needed = stride.checked_mul(height - 1).and_then(|n| n.checked_add(row)).ok_or_else(bad)?;
+    if data.len() < needed {
+        return Err(format!("frame {width}x{height} stride {stride} needs {needed} bytes, buffer has {}", data.len()));
+    }
+    let mut out = Vec::with_capacity(row * height);
+    for y in 0..height {
+        out.extend_from_slice(&data[y * stride..y * stride + row]);
+    }
+    RgbImage::from_raw(width as u32, height as u32, out).ok_or_else(bad)
 }
 
 /// Reads a mask as 8-bit luma (any format); `None` if it cannot be read.
@@ -103,6 +141,18 @@ pub fn scaled(w: u32, h: u32, s: f64, align: u32) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_are_copied_by_stride_and_bad_geometry_is_refused() {
+        // 2x2 RGB with 8-byte rows (2 bytes of padding each).
+        let data = [1, 2, 3, 4, 5, 6, 99, 99, 7, 8, 9, 10, 11, 12, 99, 99];
+        let img = rgb_from_strided(&data, 2, 2, 8).unwrap();
+        assert_eq!(img.into_raw(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert!(rgb_from_strided(&data, 2, 2, 4).is_err(), "stride shorter than a row");
+        assert!(rgb_from_strided(&data[..12], 2, 2, 8).is_err(), "buffer too short");
+        assert!(rgb_from_strided(&data, 0, 2, 8).is_err());
+        assert!(rgb_from_strided(&data, 2, usize::MAX / 2, usize::MAX / 4).is_err(), "overflowing geometry");
+    }
 
     #[test]
     fn dihedral_group_has_eight_distinct_members() {

@@ -31,6 +31,8 @@ pub mod engine;
 pub mod enrolment;
 pub mod eval;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod imageio;
 pub mod map;
 pub mod metrics;

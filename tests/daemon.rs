@@ -856,3 +856,114 @@ fn soak_broker_restarts_and_camera_unplugs_lose_no_verdict() {
     assert!(v.iter().any(|m| m.replayed), "verdicts held during the outages go out marked replayed");
     assert!(total > 50, "{total}");
 }
+
+#[test]
+fn mqtt_over_tls_with_username_and_password() {
+    let Some(openssl) = find(&["/usr/bin/openssl"]) else {
+        eprintln!("skipped: openssl is not installed");
+        return;
+    };
+    let Some(passwd) = find(&["/usr/bin/mosquitto_passwd"]) else {
+        assert!(std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(), "mosquitto_passwd is required");
+        eprintln!("skipped: mosquitto is not installed");
+        return;
+    };
+    let Some(exe) = find(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new(&openssl).args(args).current_dir(d).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=anomalyd test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let secret = "s3cret-pa55word-for-the-test";
+    let st = Command::new(passwd).args(["-b", "-c"]).arg(d.join("passwd")).args(["plant", secret]).status().unwrap();
+    assert!(st.success());
+    std::fs::write(d.join("mqtt.password"), format!("{secret}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["server.key", "passwd"] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let port = free_port();
+    let conf = d.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {0}/passwd\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let mut broker =
+        Command::new(exe).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "TLS mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = base_config(d, port, "", "tls", "").replace(
+        "[http]",
+        &format!(
+            "ca_file = \"{0}/ca.pem\"\nusername = \"plant\"\npassword_file = \"{0}/mqtt.password\"\n[http]",
+            d.display()
+        ),
+    ) + "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\n[camera.source]\nkind = \"demo\"\nfps = 0\nframes = 3\n";
+    let mut daemon = Daemon::start(d, &config);
+    daemon.wait(Duration::from_secs(120));
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let log = daemon.log();
+    assert_eq!(daemon.summary()["published"], 3, "{log}");
+    assert!(!log.contains("unreachable"), "{log}");
+    assert!(!log.contains(secret), "the password must never be logged");
+}

@@ -298,10 +298,16 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let (engine, detect) = (self.cfg.engine.clone(), self.cfg.detect.clone());
         let cam2 = cam.clone();
+        // On a thread of its own at inspection priority: the encoder threads it starts inherit it.
         let (detector, model) = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
-            let mut det = load_detector(&engine, &cam2.name)?;
-            let model = build_model(&mut det, &cam2, &detect)?;
-            Ok((det, model))
+            let name = cam2.name.clone();
+            let loader = std::thread::Builder::new().name(format!("load-{name}")).spawn(move || {
+                worker::yield_to_io();
+                let mut det = load_detector(&engine, &cam2.name)?;
+                let model = build_model(&mut det, &cam2, &detect)?;
+                Ok((det, model))
+            })?;
+            loader.join().map_err(|_| DaemonError::Http(format!("camera {name}: loading panicked")))?
         })
         .await
         .map_err(|e| DaemonError::Http(format!("camera {}: loading panicked: {e}", cam.name)))??;

@@ -1,8 +1,7 @@
 //! The embedded MQTT broker (rumqttd) that `mqtt.broker = "embedded"` starts on 127.0.0.1, so that
 //! `anomalyd run` works on a box with nothing else installed. Plain MQTT 3.1.1, loopback only.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -21,6 +20,8 @@ pub enum BrokerError {
 /// as the process.
 #[cfg(feature = "embedded-broker")]
 pub fn start(port: u16) -> Result<SocketAddr, BrokerError> {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     // rumqttd only logs a failed bind; probe first so the operator gets the reason.
     drop(TcpListener::bind(addr).map_err(|cause| BrokerError::Bind { addr, cause })?);
@@ -68,6 +69,5 @@ dynamic_filters = true
 
 #[cfg(not(feature = "embedded-broker"))]
 pub fn start(_port: u16) -> Result<SocketAddr, BrokerError> {
-    let _ = (TcpListener::bind, TcpStream::connect, Instant::now, Duration::ZERO);
     Err(BrokerError::NotBuilt)
 }

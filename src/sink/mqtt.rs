@@ -184,10 +184,15 @@ impl Link {
         let mut connects = 0u64;
         let mut last_error_log: Option<Instant> = None;
         let mut states: BTreeMap<String, String> = BTreeMap::new();
+        // Acknowledged keys not yet removed from the outbox.
+        let mut acked: Vec<u64> = Vec::new();
         loop {
             let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
             let mut c = Conn { client, connected: false, inflight: VecDeque::new(), cursor: 0, stopped_sent: false };
             let failure = loop {
+                if !acked.is_empty() && (!receiving || c.inflight.len() < WINDOW / 2) {
+                    acked_total += self.retire(&std::mem::take(&mut acked), &mut born);
+                }
                 if !receiving && self.outbox.is_empty() && self.unlogged.is_empty() && c.connected && !c.stopped_sent {
                     if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
                         && self.qos != QoS::AtMostOnce
@@ -227,11 +232,13 @@ impl Link {
                             let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
                         }
                         Ok(Event::Incoming(Incoming::PubAck(_))) | Ok(Event::Incoming(Incoming::PubComp(_))) => {
-                            let mut keys = Vec::new();
                             if let Some(Some(k)) = c.inflight.pop_front() {
-                                keys.push(k);
+                                acked.push(k);
                             }
-                            acked_total += self.retire(&keys, &mut born);
+                            // Retire in batches: one outbox transaction per burst of acknowledgements.
+                            if acked.len() >= WINDOW / 2 || c.inflight.is_empty() {
+                                acked_total += self.retire(&std::mem::take(&mut acked), &mut born);
+                            }
                         }
                         Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.command() => {
                             self.command(&p.payload);
@@ -313,6 +320,9 @@ impl Link {
                     self.outbox.len()
                 );
                 self.state.closing.store(true, Ordering::SeqCst);
+                if let Err(e) = self.outbox.sync() {
+                    tracing::error!("{e}");
+                }
                 return self.summary(acked_total, connects);
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -325,8 +335,11 @@ impl Link {
         LinkSummary { acked, max_backlog: self.max_backlog, reconnects: connects.saturating_sub(1) }
     }
 
-    async fn close(&self, c: Conn, eventloop: &mut rumqttc::EventLoop, acked: u64, connects: u64) -> LinkSummary {
+    async fn close(&mut self, c: Conn, eventloop: &mut rumqttc::EventLoop, acked: u64, connects: u64) -> LinkSummary {
         self.state.closing.store(true, Ordering::SeqCst);
+        if let Err(e) = self.outbox.sync() {
+            tracing::error!("{e}");
+        }
         if c.connected && c.client.try_disconnect().is_ok() {
             let flushed = tokio::time::timeout(Duration::from_secs(2), async {
                 loop {

@@ -142,13 +142,14 @@ impl Outbox {
         Ok(keys)
     }
 
-    /// Removes acknowledged verdicts.
+    /// Removes acknowledged verdicts. The removal is made durable by the next append (or at close):
+    /// a crash in between can only publish an acknowledged verdict twice, never lose one.
     pub fn remove(&mut self, keys: &[u64]) -> Result<(), OutboxError> {
         if keys.is_empty() {
             return Ok(());
         }
         let mut tx = self.db.begin_write().map_err(|e| self.io(e))?;
-        tx.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+        tx.set_durability(Durability::None).map_err(|e| self.io(e))?;
         {
             let mut table = tx.open_table(TABLE).map_err(|e| self.io(e))?;
             for k in keys {
@@ -173,6 +174,13 @@ impl Outbox {
             out.push(Entry { key: k.value(), json: v.value().to_vec() });
         }
         Ok(out)
+    }
+
+    /// Makes every earlier commit durable (at shutdown).
+    pub fn sync(&mut self) -> Result<(), OutboxError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.io(e))?;
+        tx.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+        tx.commit().map_err(|e| self.io(e))
     }
 
     /// The oldest stored key, if any.

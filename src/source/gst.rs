@@ -80,23 +80,6 @@ pub fn description(cfg: &SourceConfig) -> String {
     }
 }
 
-/// Copies a mapped RGB frame into a tightly packed image, row by row (rows may be padded).
-pub fn copy_rgb(data: &[u8], width: usize, height: usize, stride: usize) -> Result<RgbImage, String> {
-    let row = width * 3;
-    if stride < row || height == 0 || width == 0 {
-        return Err(format!("frame {width}x{height} with stride {stride} is not a valid RGB frame"));
-    }
-    let needed = stride * (height - 1) + row;
-    if data.len() < needed {
-        return Err(format!("frame {width}x{height} stride {stride} needs {needed} bytes, buffer has {}", data.len()));
-    }
-    let mut out = Vec::with_capacity(row * height);
-    for y in 0..height {
-        out.extend_from_slice(&data[y * stride..y * stride + row]);
-    }
-    RgbImage::from_raw(width as u32, height as u32, out).ok_or_else(|| "RGB buffer size mismatch".into())
-}
-
 fn sample_to_rgb(sample: &gst::Sample) -> Result<RgbImage, String> {
     let buffer = sample.buffer().ok_or("sample without a buffer")?;
     let caps = sample.caps().ok_or("sample without caps")?;
@@ -107,7 +90,7 @@ fn sample_to_rgb(sample: &gst::Sample) -> Result<RgbImage, String> {
     let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).map_err(|e| e.to_string())?;
     let stride = frame.plane_stride()[0].max(0) as usize;
     let data = frame.plane_data(0).map_err(|e| e.to_string())?;
-    copy_rgb(data, info.width() as usize, info.height() as usize, stride)
+    crate::imageio::rgb_from_strided(data, info.width() as usize, info.height() as usize, stride)
 }
 
 /// Runs a pipeline until EOS, an error or the sink's stop flag; always leaves it in `Null`.
@@ -179,16 +162,6 @@ fn watch(pipeline: &gst::Pipeline, sink: &FrameSink) -> SourceEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rows_are_copied_by_stride() {
-        // 2x2 RGB with 8-byte rows (2 bytes of padding each).
-        let data = [1, 2, 3, 4, 5, 6, 99, 99, 7, 8, 9, 10, 11, 12, 99, 99];
-        let img = copy_rgb(&data, 2, 2, 8).unwrap();
-        assert_eq!(img.into_raw(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
-        assert!(copy_rgb(&data, 2, 2, 4).is_err(), "stride shorter than a row");
-        assert!(copy_rgb(&data[..12], 2, 2, 8).is_err(), "buffer too short");
-    }
 
     #[test]
     fn values_are_quoted_against_pipeline_injection() {
