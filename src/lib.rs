@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod describe;
 pub mod detect;
 pub mod engine;
 pub mod enrolment;

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::daemon::frame::{CameraShared, Frame};
 use crate::daemon::message::{self, Outcome};
+use crate::describe;
 use crate::detect::Detector;
 use crate::sink::store::StoreJob;
 
@@ -114,7 +115,14 @@ impl Worker {
         msg.score = Some(v.score);
         msg.threshold = Some(v.threshold);
         msg.regions = v.regions.clone();
-        msg.answer = Some(v.answer.clone());
+        // AnomalyGPT's answer sentence, then the evidence: area and score against the threshold.
+        msg.answer = Some(describe::template(&describe::Findings {
+            anomalous: v.anomalous,
+            score: v.score,
+            threshold: v.threshold,
+            regions: v.regions.clone(),
+            product: None,
+        }));
         if v.anomalous
             && let Some(store) = &self.store
         {

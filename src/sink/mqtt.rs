@@ -495,12 +495,10 @@ fn log_verdict(m: &VerdictMessage) {
     let part = m.part_id.as_deref().map(|p| format!(" part {p}")).unwrap_or_default();
     match m.verdict {
         Outcome::Ok | Outcome::Ng => tracing::info!(
-            "{} {}{part}: {} score {:.3} (threshold {:.3}) {:.1} ms: {}",
+            "{} {}{part}: {} in {:.1} ms: {}",
             m.camera,
             m.frame_id,
             m.verdict.as_str(),
-            m.score.unwrap_or(f32::NAN),
-            m.threshold.unwrap_or(f32::NAN),
             m.latency_ms.total,
             m.answer.as_deref().unwrap_or("")
         ),
