@@ -147,7 +147,8 @@ fn run_cmd(cfg: Config, config_path: Option<PathBuf>, duration: Option<f64>) -> 
     let rt = runtime()?;
     rt.block_on(async move {
         let notifier = crate::daemon::systemd::Systemd::from_env();
-        let daemon = crate::daemon::Daemon::start(cfg).await?;
+        let mut daemon = crate::daemon::Daemon::start(cfg).await?;
+        daemon.set_config_path(config_path.clone());
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

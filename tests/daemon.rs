@@ -488,9 +488,11 @@ fn sighup_swaps_the_enrolment_without_losing_a_frame_and_refuses_a_broken_config
     daemon.wait(Duration::from_secs(30));
     sub.wait_for("stopped", Duration::from_secs(5), |s| s.statuses().last().map(String::as_str) == Some("stopped"));
     let v = sub.verdicts();
-    let seqs: Vec<u64> = v.iter().map(|m| m.seq).collect();
+    // A frame SKIPPED on a busy machine leaves at once and may overtake frames still being inspected.
+    let mut seqs: Vec<u64> = v.iter().map(|m| m.seq).collect();
+    seqs.sort_unstable();
     assert_eq!(seqs, (1..=v.len() as u64).collect::<Vec<_>>(), "no frame lost or repeated across reloads");
-    assert!(v.iter().all(|m| matches!(m.verdict, Outcome::Ok | Outcome::Ng)), "{v:?}");
+    assert!(v.iter().all(|m| m.verdict != Outcome::Error), "{v:?}");
     let first_b = v.iter().position(is_b).unwrap();
     assert!(v[first_b..].iter().all(is_b), "after the swap every verdict uses B");
     assert!(v.last().is_some_and(is_b), "the broken config did not replace B");
@@ -701,7 +703,7 @@ fn state_changing_endpoints_need_the_token_and_frame_ids_cannot_traverse_paths()
         assert_eq!(http_get(http_port, bad).0, 400, "{bad}");
     }
     let t0 = Instant::now();
-    while !daemon.log().contains("configuration reloaded") {
+    while !(daemon.log().contains("configuration reloaded") && daemon.log().contains("reload requested: reading")) {
         assert!(t0.elapsed() < Duration::from_secs(60), "{}", daemon.log());
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -131,6 +131,8 @@ pub struct Daemon {
     broker_addr: Option<SocketAddr>,
     loaded: Arc<AtomicBool>,
     provider: String,
+    /// The file reload commands read again (as SIGHUP does).
+    config_path: Option<std::path::PathBuf>,
     model_labels: BTreeMap<String, ModelLabels>,
 }
 
@@ -222,6 +224,7 @@ impl Daemon {
             broker_addr: embedded,
             loaded: loaded.clone(),
             provider: String::new(),
+            config_path: None,
             model_labels: BTreeMap::new(),
         };
 
@@ -275,6 +278,11 @@ impl Daemon {
         }
         daemon.loaded.store(true, Ordering::SeqCst);
         Ok(daemon)
+    }
+
+    /// The configuration file that reload commands (MQTT, HTTP) read again, as SIGHUP does.
+    pub fn set_config_path(&mut self, path: Option<std::path::PathBuf>) {
+        self.config_path = path;
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -471,9 +479,23 @@ impl Daemon {
                 }
             }
             Command::Reload => {
-                tracing::info!("reload requested on the command topic");
-                let cfg = self.cfg.clone();
-                let _ = self.reload(cfg).await;
+                // As SIGHUP: read the file again (or keep the built-in config when there is none).
+                let next = match &self.config_path {
+                    Some(p) => {
+                        tracing::info!("reload requested: reading {}", p.display());
+                        Config::load(p).map_err(|e| e.to_string())
+                    }
+                    None => {
+                        tracing::info!("reload requested: re-enrolling (no configuration file)");
+                        Ok(self.cfg.clone())
+                    }
+                };
+                match next {
+                    Ok(cfg) => {
+                        let _ = self.reload(cfg).await;
+                    }
+                    Err(e) => self.reload_failed(&e),
+                }
             }
         }
     }
