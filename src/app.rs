@@ -110,16 +110,8 @@ fn validate_cmd(file: Option<&Path>) -> Result<ExitCode> {
     let Some(file) = file else {
         bail!("give the file to check: anomalyd validate FILE (or --config FILE)");
     };
-    let cfg = match Config::load(file) {
+    let cfg = match Config::read(file) {
         Ok(c) => c,
-        Err(crate::config::ConfigError::Invalid { problems, .. }) => {
-            // Report the core's problems together with the daemon's.
-            let text = std::fs::read_to_string(file)?;
-            let cfg: Config = toml::from_str(&text).unwrap_or_default();
-            let mut all = problems;
-            all.extend(crate::daemon::config::validate(&cfg));
-            return report_problems(file, &all);
-        }
         Err(e) => {
             eprintln!("{e}");
             return Ok(ExitCode::from(2));

@@ -48,8 +48,6 @@ pub fn run(
     }
     let wall = start.elapsed().as_secs_f64();
     let n = count.max(1) as f64;
-    totals.sort_by(f64::total_cmp);
-    let pct = |q: f64| totals.get(((totals.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
     Ok(BenchReport {
         frames: count,
         input,
@@ -58,8 +56,8 @@ pub fn run(
         encoder_ms: enc / n,
         decoder_ms: dec / n,
         total_ms_mean: totals.iter().sum::<f64>() / n,
-        total_ms_p50: pct(0.5),
-        total_ms_p99: pct(0.99),
+        total_ms_p50: percentile(&mut totals, 0.5),
+        total_ms_p99: percentile(&mut totals, 0.99),
         frames_per_s: count as f64 / wall,
         peak_rss_mib: peak_rss_mib(),
     })
@@ -67,16 +65,32 @@ pub fn run(
 
 /// Peak resident set size of this process (VmHWM), in MiB; NaN where /proc is absent.
 pub fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+/// Current resident set size of this process (VmRSS), in MiB; NaN where /proc is absent.
+pub fn rss_mib() -> f64 {
+    proc_status_mib("VmRSS:")
+}
+
+/// A kB field of /proc/self/status, in MiB.
+fn proc_status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// The `q` quantile (nearest rank) of `v`, which it sorts; NaN when empty.
+pub fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
 impl std::fmt::Display for BenchReport {

@@ -40,10 +40,15 @@ pub enum ConfigError {
 impl Config {
     /// Reads a file, applies `ANOMALYD__*` environment overrides and validates the core sections.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.into(), cause })?;
-        let cfg = Self::layered(&text, path, true)?;
+        let cfg = Self::read(path)?;
         let problems = cfg.validate();
         cfg.checked(path, problems)
+    }
+
+    /// Reads a file with its `ANOMALYD__*` environment overrides, without validating the values.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.into(), cause })?;
+        Self::layered(&text, path, true)
     }
 
     /// Parses a file's text (no environment) and validates the core sections.

@@ -128,14 +128,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
 
 /// Image files in a folder, sorted by name.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
-    const EXT: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "pgm", "ppm"];
-    Ok(list(dir)?
-        .into_iter()
-        .filter(|p| p.is_file())
-        .filter(|p| {
-            p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect())
+    Ok(list(dir)?.into_iter().filter(|p| p.is_file() && crate::imageio::is_image(p)).collect())
 }
 
 fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {

@@ -16,6 +16,12 @@ pub enum ImageError {
     TooSmall { path: PathBuf, w: u32, h: u32 },
 }
 
+/// Whether a file's extension names an image format anomalyd reads.
+pub fn is_image(path: &Path) -> bool {
+    const EXT: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "pgm", "ppm"];
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
+}
+
 /// Largest side accepted from a file or a frame (hostile headers cannot ask for more).
 pub const MAX_SIDE: u32 = 16384;
 

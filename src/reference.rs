@@ -26,12 +26,6 @@ pub enum ReferenceError {
     Detect(#[from] DetectError),
 }
 
-/// A file whose extension says it is an image (a single reference shot rather than an enrolment).
-pub fn is_image(path: &Path) -> bool {
-    const EXT: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "pgm", "ppm"];
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
-}
-
 /// Images of a folder (name, RGB), refusing an empty folder and reporting any unreadable file.
 pub fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>, ReferenceError> {
     let files = eval::image_files(dir)?;
@@ -73,7 +67,7 @@ pub fn load(
     cfg: &DetectConfig,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Enrolment, ReferenceError> {
-    if reference.is_file() && !is_image(reference) {
+    if reference.is_file() && !imageio::is_image(reference) {
         let e = crate::enrolment::load(reference)?;
         det.check(&e)?;
         return Ok(e);

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::config::{CameraConfig, LogVerdicts};
 use super::message::{Outcome, VerdictMessage};
 use super::{Daemon, DaemonError, NoNotify};
+use crate::bench::percentile;
 use crate::config::Config;
 use crate::source::SourceConfig;
 
@@ -100,11 +101,6 @@ impl std::fmt::Display for E2eReport {
     }
 }
 
-fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
-}
-
 fn free_port() -> Result<u16, DaemonError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -114,15 +110,6 @@ fn tempfile_dir() -> Result<std::path::PathBuf, DaemonError> {
     let d = std::env::temp_dir().join(format!("anomalyd-e2e-{}-{}", std::process::id(), free_port()?));
     std::fs::create_dir_all(&d)?;
     Ok(d)
-}
-
-fn current_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 pub async fn run(base: &Config, seconds: f64) -> Result<E2eReport, DaemonError> {
@@ -207,15 +194,15 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
         frames_per_s: all.len() as f64 / wall,
         skipped: all.iter().filter(|m| m.verdict == Outcome::Skipped).count(),
         errors: all.iter().filter(|m| m.verdict == Outcome::Error).count(),
-        latency_ms_p50: pct(&mut lat, 0.5),
-        latency_ms_p99: pct(&mut lat, 0.99),
-        inspect_ms_p50: pct(&mut ins, 0.5),
-        inspect_ms_p99: pct(&mut ins, 0.99),
-        queue_ms_p99: pct(&mut queue, 0.99),
-        overhead_ms_p50: pct(&mut ovh, 0.5),
-        overhead_ms_p99: pct(&mut ovh, 0.99),
-        pipeline_ms_p99: pct(&mut pipe, 0.99),
-        rss_mib: current_rss_mib(),
+        latency_ms_p50: percentile(&mut lat, 0.5),
+        latency_ms_p99: percentile(&mut lat, 0.99),
+        inspect_ms_p50: percentile(&mut ins, 0.5),
+        inspect_ms_p99: percentile(&mut ins, 0.99),
+        queue_ms_p99: percentile(&mut queue, 0.99),
+        overhead_ms_p50: percentile(&mut ovh, 0.5),
+        overhead_ms_p99: percentile(&mut ovh, 0.99),
+        pipeline_ms_p99: percentile(&mut pipe, 0.99),
+        rss_mib: crate::bench::rss_mib(),
     })
 }
 

@@ -68,9 +68,10 @@ pub struct CameraShared {
     pub metrics: Arc<Metrics>,
     /// Unix ms of the worker's last sign of life (for the watchdog).
     pub heartbeat: AtomicU64,
-    /// True while the camera's source runs.
-    pub streaming: AtomicBool,
 }
+
+/// A worker silent for longer than this is stalled: not ready, and the watchdog stops being fed.
+pub const WORKER_STALL_MS: u64 = 10_000;
 
 impl CameraShared {
     /// A camera in every-frame mode; [`CameraShared::set_trigger`] changes that.
@@ -94,8 +95,12 @@ impl CameraShared {
             verdicts,
             metrics,
             heartbeat: AtomicU64::new(message::unix_ms(SystemTime::now())),
-            streaming: AtomicBool::new(false),
         }
+    }
+
+    /// Milliseconds since the inspection worker last showed a sign of life.
+    pub fn worker_silent_ms(&self) -> u64 {
+        message::unix_ms(SystemTime::now()).saturating_sub(self.heartbeat.load(Ordering::Relaxed))
     }
 
     pub fn model(&self) -> Arc<CameraModel> {

@@ -240,8 +240,8 @@ impl Daemon {
                     why.push("not connected to the MQTT broker".into());
                 }
                 for (name, cam) in ready_shared.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    let age = message::unix_ms(SystemTime::now()).saturating_sub(cam.heartbeat.load(Ordering::Relaxed));
-                    if age > 10_000 {
+                    let age = cam.worker_silent_ms();
+                    if age > frame::WORKER_STALL_MS {
                         why.push(format!("camera {name}'s inspection worker has not responded for {age} ms"));
                     }
                 }
@@ -390,7 +390,6 @@ impl Daemon {
     fn start_source(&self, rt: &mut CameraRuntime, shared: &Arc<CameraShared>) -> Result<(), DaemonError> {
         let sink = FrameSink::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
         let handle = rt.cfg.source.start(sink)?;
-        shared.streaming.store(true, Ordering::Relaxed);
         self.metrics.camera_up.get_or_create(&self.metrics.camera(&rt.cfg.name)).set(1);
         rt.source = Some(handle);
         rt.ended = None;
@@ -455,12 +454,11 @@ impl Daemon {
     }
 
     fn healthy(&self) -> bool {
-        let now = message::unix_ms(SystemTime::now());
         self.shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .all(|c| now.saturating_sub(c.heartbeat.load(Ordering::Relaxed)) < 10_000)
+            .all(|c| c.worker_silent_ms() <= frame::WORKER_STALL_MS)
     }
 
     fn reload_failed(&self, why: &str) {

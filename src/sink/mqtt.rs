@@ -65,8 +65,6 @@ pub enum Command {
 #[derive(Debug, Default)]
 pub struct MqttState {
     pub connected: AtomicBool,
-    /// Set once the publisher has sent its last message; the event loop then ends on disconnect.
-    pub closing: AtomicBool,
 }
 
 pub fn qos(level: u8) -> QoS {
@@ -145,6 +143,17 @@ pub struct Link {
     pub unlogged: VecDeque<VerdictMessage>,
     /// Most verdicts waiting in the outbox at once (reported at exit).
     pub max_backlog: u64,
+}
+
+/// `first` and whatever else is already waiting, up to 256: one outbox transaction's worth.
+fn take_batch(first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Outgoing> {
+    let mut batch = vec![first];
+    while batch.len() < 256
+        && let Ok(o) = rx.try_recv()
+    {
+        batch.push(o);
+    }
+    batch
 }
 
 /// What the link did over the daemon's life.
@@ -248,13 +257,7 @@ impl Link {
                     },
                     m = rx.recv(), if receiving => match m {
                         Some(first) => {
-                            let mut batch = vec![first];
-                            while batch.len() < 256 {
-                                match rx.try_recv() {
-                                    Ok(o) => batch.push(o),
-                                    Err(_) => break,
-                                }
-                            }
+                            let mut batch = take_batch(first, &mut rx);
                             self.log_batch(&mut batch, c.connected, &mut born);
                         }
                         None => {
@@ -301,10 +304,7 @@ impl Link {
                     _ = &mut wait => break,
                     m = rx.recv(), if receiving => match m {
                         Some(first) => {
-                            let mut batch = vec![first];
-                            while let Ok(o) = rx.try_recv() {
-                                batch.push(o);
-                            }
+                            let mut batch = take_batch(first, &mut rx);
                             self.log_batch(&mut batch, false, &mut born);
                         }
                         None => {
@@ -319,7 +319,6 @@ impl Link {
                     "stopping while the broker is unreachable: {} verdict(s) stay in the outbox for the next start",
                     self.outbox.len()
                 );
-                self.state.closing.store(true, Ordering::SeqCst);
                 if let Err(e) = self.outbox.sync() {
                     tracing::error!("{e}");
                 }
@@ -336,7 +335,6 @@ impl Link {
     }
 
     async fn close(&mut self, c: Conn, eventloop: &mut rumqttc::EventLoop, acked: u64, connects: u64) -> LinkSummary {
-        self.state.closing.store(true, Ordering::SeqCst);
         if let Err(e) = self.outbox.sync() {
             tracing::error!("{e}");
         }

@@ -140,8 +140,7 @@ fn build(description: &str, sink: FrameSink) -> Result<gst::Pipeline, String> {
 
 fn watch(pipeline: &gst::Pipeline, sink: &FrameSink) -> SourceEnd {
     let Some(bus) = pipeline.bus() else { return SourceEnd::Failed("pipeline has no bus".into()) };
-    sink.camera.streaming.store(true, std::sync::atomic::Ordering::Relaxed);
-    let end = loop {
+    loop {
         if sink.stopping() {
             break SourceEnd::Stopped;
         }
@@ -154,9 +153,7 @@ fn watch(pipeline: &gst::Pipeline, sink: &FrameSink) -> SourceEnd {
             }
             _ => {}
         }
-    };
-    sink.camera.streaming.store(false, std::sync::atomic::Ordering::Relaxed);
-    end
+    }
 }
 
 #[cfg(test)]
