@@ -11,7 +11,7 @@ use image::RgbImage;
 use crate::cli::{Cli, Command, DetectArgs};
 use crate::config::Config;
 use crate::detect::{Detector, Enrolment};
-use crate::{bench, demo, engine, enrolment, eval, imageio, overlay, reference};
+use crate::{bench, demo, enrolment, eval, imageio, overlay, reference};
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> Result<ExitCode> {
@@ -70,7 +70,7 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { reference, frames, warmup, json, opts, .. } => {
+        Command::Bench { reference, frames, warmup, batch, json, opts, .. } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
             let (e, imgs) = match &reference {
@@ -85,7 +85,10 @@ pub fn run() -> Result<ExitCode> {
                     (det.enroll(&refs, &cfg.detect, &mut log_progress)?, demo_frames())
                 }
             };
-            let report = bench::run(&mut det, &e, &imgs, frames, warmup)?;
+            if batch == 0 {
+                bail!("--batch must be at least 1");
+            }
+            let report = bench::run_batched(&mut det, &e, &imgs, frames, warmup, batch)?;
             println!("{report}");
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)
@@ -218,6 +221,9 @@ fn configure(mut cfg: Config, a: &DetectArgs) -> Result<Config> {
     if let Some(v) = &a.model {
         cfg.engine.model = Some(v.clone());
     }
+    if let Some(v) = a.device {
+        cfg.engine.device = v;
+    }
     let problems = cfg.validate();
     if !problems.is_empty() {
         bail!("invalid settings:\n  {}", problems.join("\n  "));
@@ -226,7 +232,7 @@ fn configure(mut cfg: Config, a: &DetectArgs) -> Result<Config> {
 }
 
 fn detector(cfg: &Config) -> Result<Detector> {
-    Ok(Detector::new(engine::Encoder::load(&cfg.engine)?))
+    Ok(Detector::load(&cfg.engine)?)
 }
 
 fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>> {

@@ -11,6 +11,10 @@ pub struct BenchReport {
     pub frames: usize,
     pub input: String,
     pub provider: String,
+    /// Where inspection ran (`cpu (onnxruntime cpu)`, `cuda:0 NVIDIA H200`).
+    pub device: String,
+    /// Frames per inspection call; the stage and total figures are per call.
+    pub batch: usize,
     pub preprocess_ms: f64,
     pub encoder_ms: f64,
     pub decoder_ms: f64,
@@ -29,36 +33,62 @@ pub fn run(
     count: usize,
     warmup: usize,
 ) -> Result<BenchReport, DetectError> {
-    for f in frames.iter().cycle().take(warmup) {
-        det.inspect(enrolment, f)?;
+    run_batched(det, enrolment, frames, count, warmup, 1)
+}
+
+/// [`run`] with `batch` frames per inspection call: latency is per call, frames/s over all frames.
+pub fn run_batched(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    frames: &[RgbImage],
+    count: usize,
+    warmup: usize,
+    batch: usize,
+) -> Result<BenchReport, DetectError> {
+    let batch = batch.max(1);
+    let mut cycle = frames.iter().cycle();
+    let mut next_batch = || -> Vec<RgbImage> { cycle.by_ref().take(batch).cloned().collect() };
+    for _ in 0..warmup.div_ceil(batch) {
+        det.inspect_batch(enrolment, &next_batch())?;
     }
-    let mut totals = Vec::with_capacity(count);
+    let calls = count.div_ceil(batch).max(1);
+    let mut totals = Vec::with_capacity(calls);
     let (mut pre, mut enc, mut dec) = (0.0f64, 0.0f64, 0.0f64);
-    let start = std::time::Instant::now();
     let mut input = String::new();
-    for f in frames.iter().cycle().take(count) {
+    let mut wall = 0.0f64;
+    for _ in 0..calls {
+        let imgs = next_batch();
         let t = std::time::Instant::now();
-        let ins = det.inspect(enrolment, f)?;
-        totals.push(t.elapsed().as_secs_f64() * 1e3);
-        let tm = ins.verdict.timings;
-        pre += tm.preprocess_ms as f64;
-        enc += tm.encoder_ms as f64;
-        dec += tm.decoder_ms as f64;
-        input = format!("{}x{}", ins.map.w, ins.map.h);
+        let ins = det.inspect_batch(enrolment, &imgs)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        wall += ms / 1e3;
+        totals.push(ms);
+        // GPU timings are per batch (every frame carries them); CPU ones are per frame.
+        let per_call = |f: fn(&crate::detect::Timings) -> f32| -> f64 {
+            let v: Vec<f64> = ins.iter().map(|i| f(&i.verdict.timings) as f64).collect();
+            if det.device().starts_with("cuda") { v.first().copied().unwrap_or(0.0) } else { v.iter().sum() }
+        };
+        pre += per_call(|t| t.preprocess_ms);
+        enc += per_call(|t| t.encoder_ms);
+        dec += per_call(|t| t.decoder_ms);
+        if let Some(i) = ins.first() {
+            input = format!("{}x{}", i.map.w, i.map.h);
+        }
     }
-    let wall = start.elapsed().as_secs_f64();
-    let n = count.max(1) as f64;
+    let n = calls as f64;
     Ok(BenchReport {
-        frames: count,
+        frames: calls * batch,
         input,
         provider: det.encoder().provider().to_string(),
+        device: det.device(),
+        batch,
         preprocess_ms: pre / n,
         encoder_ms: enc / n,
         decoder_ms: dec / n,
         total_ms_mean: totals.iter().sum::<f64>() / n,
         total_ms_p50: percentile(&mut totals, 0.5),
         total_ms_p99: percentile(&mut totals, 0.99),
-        frames_per_s: count as f64 / wall,
+        frames_per_s: (calls * batch) as f64 / wall,
         peak_rss_mib: peak_rss_mib(),
     })
 }
@@ -95,7 +125,11 @@ pub fn percentile(v: &mut [f64], q: f64) -> f64 {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "frames          {} at input {} on {}", self.frames, self.input, self.provider)?;
+        writeln!(
+            f,
+            "frames          {} at input {} on {}, batch {}",
+            self.frames, self.input, self.device, self.batch
+        )?;
         writeln!(f, "preprocess ms   {:.2}", self.preprocess_ms)?;
         writeln!(f, "encoder ms      {:.2}", self.encoder_ms)?;
         writeln!(f, "decoder ms      {:.2}", self.decoder_ms)?;

@@ -106,6 +106,9 @@ pub enum Command {
         /// Frames to inspect (the reference's own images, or demo parts).
         #[arg(long, default_value_t = 200)]
         frames: usize,
+        /// Frames per inspection call (one GPU batch; on the CPU, frames one after another).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         #[arg(long, default_value_t = 10)]
         warmup: usize,
         /// Write the report as JSON.
@@ -140,4 +143,7 @@ pub struct DetectArgs {
     /// Encoder ONNX model (with its .json manifest beside it).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where inspection runs: auto | cpu | cuda:N.
+    #[arg(long)]
+    pub device: Option<crate::device::DeviceChoice>,
 }

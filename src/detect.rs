@@ -254,6 +254,33 @@ pub struct EnrolmentMeta {
 pub struct Enrolment {
     pub meta: EnrolmentMeta,
     pub banks: Vec<Bank>,
+    /// Identity of this enrolment's bank in this process (a GPU uploads each bank once). Make a new
+    /// enrolment with [`Enrolment::new`] rather than editing `banks` in place.
+    pub bank_id: BankId,
+}
+
+impl Enrolment {
+    pub fn new(meta: EnrolmentMeta, banks: Vec<Bank>) -> Self {
+        Self { meta, banks, bank_id: BankId::fresh() }
+    }
+}
+
+/// A process-unique number per enrolment bank; clones share it (their banks are equal). It takes no
+/// part in equality, which compares content.
+#[derive(Debug, Clone, Copy)]
+pub struct BankId(pub u64);
+
+impl BankId {
+    pub fn fresh() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        BankId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl PartialEq for BankId {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +305,11 @@ pub enum DetectError {
     Outlier { name: String, score: f32, limit: f32 },
     #[error("enrolment was made with model {enrolled} but the encoder is {running}; enrol again with this model")]
     ModelMismatch { enrolled: String, running: String },
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[cfg(feature = "cuda")]
+    #[error("{0}")]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// Stage timings of one inspection, in milliseconds.
@@ -316,19 +348,121 @@ pub struct Inspection {
     pub map: Grid,
 }
 
-/// The encoder plus the decoder logic; one per thread.
+/// The encoder plus the decoder logic; one per thread. Inspection runs on the GPU pipeline when one
+/// was started ([`Detector::load`] with `engine.device`), else on the CPU; enrolment and calibration
+/// always run on the CPU reference.
 #[derive(Debug)]
 pub struct Detector {
     encoder: Encoder,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Box<crate::gpu::pipeline::Pipeline>>,
 }
 
+/// Largest relative difference the GPU encoder may show against ONNX Runtime at start-up.
+#[cfg(feature = "cuda")]
+pub const GPU_ENCODER_TOLERANCE: f32 = 1e-3;
+
 impl Detector {
+    /// A CPU detector around an encoder.
     pub fn new(encoder: Encoder) -> Self {
-        Self { encoder }
+        Self {
+            encoder,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }
+    }
+
+    /// Loads the encoder and the device `cfg.device` chooses. With `auto`, a GPU that cannot start
+    /// leaves the detector on the CPU with one log line; with `cuda:N` it is an error.
+    pub fn load(cfg: &crate::engine::EngineConfig) -> Result<Self, DetectError> {
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut det = Detector::new(Encoder::load(cfg)?);
+        match crate::device::select(cfg.device)? {
+            crate::device::Selected::Cpu => {}
+            #[cfg(feature = "cuda")]
+            crate::device::Selected::Cuda(n) => match det.start_gpu(n, cfg) {
+                Ok(()) => {}
+                Err(e) if cfg.device == crate::device::DeviceChoice::Auto => {
+                    tracing::warn!("device auto: the GPU could not start ({e}); inspecting on the CPU")
+                }
+                Err(e) => return Err(e),
+            },
+            #[cfg(not(feature = "cuda"))]
+            crate::device::Selected::Cuda(n) => return Err(crate::device::DeviceError::NotBuilt(n).into()),
+        }
+        Ok(det)
+    }
+
+    /// Starts the GPU pipeline on GPU `ordinal` and checks its encoder against ONNX Runtime.
+    #[cfg(feature = "cuda")]
+    pub fn start_gpu(&mut self, ordinal: usize, cfg: &crate::engine::EngineConfig) -> Result<(), DetectError> {
+        let cache = cfg.kernel_cache.clone().unwrap_or_else(crate::gpu::default_cache_dir);
+        let t = Instant::now();
+        let gpu = crate::gpu::Gpu::open(ordinal, Some(&cache))?;
+        let (name, arch, cached, blas) = (gpu.name.clone(), gpu.arch, gpu.ptx_cached, gpu.has_blas());
+        let mut pipe = crate::gpu::pipeline::Pipeline::new(gpu, self.encoder.model_bytes(), self.encoder.manifest())?;
+        let err = self.gpu_encoder_error(&mut pipe)?;
+        if err.is_nan() || err > GPU_ENCODER_TOLERANCE {
+            return Err(crate::gpu::GpuError::Unsupported(format!(
+                "the GPU encoder differs from ONNX Runtime by {err:.2e} of the feature range (limit \
+                 {GPU_ENCODER_TOLERANCE:.0e}); this model is not supported on the GPU path"
+            ))
+            .into());
+        }
+        tracing::info!(
+            device = %format!("cuda:{ordinal}"),
+            gpu = %name,
+            kernels = if cached { "cache hit" } else { "compiled (cache miss)" },
+            "inspection runs on cuda:{ordinal} ({name}, sm_{}{}): anomalyd kernels, {}, encoder within {err:.1e} \
+             of ONNX Runtime; ready in {:.0} ms",
+            arch.0,
+            arch.1,
+            if blas { "cuBLAS GEMM" } else { "own GEMM" },
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        self.gpu = Some(Box::new(pipe));
+        Ok(())
+    }
+
+    /// Largest difference between the GPU encoder's outputs and ONNX Runtime's on a probe image,
+    /// relative to the largest feature magnitude.
+    #[cfg(feature = "cuda")]
+    pub fn gpu_encoder_error(&mut self, pipe: &mut crate::gpu::pipeline::Pipeline) -> Result<f32, DetectError> {
+        let probe =
+            RgbImage::from_fn(128, 96, |x, y| image::Rgb([(x * 2) as u8, (y * 2 + x) as u8, ((x * y) % 251) as u8]));
+        let spec = &self.encoder.manifest().input;
+        let t = imageio::to_tensor(&probe, spec.scale, spec.mean, spec.std);
+        let outputs: Vec<usize> = (0..self.encoder.manifest().outputs.len()).collect();
+        let cpu = self.encoder.run(t.clone(), 96, 128, &outputs)?;
+        let gpu = pipe.encode(&t, 96, 128, &outputs)?;
+        Ok(relative_error(&cpu, &gpu))
+    }
+
+    /// Where inspection runs, in words (e.g. `cpu (onnxruntime cpu)`, `cuda:0 NVIDIA H200`).
+    pub fn device(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = &self.gpu {
+            return format!("cuda:{} {}", p.gpu().ctx.ordinal(), p.gpu().name);
+        }
+        format!("cpu (onnxruntime {})", self.encoder.provider())
+    }
+
+    /// Whether the engine that runs inspection came from its cache: the GPU kernels' PTX on a GPU,
+    /// TensorRT's engine on that provider, `none` otherwise.
+    pub fn engine_cache(&self) -> crate::engine::EngineCache {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = &self.gpu {
+            return if p.gpu().ptx_cached { crate::engine::EngineCache::Hit } else { crate::engine::EngineCache::Miss };
+        }
+        self.encoder.engine_cache()
     }
 
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
+    }
+
+    pub fn encoder_mut(&mut self) -> &mut Encoder {
+        &mut self.encoder
     }
 
     fn output_for(&self, stride: usize) -> Result<usize, DetectError> {
@@ -433,6 +567,48 @@ impl Detector {
 
     /// Inspects one image: score, verdict with the enrolment's thresholds, regions and answer text.
     pub fn inspect(&mut self, enrolment: &Enrolment, img: &RgbImage) -> Result<Inspection, DetectError> {
+        let mut v = self.inspect_batch(enrolment, std::slice::from_ref(img))?;
+        Ok(v.remove(0))
+    }
+
+    /// Inspects several images at once: one batch on the GPU (runs of equal input size), one by one
+    /// on the CPU. A GPU fault moves this detector to the CPU for good, with an error in the log.
+    pub fn inspect_batch(&mut self, enrolment: &Enrolment, imgs: &[RgbImage]) -> Result<Vec<Inspection>, DetectError> {
+        self.check(enrolment)?;
+        #[cfg(feature = "cuda")]
+        if let Some(pipe) = &mut self.gpu {
+            let meta = &enrolment.meta;
+            let size = |i: &RgbImage| meta.geometry.input_size(i.width(), i.height());
+            let mut out = Vec::with_capacity(imgs.len());
+            let mut failed = None;
+            for run in imgs.chunk_by(|a, b| size(a) == size(b)) {
+                let refs: Vec<&RgbImage> = run.iter().collect();
+                match pipe.score(meta, &enrolment.banks, enrolment.bank_id.0, &refs) {
+                    Ok(scored) => out.extend(
+                        scored
+                            .into_iter()
+                            .zip(run)
+                            .map(|(s, i)| verdict(s, &meta.thresholds, meta.min_region, i.width(), i.height())),
+                    ),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => return Ok(out),
+                Some(e) => {
+                    tracing::error!("GPU inspection failed ({e}); this camera continues on the CPU");
+                    self.gpu = None;
+                }
+            }
+        }
+        imgs.iter().map(|img| self.inspect_cpu(enrolment, img)).collect()
+    }
+
+    /// The CPU reference of [`Self::inspect`].
+    pub fn inspect_cpu(&mut self, enrolment: &Enrolment, img: &RgbImage) -> Result<Inspection, DetectError> {
         self.check(enrolment)?;
         let t0 = Instant::now();
         let (w, h) = enrolment.meta.geometry.input_size(img.width(), img.height());
@@ -613,7 +789,7 @@ impl Detector {
         }
         meta.thresholds = thresholds;
         meta.calibration = calibration;
-        Ok(Enrolment { meta, banks })
+        Ok(Enrolment::new(meta, banks))
     }
 }
 
@@ -761,6 +937,24 @@ pub fn verdict(scored: Scored, th: &Thresholds, min_region: f32, orig_w: u32, or
         },
         map: scored.map,
     }
+}
+
+/// Largest absolute difference between two lists of feature maps, relative to the largest magnitude
+/// in `reference` (infinite when the shapes differ).
+pub fn relative_error(reference: &[features::FeatureMap], other: &[features::FeatureMap]) -> f32 {
+    if reference.len() != other.len() {
+        return f32::INFINITY;
+    }
+    let mut worst = 0.0f32;
+    for (a, b) in reference.iter().zip(other) {
+        if (a.c, a.h, a.w) != (b.c, b.h, b.w) {
+            return f32::INFINITY;
+        }
+        let scale = a.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = a.data.iter().zip(&b.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+    }
+    worst
 }
 
 fn short(sha: &str) -> &str {

@@ -15,6 +15,7 @@ use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::device::DeviceChoice;
 use crate::features::FeatureMap;
 
 /// The default encoder, compiled into the binary so that a fresh clone needs no model download.
@@ -89,8 +90,14 @@ pub struct EngineConfig {
     /// several sessions starve each other and the daemon's I/O). Unset: on, and off in a daemon with
     /// more than one camera.
     pub spin: Option<bool>,
-    /// Folder for TensorRT engine caches.
+    /// Folder for TensorRT engine caches (a subfolder per GPU model and TensorRT version).
     pub trt_cache: Option<PathBuf>,
+    /// Where inspection runs: `auto` (the GPU when this build has CUDA support and a driver is
+    /// present, else the CPU), `cpu`, or `cuda:N` (required: an error if that GPU cannot be used).
+    pub device: DeviceChoice,
+    /// Folder for the compiled GPU kernels (PTX per architecture). Unset: $CACHE_DIRECTORY,
+    /// $XDG_CACHE_HOME/anomalyd, ~/.cache/anomalyd.
+    pub kernel_cache: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +109,8 @@ impl Default for EngineConfig {
             threads: 0,
             spin: None,
             trt_cache: None,
+            device: DeviceChoice::Auto,
+            kernel_cache: None,
         }
     }
 }
@@ -206,6 +215,99 @@ pub struct Encoder {
     manifest: Manifest,
     provider: Provider,
     model_sha256: String,
+    model: Vec<u8>,
+    engine_cache: EngineCache,
+}
+
+/// Whether a compiled engine (TensorRT's, or the GPU kernels) came from its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineCache {
+    /// Nothing is compiled ahead (the CPU provider).
+    None,
+    Hit,
+    Miss,
+}
+
+impl std::fmt::Display for EngineCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+        })
+    }
+}
+
+/// Where TensorRT engines of one model are cached: a folder per GPU model and TensorRT version (an
+/// engine only runs where it was built), files prefixed by the model's sha256.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrtCache {
+    pub dir: PathBuf,
+    pub prefix: String,
+}
+
+impl TrtCache {
+    pub fn for_model(cfg: &EngineConfig, sha: &str) -> TrtCache {
+        let base = cfg.trt_cache.clone().unwrap_or_else(|| cache_base().join("trt"));
+        let dir = base.join(sanitize(&gpu_model())).join(format!("trt-{}", tensorrt_version()));
+        TrtCache { dir, prefix: format!("anomalyd_{}", &sha[..sha.len().min(16)]) }
+    }
+
+    /// Whether an engine for this model is already in the folder.
+    pub fn is_warm(&self) -> bool {
+        std::fs::read_dir(&self.dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n.starts_with(&self.prefix) && n.ends_with(".engine")
+            })
+        })
+    }
+}
+
+/// The cache base: systemd's `$CACHE_DIRECTORY`, `$XDG_CACHE_HOME/anomalyd`, `~/.cache/anomalyd`,
+/// else the temporary folder.
+pub fn cache_base() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("CACHE_DIRECTORY")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("anomalyd")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/anomalyd")))
+        .unwrap_or_else(|| std::env::temp_dir().join("anomalyd"))
+}
+
+/// The GPU's model name from the NVIDIA driver (x86) or the device tree (Jetson); `gpu` if unknown.
+pub fn gpu_model() -> String {
+    if let Ok(dirs) = std::fs::read_dir("/proc/driver/nvidia/gpus") {
+        for d in dirs.flatten() {
+            if let Ok(info) = std::fs::read_to_string(d.path().join("information"))
+                && let Some(model) = info.lines().find_map(|l| l.strip_prefix("Model:"))
+            {
+                return model.trim().to_string();
+            }
+        }
+    }
+    std::fs::read_to_string("/proc/device-tree/model")
+        .map(|m| m.trim_matches(char::from(0)).trim().to_string())
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "gpu".into())
+}
+
+/// TensorRT's version from `libnvinfer` (`getInferLibVersion`), e.g. `10.3.0`; `unknown` if absent.
+pub fn tensorrt_version() -> String {
+    for name in ["libnvinfer.so", "libnvinfer.so.10", "libnvinfer.so.8"] {
+        // SAFETY: loading TensorRT runs its initialisers only; the symbol is a plain C function.
+        let Ok(lib) = (unsafe { libloading::Library::new(name) }) else { continue };
+        let Ok(f) = (unsafe { lib.get::<unsafe extern "C" fn() -> i32>(b"getInferLibVersion\0") }) else { continue };
+        let v = unsafe { f() };
+        // 8.x encodes major*1000 + minor*100 + patch; 10.x major*10000 + minor*100 + patch.
+        let (major, rest) = if v >= 10000 { (v / 10000, v % 10000) } else { (v / 1000, v % 1000) };
+        return format!("{major}.{}.{}", rest / 100, rest % 100);
+    }
+    "unknown".into()
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
 }
 
 impl std::fmt::Debug for Encoder {
@@ -229,10 +331,26 @@ impl Encoder {
         let mut failures = Vec::new();
         let providers = if cfg.providers.is_empty() { vec![Provider::Cpu] } else { cfg.providers.clone() };
         for provider in providers {
-            match build_session(&bytes, provider, cfg, &model_sha256) {
+            match build_session(&bytes, provider, cfg, &model_sha256, &manifest.input.name) {
                 Ok(session) => {
-                    tracing::info!(provider = %provider, model = %manifest.name, "encoder runs on {provider}");
-                    return Ok(Self { session, manifest, provider, model_sha256 });
+                    let mut enc = Self {
+                        session,
+                        manifest,
+                        provider,
+                        model_sha256,
+                        model: bytes,
+                        engine_cache: EngineCache::None,
+                    };
+                    if provider == Provider::Tensorrt {
+                        enc.engine_cache = enc.build_trt_engine(cfg)?;
+                    }
+                    tracing::info!(
+                        provider = %provider,
+                        model = %enc.manifest.name,
+                        engine_cache = %enc.engine_cache,
+                        "encoder runs on {provider}"
+                    );
+                    return Ok(enc);
                 }
                 Err(reason) => {
                     tracing::debug!(provider = %provider, %reason, "execution provider unavailable, trying the next");
@@ -249,6 +367,56 @@ impl Encoder {
 
     pub fn provider(&self) -> Provider {
         self.provider
+    }
+
+    /// Whether the TensorRT engine came from its cache (`none` for the other providers).
+    pub fn engine_cache(&self) -> EngineCache {
+        self.engine_cache
+    }
+
+    /// TensorRT builds its engine at the first inference: do it now, at the default input, with a
+    /// progress line every 20 s, so that the first frame is not minutes late.
+    fn build_trt_engine(&mut self, cfg: &EngineConfig) -> Result<EngineCache, EngineError> {
+        let key = TrtCache::for_model(cfg, &self.model_sha256);
+        let warm = key.is_warm();
+        if !warm {
+            tracing::info!(
+                cache = %key.dir.display(),
+                "building the TensorRT engine for this GPU, TensorRT version and model (first start; this can \
+                 take minutes, later starts load it from the cache)"
+            );
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = (!warm).then(|| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let mut next = 20;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    if t.elapsed().as_secs() >= next {
+                        tracing::info!("still building the TensorRT engine: {next} s");
+                        next += 20;
+                    }
+                }
+            })
+        });
+        let t = std::time::Instant::now();
+        let result = self.run(vec![0.0; 3 * 224 * 288], 224, 288, &[0]);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = ticker {
+            let _ = h.join();
+        }
+        result?;
+        if !warm {
+            tracing::info!("TensorRT engine built in {:.1} s and cached", t.elapsed().as_secs_f64());
+        }
+        Ok(if warm { EngineCache::Hit } else { EngineCache::Miss })
+    }
+
+    /// The ONNX file itself (the GPU path builds its own kernels' plan from it).
+    pub fn model_bytes(&self) -> &[u8] {
+        &self.model
     }
 
     /// sha256 of the ONNX file, recorded in enrolments so that a mismatched model is refused.
@@ -313,7 +481,13 @@ fn read_model(path: Option<&Path>) -> Result<(Vec<u8>, Manifest), EngineError> {
     Ok((bytes, manifest))
 }
 
-fn build_session(model: &[u8], provider: Provider, cfg: &EngineConfig, sha: &str) -> Result<Session, String> {
+fn build_session(
+    model: &[u8],
+    provider: Provider,
+    cfg: &EngineConfig,
+    sha: &str,
+    input: &str,
+) -> Result<Session, String> {
     let dispatch = match provider {
         Provider::Cpu => ep::CPU::default().build(),
         Provider::Cuda => {
@@ -329,14 +503,20 @@ fn build_session(model: &[u8], provider: Provider, cfg: &EngineConfig, sha: &str
                         .into(),
                 );
             }
-            let cache = cfg.trt_cache.clone().unwrap_or_else(|| std::env::temp_dir().join("anomalyd-trt"));
-            let _ = std::fs::create_dir_all(&cache);
+            let key = TrtCache::for_model(cfg, sha);
+            let _ = std::fs::create_dir_all(&key.dir);
+            // One optimisation profile covers every input anomalyd makes (batch 1-8, 64-2048 px, the
+            // default 288 x 224 as the optimum), so no input size triggers a rebuild.
             ep::TensorRT::default()
                 .with_fp16(true)
                 .with_engine_cache(true)
-                .with_engine_cache_path(cache.display())
-                .with_engine_cache_prefix(&sha[..16])
+                .with_engine_cache_path(key.dir.display())
+                .with_engine_cache_prefix(&key.prefix)
                 .with_timing_cache(true)
+                .with_timing_cache_path(key.dir.display())
+                .with_profile_min_shapes(format!("{input}:1x3x64x64"))
+                .with_profile_opt_shapes(format!("{input}:1x3x224x288"))
+                .with_profile_max_shapes(format!("{input}:8x3x2048x2048"))
                 .build()
         }
     };
@@ -381,6 +561,23 @@ mod tests {
         let (bytes, manifest) = read_model(None).unwrap();
         assert_eq!(hex(&Sha256::digest(&bytes)), manifest.sha256);
         assert_eq!(manifest.outputs.iter().map(|o| o.stride).collect::<Vec<_>>(), vec![4, 8, 16]);
+    }
+
+    #[test]
+    fn trt_cache_is_keyed_by_gpu_tensorrt_version_and_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EngineConfig { trt_cache: Some(dir.path().to_path_buf()), ..EngineConfig::default() };
+        let sha = "0123456789abcdef0123456789abcdef";
+        let key = TrtCache::for_model(&cfg, sha);
+        let rel = key.dir.strip_prefix(dir.path()).unwrap();
+        assert_eq!(rel.components().count(), 2, "{rel:?}");
+        assert!(rel.to_string_lossy().contains(&format!("trt-{}", tensorrt_version())), "{rel:?}");
+        assert_eq!(key.prefix, "anomalyd_0123456789abcdef");
+        assert!(!key.is_warm());
+        std::fs::create_dir_all(&key.dir).unwrap();
+        std::fs::write(key.dir.join(format!("{}_sm90.engine", key.prefix)), b"x").unwrap();
+        assert!(key.is_warm());
+        assert_ne!(TrtCache::for_model(&cfg, &"f".repeat(32)).prefix, key.prefix);
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Enrolment, EnrolmentError
     if !(meta.thresholds.image.is_finite() && meta.thresholds.pixel.is_finite()) {
         return Err(corrupt("thresholds are not finite".into()));
     }
-    Ok(Enrolment { meta, banks })
+    Ok(Enrolment::new(meta, banks))
 }
 
 struct Reader<'a> {
@@ -174,8 +174,8 @@ pub fn sample_for_tests() -> Enrolment {
     use crate::detect::{Bank, Geometry};
     use crate::engine::InputSpec;
     use crate::imageio::Dihedral;
-    Enrolment {
-        meta: EnrolmentMeta {
+    Enrolment::new(
+        EnrolmentMeta {
             model_name: "m".into(),
             model_sha256: "ab".repeat(32),
             input: InputSpec { name: "image".into(), scale: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] },
@@ -196,11 +196,11 @@ pub fn sample_for_tests() -> Enrolment {
             references: vec!["a.png".into()],
             created_unix: 1,
         },
-        banks: vec![
+        vec![
             Bank { stride: 8, dim: 3, rows: vec![0.0, 0.6, 0.8, 1.0, 0.0, 0.0], pos: vec![[0.25, 0.5], [0.75, 0.5]] },
             Bank { stride: 16, dim: 2, rows: vec![0.6, 0.8], pos: vec![[0.5, 0.5]] },
         ],
-    }
+    )
 }
 
 #[cfg(test)]

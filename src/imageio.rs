@@ -89,6 +89,43 @@ pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     imageops::resize(img, w, h, imageops::FilterType::Triangle)
 }
 
+/// The taps of [`resize`]'s triangle filter from `src` to `dst` lines, computed as the `image` crate
+/// does (so that the GPU resize matches it): per output line the first source line, the tap count,
+/// the offset of its weights in `weights`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taps {
+    pub left: Vec<u32>,
+    pub count: Vec<u32>,
+    pub offsets: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+pub fn triangle_taps(src: u32, dst: u32) -> Taps {
+    let mut t = Taps { left: vec![], count: vec![], offsets: vec![], weights: vec![] };
+    let ratio = src as f32 / dst as f32;
+    let sratio = if ratio < 1.0 { 1.0 } else { ratio };
+    let support = sratio;
+    for out in 0..dst {
+        let centre = (out as f32 + 0.5) * ratio;
+        let left = ((centre - support).floor() as i64).clamp(0, src as i64 - 1);
+        let right = ((centre + support).ceil() as i64).clamp(left + 1, src as i64);
+        let centre = centre - 0.5;
+        let start = t.weights.len();
+        let mut sum = 0.0f32;
+        for i in left..right {
+            let x = ((i as f32 - centre) / sratio).abs();
+            let w = if x < 1.0 { 1.0 - x } else { 0.0 };
+            t.weights.push(w);
+            sum += w;
+        }
+        t.weights[start..].iter_mut().for_each(|w| *w /= sum);
+        t.left.push(left as u32);
+        t.count.push((right - left) as u32);
+        t.offsets.push(start as u32);
+    }
+    t
+}
+
 /// The eight symmetries of the square: rotation by `rot * 90` degrees, then an optional horizontal flip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Dihedral {
@@ -147,6 +184,47 @@ pub fn scaled(w: u32, h: u32, s: f64, align: u32) -> (u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The GPU's resize (kernels/preprocess.cu) on the CPU: vertical taps into f32 rows, then
+    /// horizontal taps rounded to u8. It must equal `resize` bit for bit.
+    fn resize_by_taps(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+        let (sw, sh) = img.dimensions();
+        let (v, hz) = (triangle_taps(sh, h), triangle_taps(sw, w));
+        let src = img.as_raw();
+        let w3 = sw as usize * 3;
+        let mut tmp = vec![0.0f32; h as usize * w3];
+        for y in 0..h as usize {
+            for i in 0..w3 {
+                let mut t = 0.0f32;
+                for k in 0..v.count[y] as usize {
+                    t += src[(v.left[y] as usize + k) * w3 + i] as f32 * v.weights[v.offsets[y] as usize + k];
+                }
+                tmp[y * w3 + i] = t;
+            }
+        }
+        let mut out = vec![0u8; (w * h * 3) as usize];
+        for y in 0..h as usize {
+            for x in 0..w as usize {
+                for c in 0..3 {
+                    let mut t = 0.0f32;
+                    for k in 0..hz.count[x] as usize {
+                        t += tmp[y * w3 + (hz.left[x] as usize + k) * 3 + c] * hz.weights[hz.offsets[x] as usize + k];
+                    }
+                    out[(y * w as usize + x) * 3 + c] = t.clamp(0.0, 255.0).round() as u8;
+                }
+            }
+        }
+        RgbImage::from_raw(w, h, out).unwrap()
+    }
+
+    #[test]
+    fn triangle_taps_reproduce_the_resize_exactly() {
+        let img =
+            RgbImage::from_fn(101, 67, |x, y| image::Rgb([(x * 7 + y) as u8, (x * y) as u8, (255 - x - y) as u8]));
+        for (w, h) in [(64, 48), (160, 96), (101, 40), (37, 67), (288, 224)] {
+            assert_eq!(resize_by_taps(&img, w, h), resize(&img, w, h), "{w}x{h}");
+        }
+    }
 
     #[test]
     fn rows_are_copied_by_stride_and_bad_geometry_is_refused() {

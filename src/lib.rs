@@ -5,6 +5,9 @@
 //!
 //! # Layout
 //! - [`engine`]: the encoder, an ONNX model run by ONNX Runtime (providers TensorRT > CUDA > CPU).
+//! - [`device`]: the one place that picks the CPU or a GPU (`engine.device`); [`gpu`] (feature
+//!   `cuda`): the encoder and decoder as anomalyd's own CUDA kernels, held to the CPU path by tests;
+//!   [`netplan`] reads the encoder's ONNX graph ([`onnx`]) into the layers those kernels run.
 //! - [`features`]: patch features, the blocked-GEMM nearest-neighbour search, greedy coreset.
 //! - [`detect`]: enrolment (memory bank, geometry and augmentation chosen from the shots) and
 //!   inspection (the decoder: map, score, verdict).
@@ -28,15 +31,20 @@ pub mod daemon;
 pub mod demo;
 pub mod describe;
 pub mod detect;
+pub mod device;
 pub mod engine;
 pub mod enrolment;
 pub mod eval;
 pub mod features;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod imageio;
 pub mod map;
 pub mod metrics;
+pub mod netplan;
+pub mod onnx;
 pub mod overlay;
 pub mod reference;
 pub mod regions;

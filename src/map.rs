@@ -51,10 +51,8 @@ impl Grid {
         if sigma <= 0.0 {
             return self.clone();
         }
-        let r = (3.0 * sigma).ceil() as isize;
-        let mut k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
-        let sum: f32 = k.iter().sum();
-        k.iter_mut().for_each(|v| *v /= sum);
+        let k = gaussian_weights(sigma);
+        let r = (k.len() / 2) as isize;
         let reflect = |i: isize, n: usize| -> usize {
             let n = n as isize;
             let mut i = i;
@@ -92,6 +90,15 @@ impl Grid {
         }
         Grid::new(w, h, out)
     }
+}
+
+/// The normalised weights of a Gaussian of `sigma > 0` over `[-r, r]`, `r = ceil(3 sigma)`.
+pub fn gaussian_weights(sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil() as isize;
+    let mut k: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let sum: f32 = k.iter().sum();
+    k.iter_mut().for_each(|v| *v /= sum);
+    k
 }
 
 /// For each of `out` output positions, the two source indices of a bilinear resize from `inp` positions

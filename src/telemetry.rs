@@ -45,6 +45,10 @@ pub struct ModelLabels {
     pub model: String,
     pub sha256: String,
     pub provider: String,
+    /// Where inspection runs: `cpu (onnxruntime cpu)`, `cuda:0 NVIDIA H200`.
+    pub device: String,
+    /// Whether the compiled engine (TensorRT's, or the GPU kernels) came from its cache: hit, miss, none.
+    pub engine_cache: String,
     pub enrolment: String,
 }
 
@@ -174,7 +178,7 @@ impl Metrics {
         r.register("publish_backlog", "Verdicts waiting to be published", m.publish_backlog.clone());
         r.register("mqtt_connected", "1 while connected to the MQTT broker", m.mqtt_connected.clone());
         r.register("mqtt_reconnects", "Connections made to the broker after the first", m.mqtt_reconnects.clone());
-        r.register("model_info", "Encoder model and enrolment in use, per camera (value 1)", m.model_info.clone());
+        r.register("model_info", "Encoder model, execution provider, device, engine cache hit or miss and enrolment in use, per camera (value 1)", m.model_info.clone());
         r.register("triggers", "PLC triggers by camera and result (inspected, timeout)", m.triggers.clone());
         r.register("commands", "Commands on the command topic by result", m.commands.clone());
         r.register("reloads", "Configuration reloads by result", m.reloads.clone());

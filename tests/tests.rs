@@ -5,3 +5,4 @@ mod common;
 mod daemon;
 mod detection;
 mod evaluation;
+mod gpu;

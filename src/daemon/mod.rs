@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::detect::{DetectConfig, Detector};
-use crate::engine::{EngineConfig, EngineError};
+use crate::engine::EngineConfig;
 use crate::reference::{self, ReferenceError};
 use crate::sink::http::{self, HttpState};
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
@@ -47,7 +47,7 @@ pub enum DaemonError {
     #[error("camera {camera}: {cause}")]
     Reference { camera: String, cause: ReferenceError },
     #[error("camera {camera}: {cause}")]
-    Engine { camera: String, cause: EngineError },
+    Engine { camera: String, cause: crate::detect::DetectError },
     #[error(transparent)]
     Broker(#[from] crate::sink::broker::BrokerError),
     #[error(transparent)]
@@ -131,6 +131,8 @@ pub struct Daemon {
     broker_addr: Option<SocketAddr>,
     loaded: Arc<AtomicBool>,
     provider: String,
+    device: String,
+    engine_cache: String,
     /// The file reload commands read again (as SIGHUP does).
     config_path: Option<std::path::PathBuf>,
     model_labels: BTreeMap<String, ModelLabels>,
@@ -224,6 +226,8 @@ impl Daemon {
             broker_addr: embedded,
             loaded: loaded.clone(),
             provider: String::new(),
+            device: String::new(),
+            engine_cache: String::new(),
             config_path: None,
             model_labels: BTreeMap::new(),
         };
@@ -320,6 +324,8 @@ impl Daemon {
         .await
         .map_err(|e| DaemonError::Http(format!("camera {}: loading panicked: {e}", cam.name)))??;
         self.provider = detector.encoder().provider().to_string();
+        self.device = detector.device();
+        self.engine_cache = detector.engine_cache().to_string();
         let model = Arc::new(model);
         self.model_metric(&cam.name, &model);
         let Some(verdict_tx) = self.verdict_tx.clone() else {
@@ -404,6 +410,8 @@ impl Daemon {
             model: m.model.name.clone(),
             sha256: m.model.sha256.clone(),
             provider: self.provider.clone(),
+            device: self.device.clone(),
+            engine_cache: self.engine_cache.clone(),
             enrolment: m.enrolment_ref.id.clone(),
         };
         if let Some(old) = self.model_labels.insert(camera.into(), labels.clone()) {
@@ -750,9 +758,7 @@ async fn stop_camera(rt: CameraRuntime) {
 }
 
 fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detector, DaemonError> {
-    crate::engine::Encoder::load(engine)
-        .map(Detector::new)
-        .map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
+    Detector::load(engine).map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
 }
 
 /// The camera's enrolment: its reference (file or folder), or the built-in demo part.

@@ -1,0 +1,203 @@
+//! The GPU path against the CPU reference. One body runs every case on the CPU and, where a CUDA
+//! driver is present (build with `--features cuda`), on GPU 0, and compares the GPU's maps, scores
+//! and verdicts with the CPU's. Without a GPU these tests say why they skip and pass.
+//!
+//! The encoder's plan (`netplan`, the layers the GPU kernels run) is checked against ONNX Runtime
+//! on the CPU everywhere.
+
+use anomalyd::demo::{self, Defect};
+use anomalyd::detect::{DetectConfig, Detector, Enrolment, GeometryChoice, Inspection};
+use anomalyd::engine::Manifest;
+use anomalyd::imageio;
+use anomalyd::netplan::Plan;
+use image::{Rgb, RgbImage};
+
+use crate::common;
+
+/// Relative errors allowed between the GPU and the CPU: the score, of the larger of the threshold
+/// and the score; the map, of the CPU map's range.
+const SCORE_TOL: f32 = 1e-3;
+const MAP_TOL: f32 = 1e-3;
+
+/// The encoder plan in plain Rust equals ONNX Runtime, at the default input and at sizes that are
+/// not multiples of 16 (SAME padding then differs before and after).
+#[test]
+fn encoder_plan_matches_onnxruntime() {
+    let mut det = common::detector();
+    let plan = Plan::from_onnx(det.encoder().model_bytes()).unwrap();
+    let manifest: Manifest = det.encoder().manifest().clone();
+    for (w, h) in [(96, 64), (100, 76)] {
+        let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 3) as u8, (y * 5 + x) as u8, ((x ^ y) * 7) as u8]));
+        let t = imageio::to_tensor(&img, manifest.input.scale, manifest.input.mean, manifest.input.std);
+        let outputs: Vec<usize> = (0..manifest.outputs.len()).collect();
+        let ort = det.encoder_mut().run(t.clone(), h as usize, w as usize, &outputs).unwrap();
+        let ours = plan.run_cpu(&t, h as usize, w as usize).unwrap();
+        let ours: Vec<anomalyd::features::FeatureMap> = manifest
+            .outputs
+            .iter()
+            .map(|o| {
+                let j = plan.outputs.iter().position(|(n, _)| *n == o.name).unwrap();
+                let m = ort.iter().find(|m| m.c == o.channels).unwrap();
+                anomalyd::features::FeatureMap { c: m.c, h: m.h, w: m.w, data: ours[j].clone() }
+            })
+            .collect();
+        let err = anomalyd::detect::relative_error(&ort, &ours);
+        eprintln!("encoder plan vs onnxruntime at {w}x{h}: max error {err:.2e} of the feature range");
+        assert!(err < 1e-4, "{w}x{h}: {err}");
+    }
+}
+
+/// A frame set of one case: the reference, a good part and two defective ones.
+struct Case {
+    name: &'static str,
+    reference: RgbImage,
+    frames: Vec<RgbImage>,
+    cfg: DetectConfig,
+}
+
+/// The demo part on a plain border, so that foreground masking is chosen.
+fn on_plain_background(part: &RgbImage) -> RgbImage {
+    let mut canvas = RgbImage::from_pixel(384, 288, Rgb([40, 42, 45]));
+    image::imageops::overlay(&mut canvas, part, 32, 24);
+    canvas
+}
+
+/// A stationary texture (woven stripes with seeded noise), with a bright blot in one copy.
+fn texture(seed: u64, blot: bool) -> RgbImage {
+    let mut rng = anomalyd::synth::Rng::new(seed);
+    RgbImage::from_fn(192, 160, |x, y| {
+        let (fx, fy) = (x as f32, y as f32);
+        let mut v = 120.0 + 35.0 * (fx * 0.8).sin() * (fy * 0.55).cos() + rng.range(-12.0, 12.0);
+        if blot && (fx - 130.0).powi(2) + (fy - 50.0).powi(2) < 120.0 {
+            v = 235.0;
+        }
+        let v = v.clamp(0.0, 255.0) as u8;
+        Rgb([v, v.saturating_add(4), v.saturating_sub(6)])
+    })
+}
+
+fn cases() -> Vec<Case> {
+    let part = |v, d| demo::part(v, d);
+    vec![
+        Case {
+            name: "aligned part (L2, positional window)",
+            reference: part(0, Defect::None),
+            frames: vec![part(1, Defect::None), part(2, Defect::Scratch), part(3, Defect::Blob), part(4, Defect::None)],
+            cfg: DetectConfig::default(),
+        },
+        Case {
+            name: "part on a plain background (foreground mask, resized frames)",
+            reference: on_plain_background(&part(0, Defect::None)),
+            frames: vec![
+                on_plain_background(&part(5, Defect::Blob)),
+                on_plain_background(&part(6, Defect::None)),
+                on_plain_background(&part(7, Defect::Scratch)),
+            ],
+            cfg: DetectConfig::default(),
+        },
+        Case {
+            name: "texture (8 rotations, cosine score layer)",
+            reference: texture(1, false),
+            frames: vec![texture(2, false), texture(3, true), texture(4, true)],
+            cfg: DetectConfig { geometry: GeometryChoice::Texture, ..DetectConfig::default() },
+        },
+    ]
+}
+
+/// The GPU detector, or why there is none.
+fn gpu_detector() -> Result<Detector, String> {
+    if !cfg!(feature = "cuda") {
+        return Err("built without the cuda feature".into());
+    }
+    if !anomalyd::device::cuda_driver_present() {
+        return Err("no CUDA driver".into());
+    }
+    let cfg = anomalyd::engine::EngineConfig {
+        providers: vec![anomalyd::engine::Provider::Cpu],
+        device: anomalyd::device::DeviceChoice::Cuda(0),
+        ..Default::default()
+    };
+    Detector::load(&cfg).map_err(|e| panic!("a CUDA driver is present but the GPU path failed to start: {e}"))
+}
+
+/// Inspects every frame on one detector: one by one, and (on a GPU) also as one batch.
+fn inspect_all(det: &mut Detector, e: &Enrolment, frames: &[RgbImage]) -> (Vec<Inspection>, Vec<Inspection>) {
+    let single: Vec<Inspection> = frames.iter().map(|f| det.inspect(e, f).unwrap()).collect();
+    let batch = det.inspect_batch(e, frames).unwrap();
+    (single, batch)
+}
+
+fn map_error(a: &Inspection, b: &Inspection) -> f32 {
+    let (lo, hi) = a.map.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+    let diff = a.map.data.iter().zip(&b.map.data).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / (hi - lo).max(1e-6)
+}
+
+#[test]
+fn gpu_inspections_match_the_cpu() {
+    let mut gpu = match gpu_detector() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: {why}; the GPU parity tests need a CUDA GPU");
+            return;
+        }
+    };
+    eprintln!("parity on {}", gpu.device());
+    let mut worst = (0.0f32, 0.0f32);
+    for case in cases() {
+        let (enrolment, cpu) = {
+            let mut cpu = common::detector();
+            let e = cpu.enroll(&[("ref".into(), case.reference.clone())], &case.cfg, &mut |_| {}).unwrap();
+            let single: Vec<Inspection> = case.frames.iter().map(|f| cpu.inspect_cpu(&e, f).unwrap()).collect();
+            (e, single)
+        };
+        let (single, batch) = inspect_all(&mut gpu, &enrolment, &case.frames);
+        assert!(gpu.device().starts_with("cuda"), "{}: the GPU fell back to the CPU", case.name);
+        for (i, c) in cpu.iter().enumerate() {
+            for (how, g) in [("single", &single[i]), ("batch", &batch[i])] {
+                let scale = c.verdict.threshold.abs().max(c.verdict.score.abs()).max(1e-6);
+                let score_err = (c.verdict.score - g.verdict.score).abs() / scale;
+                let map_err = map_error(c, g);
+                eprintln!(
+                    "parity | {} | frame {i} {how} | score cpu {:.5} gpu {:.5} | score err {score_err:.2e} | map err {map_err:.2e}",
+                    case.name, c.verdict.score, g.verdict.score
+                );
+                assert_eq!((c.map.w, c.map.h), (g.map.w, g.map.h));
+                assert!(score_err <= SCORE_TOL, "{}: frame {i} ({how}) score error {score_err}", case.name);
+                assert!(map_err <= MAP_TOL, "{}: frame {i} ({how}) map error {map_err}", case.name);
+                let margin = (c.verdict.score - c.verdict.threshold).abs() / scale;
+                if margin > SCORE_TOL {
+                    assert_eq!(c.verdict.anomalous, g.verdict.anomalous, "{}: frame {i} verdict", case.name);
+                    assert_eq!(c.verdict.regions.len(), g.verdict.regions.len(), "{}: frame {i} regions", case.name);
+                }
+                worst = (worst.0.max(score_err), worst.1.max(map_err));
+            }
+        }
+    }
+    eprintln!("parity worst: score err {:.2e}, map err {:.2e}", worst.0, worst.1);
+}
+
+/// The GPU encoder alone against ONNX Runtime at the default input size.
+#[test]
+fn gpu_encoder_matches_onnxruntime() {
+    let gpu = match gpu_detector() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    drop(gpu);
+    #[cfg(feature = "cuda")]
+    {
+        let mut det = common::detector();
+        let mut pipe = {
+            let g = anomalyd::gpu::Gpu::open(0, None).unwrap();
+            anomalyd::gpu::pipeline::Pipeline::new(g, det.encoder().model_bytes(), &det.encoder().manifest().clone())
+                .unwrap()
+        };
+        let err = det.gpu_encoder_error(&mut pipe).unwrap();
+        eprintln!("GPU encoder vs onnxruntime: max error {err:.2e} of the feature range");
+        assert!(err <= anomalyd::detect::GPU_ENCODER_TOLERANCE, "{err}");
+    }
+}
