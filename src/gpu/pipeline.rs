@@ -141,6 +141,42 @@ impl Pipeline {
         ])
     }
 
+    /// Bilinear resize of `n` grids of `from` (w, h) into `dst` of `to` (w, h), added to it when
+    /// `accumulate` (as `Grid::resize`, then `average`'s sum).
+    fn resize_grid(
+        &mut self,
+        n: usize,
+        src: u64,
+        (sw, sh): (usize, usize),
+        dst: u64,
+        (dw, dh): (usize, usize),
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let [ya, yb, yt] = self.bilinear(dh, sh)?;
+        let [xa, xb, xt] = self.bilinear(dw, sw)?;
+        let i = |v: usize| Arg::I(v as i32);
+        self.gpu.launch_n(
+            "grid_resize",
+            n * dw * dh,
+            &[
+                Arg::P(src),
+                i(sh),
+                i(sw),
+                Arg::P(dst),
+                i(dh),
+                i(dw),
+                i(n),
+                Arg::P(ya),
+                Arg::P(yb),
+                Arg::P(yt),
+                Arg::P(xa),
+                Arg::P(xb),
+                Arg::P(xt),
+                Arg::I(i32::from(accumulate)),
+            ],
+        )
+    }
+
     /// Triangle-filter taps of image's resize from `src` to `dst` lines: left, count, offset, weights.
     fn triangle(&mut self, src: u32, dst: u32) -> Result<[u64; 4], GpuError> {
         let t = crate::imageio::triangle_taps(src, dst);
@@ -602,28 +638,7 @@ impl Pipeline {
         } else {
             let acc = self.buf("patch_grid", n * pgw * pgh * 4)?;
             for (i, &(src, gw, gh)) in map_layers.iter().enumerate() {
-                let [ya, yb, yt] = self.bilinear(pgh, gh)?;
-                let [xa, xb, xt] = self.bilinear(pgw, gw)?;
-                self.gpu.launch_n(
-                    "grid_resize",
-                    n * pgw * pgh,
-                    &[
-                        Arg::P(src),
-                        Arg::I(gh as i32),
-                        Arg::I(gw as i32),
-                        Arg::P(acc),
-                        Arg::I(pgh as i32),
-                        Arg::I(pgw as i32),
-                        Arg::I(n as i32),
-                        Arg::P(ya),
-                        Arg::P(yb),
-                        Arg::P(yt),
-                        Arg::P(xa),
-                        Arg::P(xb),
-                        Arg::P(xt),
-                        Arg::I(i32::from(i > 0)),
-                    ],
-                )?;
+                self.resize_grid(n, src, (gw, gh), acc, (pgw, pgh), i > 0)?;
             }
             self.gpu.launch_n(
                 "divide",
@@ -650,28 +665,7 @@ impl Pipeline {
 
         // The map: bilinear to the input size, then the Gaussian (sigma scaled with the input).
         let up = self.buf("map_up", n * w * h * 4)?;
-        let [ya, yb, yt] = self.bilinear(h, pgh)?;
-        let [xa, xb, xt] = self.bilinear(w, pgw)?;
-        self.gpu.launch_n(
-            "grid_resize",
-            n * w * h,
-            &[
-                Arg::P(patch_grid),
-                Arg::I(pgh as i32),
-                Arg::I(pgw as i32),
-                Arg::P(up),
-                Arg::I(h as i32),
-                Arg::I(w as i32),
-                Arg::I(n as i32),
-                Arg::P(ya),
-                Arg::P(yb),
-                Arg::P(yt),
-                Arg::P(xa),
-                Arg::P(xb),
-                Arg::P(xt),
-                Arg::I(0),
-            ],
-        )?;
+        self.resize_grid(n, patch_grid, (pgw, pgh), up, (w, h), false)?;
         let sigma = meta.sigma * ((w * h) as f32).sqrt() / 256.0;
         let map_ptr = if sigma > 0.0 {
             let kernel = map::gaussian_weights(sigma);
