@@ -8,7 +8,7 @@ scripts/setup.sh --test >/dev/null
 export ANOMALYD_REQUIRE_MOSQUITTO=1
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 with rustup" >&2; exit 1; }
 # NVRTC from .venv compiles the GPU kernels in the tests (no GPU needed; the parity tests skip).
-nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null | head -1)
+nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null | head -1 || true)
 [[ -n $nvrtc ]] && export LD_LIBRARY_PATH=$PWD/$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
