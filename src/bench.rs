@@ -64,9 +64,10 @@ pub fn run_batched(
         wall += ms / 1e3;
         totals.push(ms);
         // GPU timings are per batch (every frame carries them); CPU ones are per frame.
+        let gpu = det.on_gpu();
         let per_call = |f: fn(&crate::detect::Timings) -> f32| -> f64 {
-            let v: Vec<f64> = ins.iter().map(|i| f(&i.verdict.timings) as f64).collect();
-            if det.device().starts_with("cuda") { v.first().copied().unwrap_or(0.0) } else { v.iter().sum() }
+            let mut v = ins.iter().map(|i| f(&i.verdict.timings) as f64);
+            if gpu { v.next().unwrap_or(0.0) } else { v.sum() }
         };
         pre += per_call(|t| t.preprocess_ms);
         enc += per_call(|t| t.encoder_ms);

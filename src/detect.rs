@@ -438,6 +438,14 @@ impl Detector {
         Ok(relative_error(&cpu, &gpu))
     }
 
+    /// Whether inspection runs on a GPU pipeline now (a GPU fault turns this off for good).
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
     /// Where inspection runs, in words (e.g. `cpu (onnxruntime cpu)`, `cuda:0 NVIDIA H200`).
     pub fn device(&self) -> String {
         #[cfg(feature = "cuda")]
