@@ -1,6 +1,6 @@
-//! The TOML configuration: `[engine]` and `[detect]` (the inspection core), and `[daemon]`, `[mqtt]`,
-//! `[http]`, `[store]` and `[[camera]]` (the daemon). Every key is optional but the cameras; unknown keys
-//! are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
+//! The TOML configuration: `[engine]` and `[detect]` (the inspection core), `[llm]` (words and
+//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]` and `[[camera]]` (the daemon). Every key is
+//! optional but the cameras; unknown keys are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
 //! `ANOMALYD__MQTT__BROKER=10.0.0.5:1883`). `config/anomalyd.toml` documents every key.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::config::{CameraConfig, DaemonConfig, HttpConfig, MqttConfig, OutboxConfig, StoreConfig};
 use crate::detect::DetectConfig;
 use crate::engine::EngineConfig;
+use crate::llm::LlmConfig;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -21,6 +22,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub store: StoreConfig,
     pub outbox: OutboxConfig,
+    pub llm: LlmConfig,
     pub camera: Vec<CameraConfig>,
 }
 
@@ -133,6 +135,7 @@ impl Config {
         if self.engine.providers.is_empty() {
             p.push("engine.providers is empty: list at least \"cpu\"".into());
         }
+        p.extend(self.llm.validate());
         p
     }
 }

@@ -19,12 +19,16 @@
 //! - [`bench`]: speed and memory measurement; [`demo`]: built-in demo parts; [`overlay`]: heat maps.
 //! - [`daemon`]: `anomalyd run`: cameras ([`source`]) → per-camera queue and inspection worker →
 //!   verdicts ([`sink`]: MQTT, flagged-frame store, HTTP API), metrics in [`telemetry`].
+//! - [`llm`]: words for NG frames and multi-turn questions about them: a local GGUF model (feature
+//!   `llm`) or an OpenAI-compatible endpoint, checked against the findings ([`describe`]), off the
+//!   frame path.
 //! - [`reference`]: an enrolment file or a folder of normal images, for the commands and the daemon.
-//! - [`config`], [`cli`], [`app`]: configuration and the command line.
+//! - [`config`], [`cli`], [`app`]: configuration and the command line; [`chat`]: `anomalyd chat`.
 
 pub mod app;
 pub mod bench;
 pub mod calibrate;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -41,6 +45,7 @@ pub mod fuzzing;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod imageio;
+pub mod llm;
 pub mod map;
 pub mod metrics;
 pub mod netplan;
