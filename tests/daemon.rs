@@ -544,20 +544,33 @@ fn plc_triggers_tag_frames_with_part_ids_and_a_trigger_without_frame_is_an_error
 fn mqtt_contract_examples_parse() {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/MQTT.md")).unwrap();
     let blocks: Vec<&str> = doc.split("```json").skip(1).map(|b| b.split("```").next().unwrap()).collect();
-    let (mut verdicts, mut commands) = (0, 0);
+    let (mut verdicts, mut commands, mut notes) = (0, 0, 0);
     for b in blocks {
         let v: Value = serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {b}"));
-        if v.get("schema").is_some() {
+        if v.get("verdict").is_some() {
             let m: VerdictMessage = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
             assert_eq!(m.schema, anomalyd::daemon::message::SCHEMA);
             assert!(anomalyd::daemon::message::valid_frame_id(&m.frame_id));
             verdicts += 1;
+        } else if v.get("text").is_some() {
+            let _: anomalyd::llm::service::Description =
+                serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
+            notes += 1;
+        } else if v.get("answer").is_some() {
+            let _: anomalyd::llm::service::ChatAnswer =
+                serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
+            notes += 1;
+        } else if v.get("question").is_some() {
+            let mut cmd = v.clone();
+            cmd["cmd"] = "chat".into();
+            let _: anomalyd::sink::mqtt::Command = serde_json::from_value(cmd).unwrap_or_else(|e| panic!("{e}: {b}"));
+            notes += 1;
         } else {
             let _: anomalyd::sink::mqtt::Command = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
             commands += 1;
         }
     }
-    assert_eq!((verdicts, commands), (4, 2));
+    assert_eq!((verdicts, commands, notes), (4, 2, 3));
 }
 
 #[test]
@@ -968,4 +981,121 @@ fn mqtt_over_tls_with_username_and_password() {
     assert_eq!(daemon.summary()["published"], 3, "{log}");
     assert!(!log.contains("unreachable"), "{log}");
     assert!(!log.contains(secret), "the password must never be logged");
+}
+
+/// The `[llm]` lines of a test daemon: the small real model when this build has it and it is fetched,
+/// else template text only.
+fn llm_config() -> (String, &'static str) {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/llm/smollm2-135m-instruct-q4_1.gguf");
+    if cfg!(feature = "llm") && model.is_file() {
+        (format!("[llm]\nbackend = \"local\"\nmodel = \"{}\"\nmax_tokens = 24\nthreads = 1\n", model.display()), "llm")
+    } else {
+        eprintln!("note: [llm] backend off in this run (build with --features llm and fetch smollm2 for the model)");
+        ("[llm]\nbackend = \"off\"\n".into(), "template")
+    }
+}
+
+#[test]
+fn ng_frames_get_a_description_after_their_verdict_and_chat_works_over_http_and_mqtt() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = scene(dir.path());
+    let http_port = free_port();
+    let token = "0123456789abcdef0123456789abcdef";
+    let (llm, source) = llm_config();
+    let sub = Sub::start(broker.port);
+    let config = base_config(
+        dir.path(),
+        broker.port,
+        &format!("127.0.0.1:{http_port}"),
+        "t9",
+        "exit_when_sources_end = false\n",
+    )
+    .replace("[outbox]", &format!("token = \"{token}\"\n[outbox]"))
+        + &llm
+        + &format!(
+            "[store]\ndir = \"{}\"\n[[camera]]\nname = \"line\"\nreference = \"{}\"\nproduct = \"a steel plate\"\n\
+             [camera.source]\nkind = \"files\"\npath = \"{}\"\n",
+            dir.path().join("store").display(),
+            reference.display(),
+            frames.display()
+        );
+    let mut daemon = Daemon::start(dir.path(), &config);
+    let descriptions = |s: &Sub| -> Vec<(usize, Value)> {
+        let lines = s.lines.lock().unwrap();
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, (t, _))| t == "anomalyd/t9/line/description")
+            .map(|(i, (_, p))| (i, serde_json::from_str(p).unwrap()))
+            .collect()
+    };
+    sub.wait_for("7 verdicts", Duration::from_secs(180), |s| s.verdicts().len() >= 7);
+    let ng: Vec<VerdictMessage> = sub.verdicts().into_iter().filter(|v| v.verdict == Outcome::Ng).collect();
+    assert!(!ng.is_empty(), "the scene has defective parts");
+    sub.wait_for("a description per NG frame", Duration::from_secs(180), |s| descriptions(s).len() >= ng.len());
+    let lines = sub.lines.lock().unwrap().clone();
+    for (at, d) in descriptions(&sub) {
+        let id = d["frame_id"].as_str().unwrap();
+        assert!(ng.iter().any(|v| v.frame_id == id), "descriptions are for NG frames only: {d}");
+        let verdict_at = lines.iter().position(|(t, p)| t.ends_with("/verdict") && p.contains(id)).unwrap();
+        assert!(verdict_at < at, "the verdict goes out first, the text follows");
+        assert!(!d["text"].as_str().unwrap().is_empty());
+        assert!(d["source"] == source || d["reason"].as_str().unwrap_or("").starts_with("contradiction"), "{d}");
+    }
+
+    // HTTP: asking needs the token; the conversation is kept per frame.
+    let id = &ng[0].frame_id;
+    let path = format!("/v1/frames/{id}/chat");
+    let q = r#"{"question":"Where exactly?"}"#;
+    assert_eq!(http(http_port, "POST", &path, None, q).0, 401);
+    assert_eq!(http(http_port, "POST", &path, Some(token), "{\"q\":1}").0, 400);
+    assert_eq!(http(http_port, "POST", "/v1/frames/line-0-999/chat", Some(token), q).0, 404);
+    let (status, body) = http(http_port, "POST", &path, Some(token), q);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let a: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((a["frame_id"].as_str(), a["turn"].as_u64()), (Some(id.as_str()), Some(2)));
+    let (status, body) = http_get(http_port, &path);
+    assert_eq!(status, 200);
+    let t: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(t["turns"].as_array().unwrap().len(), 2, "{t}");
+
+    // MQTT: a request on chat/request is answered on chat/response with its request id.
+    broker.publish(
+        "anomalyd/t9/chat/request",
+        &format!(r#"{{"frame_id":"{id}","question":"Is this the same place as the last NG on this camera?","request_id":"r-42"}}"#),
+    );
+    sub.wait_for("the chat response", Duration::from_secs(120), |s| {
+        s.lines.lock().unwrap().iter().any(|(t, p)| t == "anomalyd/t9/chat/response" && p.contains("r-42"))
+    });
+    let resp: Value = sub
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(t, _)| t == "anomalyd/t9/chat/response")
+        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .unwrap();
+    assert_eq!((resp["turn"].as_u64(), resp["frame_id"].as_str()), (Some(3), Some(id.as_str())), "{resp}");
+
+    // The terminal client sees the same conversation.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let out = Command::new(bin())
+        .args(["chat", id, "--url", &format!("http://127.0.0.1:{http_port}"), "-q", "How large is it?", "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(&format!("frame {id} on camera line: NG")) && text.contains("operator: Where exactly?"),
+        "{text}"
+    );
+    assert_eq!(text.matches("anomalyd: ").count(), 4, "three turns so far and the new answer: {text}");
+
+    let m = String::from_utf8_lossy(&http_get(http_port, "/metrics").1).to_string();
+    assert!(m.contains("anomalyd_llm_info{model="), "{m}");
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(60));
 }

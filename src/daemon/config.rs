@@ -204,6 +204,9 @@ pub struct CameraConfig {
     /// A frame that waited longer than this is SKIPPED as stale instead of inspected late.
     #[serde(default = "default_max_age_ms")]
     pub max_age_ms: u64,
+    /// The product, in the operator's words, for the language model's prompt.
+    #[serde(default)]
+    pub product: Option<String>,
 }
 
 const fn default_trigger_timeout_ms() -> u64 {
@@ -227,6 +230,7 @@ impl CameraConfig {
             trigger_timeout_ms: default_trigger_timeout_ms(),
             queue: default_queue(),
             max_age_ms: default_max_age_ms(),
+            product: Some("a machined steel plate with four bolt holes and a printed label".into()),
         }
     }
 }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::detect::{DetectConfig, Detector};
 use crate::engine::EngineConfig;
+use crate::llm::service::{Description, Explainer, FrameFacts};
 use crate::reference::{self, ReferenceError};
 use crate::sink::http::{self, HttpState};
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
@@ -62,6 +63,8 @@ pub enum DaemonError {
     Http(String),
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("[llm]: {0}")]
+    Llm(#[from] crate::llm::LlmError),
 }
 
 /// A running camera: its source thread, its queue's worker and the stop flag they share.
@@ -136,6 +139,10 @@ pub struct Daemon {
     /// The file reload commands read again (as SIGHUP does).
     config_path: Option<std::path::PathBuf>,
     model_labels: BTreeMap<String, ModelLabels>,
+    /// Words for NG frames and the chat about them.
+    explainer: Arc<Explainer>,
+    /// Descriptions and chat answers to publish (topic, payload).
+    notes_tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
 }
 
 impl Daemon {
@@ -178,6 +185,7 @@ impl Daemon {
         let http_commands = cmd_tx.clone();
         let (retained_tx, retained_rx) = mpsc::unbounded_channel();
         let (verdict_tx, verdict_rx) = mpsc::unbounded_channel::<Outgoing>();
+        let (notes_tx, notes_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let (outbox_path, outbox_max, outbox_metrics) =
             (cfg.outbox.path.clone(), cfg.outbox.max_bytes, metrics.clone());
         let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics))
@@ -195,6 +203,8 @@ impl Daemon {
             commands: cmd_tx,
             retained: retained_rx,
             unlogged: Default::default(),
+            notes: notes_rx,
+            pending_notes: Default::default(),
             max_backlog: 0,
         };
         let publisher = tokio::spawn(link.run(verdict_rx));
@@ -206,6 +216,8 @@ impl Daemon {
             let (tx, th) = store.spawn_writer(16)?;
             (Some(store), Some(tx), Some(th))
         };
+
+        let explainer = Arc::new(start_explainer(&cfg, &topics, &metrics, &notes_tx, store.clone()).await?);
 
         let shared: Arc<std::sync::Mutex<BTreeMap<String, Arc<CameraShared>>>> = Arc::default();
         let loaded = Arc::new(AtomicBool::new(false));
@@ -230,6 +242,8 @@ impl Daemon {
             engine_cache: String::new(),
             config_path: None,
             model_labels: BTreeMap::new(),
+            explainer: explainer.clone(),
+            notes_tx,
         };
 
         if !cfg.http.listen.is_empty() {
@@ -259,6 +273,7 @@ impl Daemon {
                 commands: http_commands,
                 token,
                 protect_reads: cfg.http.protect_reads,
+                explainer: Some(explainer.clone()),
             });
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {
@@ -269,7 +284,9 @@ impl Daemon {
                     tracing::error!("HTTP API stopped: {e}");
                 }
             });
-            tracing::info!("HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID)");
+            tracing::info!(
+                "HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID, /v1/frames/ID/chat)"
+            );
             daemon.http = Some((task, stop_tx));
             daemon.http_addr = Some(addr);
         }
@@ -357,6 +374,8 @@ impl Daemon {
             max_age: Duration::from_millis(cam.max_age_ms),
             delay: Duration::from_millis(self.cfg.daemon.inspect_delay_ms),
             store: self.store_tx.clone(),
+            explainer: self.explainer.clone(),
+            product: cam.product.clone(),
         }
         .spawn()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -503,6 +522,21 @@ impl Daemon {
                     Err(e) => self.reload_failed(&e),
                 }
             }
+            Command::Chat { frame_id, question, request_id } => {
+                let (explainer, notes, topic) =
+                    (self.explainer.clone(), self.notes_tx.clone(), self.states.topics.chat_response());
+                tokio::spawn(async move {
+                    let id = frame_id.clone();
+                    let answer = tokio::task::spawn_blocking(move || explainer.chat(&id, &question)).await;
+                    let mut body = match answer {
+                        Ok(Ok(a)) => serde_json::to_value(&a).unwrap_or_default(),
+                        Ok(Err(e)) => serde_json::json!({"frame_id": frame_id, "error": e.to_string()}),
+                        Err(e) => serde_json::json!({"frame_id": frame_id, "error": format!("internal error: {e}")}),
+                    };
+                    body["request_id"] = serde_json::json!(request_id);
+                    let _ = notes.send((topic, serde_json::to_vec(&body).unwrap_or_default()));
+                });
+            }
         }
     }
 
@@ -581,6 +615,7 @@ impl Daemon {
             ("[mqtt]", new.mqtt != self.cfg.mqtt),
             ("[http]", new.http != self.cfg.http),
             ("[store]", new.store != self.cfg.store),
+            ("[llm]", new.llm != self.cfg.llm),
             ("daemon.node", new.daemon.node != self.cfg.daemon.node),
         ] {
             if changed {
@@ -653,6 +688,7 @@ impl Daemon {
         applied.mqtt = self.cfg.mqtt.clone();
         applied.http = self.cfg.http.clone();
         applied.store = self.cfg.store.clone();
+        applied.llm = self.cfg.llm.clone();
         applied.daemon.node = self.cfg.daemon.node.clone();
         self.cfg = applied;
         let to_start: Vec<CameraConfig> =
@@ -690,6 +726,9 @@ impl Daemon {
             .map(|(n, c)| (n.clone(), c.frames()))
             .collect();
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Every NG frame gets its description (the template's for those still queued) before MQTT closes.
+        let explainer = self.explainer.clone();
+        let _ = tokio::task::spawn_blocking(move || explainer.shutdown()).await;
         drop(self.verdict_tx.take());
         let link = self.publisher.await.unwrap_or_default();
         let published = link.acked;
@@ -713,6 +752,8 @@ impl Daemon {
             stop_camera(rt).await;
         }
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let explainer = self.explainer.clone();
+        let _ = tokio::task::spawn_blocking(move || explainer.shutdown()).await;
         drop(self.verdict_tx.take());
         if let Some((_, stop)) = self.http.take() {
             let _ = stop.send(());
@@ -735,6 +776,51 @@ impl StateReporter {
         }
         let _ = self.retained.send((self.topics.camera_state(camera), state.to_string()));
     }
+}
+
+/// Opens the `[llm]` backend (off the async threads: a model takes seconds to load) and starts the
+/// explainer, whose descriptions go to `<prefix>/<node>/<camera>/description`. Frames not in memory are
+/// read back from the flagged-frame store for chat.
+async fn start_explainer(
+    cfg: &Config,
+    topics: &Topics,
+    metrics: &Arc<Metrics>,
+    notes: &mpsc::UnboundedSender<(String, Vec<u8>)>,
+    store: Option<Arc<Store>>,
+) -> Result<Explainer, DaemonError> {
+    let llm = cfg.llm.clone();
+    let engine = tokio::task::spawn_blocking(move || crate::llm::open(&llm))
+        .await
+        .map_err(|e| DaemonError::Http(format!("loading the language model panicked: {e}")))??;
+    let (tx, t) = (notes.clone(), topics.clone());
+    let publish: crate::llm::service::Publish = Arc::new(move |d: Description| {
+        let _ = tx.send((t.description(&d.camera), serde_json::to_vec(&d).unwrap_or_default()));
+    });
+    let products: BTreeMap<String, Option<String>> =
+        cfg.camera.iter().map(|c| (c.name.clone(), c.product.clone())).collect();
+    let lookup: Option<crate::llm::service::Lookup> = store.map(|store| {
+        let f: crate::llm::service::Lookup = Arc::new(move |id: &str| {
+            let bytes = store.get(id, crate::sink::store::Part::Verdict)?;
+            let m: message::VerdictMessage = serde_json::from_slice(&bytes).ok()?;
+            if m.verdict != message::Outcome::Ng {
+                return None;
+            }
+            Some(FrameFacts {
+                frame_id: m.frame_id,
+                captured_unix_ms: m.captured_unix_ms,
+                findings: crate::describe::Findings {
+                    anomalous: true,
+                    score: m.score.unwrap_or_default(),
+                    threshold: m.threshold.unwrap_or_default(),
+                    regions: m.regions,
+                    product: products.get(&m.camera).cloned().flatten(),
+                },
+                camera: m.camera,
+            })
+        });
+        f
+    });
+    Ok(Explainer::start(&cfg.llm, engine, &cfg.daemon.node, metrics.clone(), publish, lookup)?)
 }
 
 /// Same source, trigger mode and queue: the camera keeps running and only its model is swapped.

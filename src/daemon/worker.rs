@@ -11,6 +11,7 @@ use crate::daemon::frame::{CameraShared, Frame};
 use crate::daemon::message::{self, Outcome};
 use crate::describe;
 use crate::detect::Detector;
+use crate::llm::service::{Explainer, FrameFacts};
 use crate::sink::store::StoreJob;
 
 pub struct Worker {
@@ -20,6 +21,10 @@ pub struct Worker {
     pub max_age: Duration,
     pub delay: Duration,
     pub store: Option<crossbeam_channel::Sender<StoreJob>>,
+    /// Writes the words for NG frames, off this thread.
+    pub explainer: Arc<Explainer>,
+    /// The product, for the language model's prompt.
+    pub product: Option<String>,
 }
 
 impl Worker {
@@ -116,13 +121,31 @@ impl Worker {
         msg.threshold = Some(v.threshold);
         msg.regions = v.regions.clone();
         // AnomalyGPT's answer sentence, then the evidence: area and score against the threshold.
-        msg.answer = Some(describe::template(&describe::Findings {
+        let findings = describe::Findings {
             anomalous: v.anomalous,
             score: v.score,
             threshold: v.threshold,
             regions: v.regions.clone(),
-            product: None,
-        }));
+            product: self.product.clone(),
+        };
+        msg.answer = Some(describe::template(&findings));
+        let mut description = None;
+        if v.anomalous {
+            // The verdict goes out now; the model's words follow on the description topic.
+            let images: crate::llm::service::Images = if self.explainer.wants_images() {
+                let (img, ins) = (img.clone(), ins.clone());
+                Box::new(move || crate::llm::images_for(&img, &ins))
+            } else {
+                Box::new(Vec::new)
+            };
+            let facts = FrameFacts {
+                frame_id: msg.frame_id.clone(),
+                camera: cam.name.clone(),
+                captured_unix_ms: msg.captured_unix_ms,
+                findings,
+            };
+            description = Some((facts, images));
+        }
         if v.anomalous
             && let Some(store) = &self.store
         {
@@ -135,6 +158,9 @@ impl Worker {
             }
         }
         cam.emit(msg, f.captured_at, "");
+        if let Some((facts, images)) = description {
+            self.explainer.describe(facts, images);
+        }
     }
 }
 

@@ -4,6 +4,9 @@
 //! - `GET /readyz`: 200 once every camera has its model and the broker is connected, else 503 with reasons;
 //! - `GET /v1/frames/{id}` (the stored verdict JSON), `/v1/frames/{id}/image` and `/v1/frames/{id}/overlay` (JPEG).
 //!   An id that is not a frame id gets 400; one that is not stored gets 404.
+//! - `POST /v1/frames/{id}/chat` (`{"question":"Where exactly?"}`) asks about an NG frame and answers
+//!   with the model's checked answer (or the template's), keeping the conversation;
+//!   `GET /v1/frames/{id}/chat` shows the conversation so far. Asking needs the token, as writes do.
 //! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
 //!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
 //!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
@@ -21,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::daemon::config::Secret;
 use crate::daemon::message::valid_frame_id;
+use crate::llm::service::{ChatError, Explainer};
 use crate::sink::mqtt::Command;
 use crate::sink::store::{Part, Store};
 use crate::telemetry::Metrics;
@@ -37,6 +41,8 @@ pub struct HttpState {
     pub commands: mpsc::UnboundedSender<Command>,
     pub token: Option<Secret>,
     pub protect_reads: bool,
+    /// Answers questions about frames.
+    pub explainer: Option<Arc<Explainer>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -45,8 +51,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/frames/:id", get(|s, p| frame(s, p, Part::Verdict)))
         .route("/v1/frames/:id/image", get(|s, p| frame(s, p, Part::Image)))
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
+        .route("/v1/frames/:id/chat", get(transcript))
         .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
     let writes = Router::new()
+        .route("/v1/frames/:id/chat", post(chat))
         .route("/v1/reload", post(reload))
         .route("/v1/trigger", post(trigger))
         .route_layer(middleware::from_fn_with_state(state.clone(), write_guard));
@@ -125,6 +133,48 @@ async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Respons
     match s.commands.send(Command::Trigger { camera: t.camera, part_id: t.part_id }) {
         Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatBody {
+    question: String,
+}
+
+fn json(status: StatusCode, v: &impl serde::Serialize) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_vec(v).unwrap_or_default()).into_response()
+}
+
+async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    if !valid_frame_id(&id) {
+        return (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response();
+    }
+    let Ok(q) = serde_json::from_slice::<ChatBody>(&body) else {
+        return (StatusCode::BAD_REQUEST, "expected {\"question\":\"...\"}\n").into_response();
+    };
+    let Some(ex) = s.explainer.clone() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no explainer in this process\n").into_response();
+    };
+    match tokio::task::spawn_blocking(move || ex.chat(&id, &q.question)).await {
+        Ok(Ok(answer)) => json(StatusCode::OK, &answer),
+        Ok(Err(e @ ChatError::UnknownFrame(_))) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Ok(Err(e @ ChatError::Stopping)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}\n")).into_response(),
+    }
+}
+
+async fn transcript(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
+    if !valid_frame_id(&id) {
+        return (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response();
+    }
+    let Some(ex) = s.explainer.clone() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no explainer in this process\n").into_response();
+    };
+    match tokio::task::spawn_blocking(move || ex.transcript(&id)).await.ok().flatten() {
+        Some(t) => json(StatusCode::OK, &t),
+        None => (StatusCode::NOT_FOUND, "no conversation about this frame (only NG frames have one)\n").into_response(),
     }
 }
 

@@ -5,6 +5,10 @@
 //! - `<prefix>/<node>/status`: retained `online`; the broker publishes `offline` (last will) if the
 //!   daemon vanishes; `stopped` after a clean exit.
 //! - `<prefix>/<node>/cmd`: commands, e.g. `{"cmd":"trigger","camera":"cam1","part_id":"P-1"}`.
+//! - `<prefix>/<node>/<camera>/description`: the words for each NG frame, after its verdict, keyed by
+//!   frame id (`llm::service::Description`).
+//! - `<prefix>/<node>/chat/request` → `<prefix>/<node>/chat/response`: questions about a frame,
+//!   `{"frame_id":"…","question":"…","request_id":"…"}`, answered with the same `request_id`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -49,6 +53,15 @@ impl Topics {
     pub fn command(&self) -> String {
         format!("{}/{}/cmd", self.prefix, self.node)
     }
+    pub fn description(&self, camera: &str) -> String {
+        format!("{}/{}/{camera}/description", self.prefix, self.node)
+    }
+    pub fn chat_request(&self) -> String {
+        format!("{}/{}/chat/request", self.prefix, self.node)
+    }
+    pub fn chat_response(&self) -> String {
+        format!("{}/{}/chat/response", self.prefix, self.node)
+    }
 }
 
 /// A command received on the command topic.
@@ -59,7 +72,28 @@ pub enum Command {
     Trigger { camera: String, part_id: String },
     /// Reload the configuration and enrolments (as SIGHUP does).
     Reload,
+    /// A question about a frame; the answer goes to the chat response topic with the same request id.
+    Chat {
+        frame_id: String,
+        question: String,
+        #[serde(default)]
+        request_id: Option<String>,
+    },
 }
+
+/// A question on the chat request topic.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatRequest {
+    frame_id: String,
+    question: String,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// Notes (descriptions, chat answers) kept in memory while the broker is away; the oldest are dropped
+/// beyond this, counted in `anomalyd_notes_dropped_total`.
+const MAX_PENDING_NOTES: usize = 1024;
 
 /// Connection state shared with the daemon and the HTTP API.
 #[derive(Debug, Default)]
@@ -141,6 +175,10 @@ pub struct Link {
     pub retained: mpsc::UnboundedReceiver<(String, String)>,
     /// Verdicts the outbox could not take (a disk failure): published from memory, never dropped.
     pub unlogged: VecDeque<VerdictMessage>,
+    /// (topic, payload) notes to publish once, not retained: descriptions and chat answers.
+    pub notes: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// Notes waiting for the connection.
+    pub pending_notes: VecDeque<(String, Vec<u8>)>,
     /// Most verdicts waiting in the outbox at once (reported at exit).
     pub max_backlog: u64,
 }
@@ -186,6 +224,7 @@ impl Link {
         let mut backoff = Duration::from_millis(250);
         let mut receiving = true;
         let mut retained_open = true;
+        let mut notes_open = true;
         let mut deadline: Option<Instant> = None;
         let mut born: HashMap<u64, Instant> = HashMap::new();
         // Keys below this were handed to an earlier connection: sending them again is a replay.
@@ -202,7 +241,18 @@ impl Link {
                 if !acked.is_empty() && (!receiving || c.inflight.len() < WINDOW / 2) {
                     acked_total += self.retire(&std::mem::take(&mut acked), &mut born);
                 }
-                if !receiving && self.outbox.is_empty() && self.unlogged.is_empty() && c.connected && !c.stopped_sent {
+                if !receiving {
+                    while let Ok(n) = self.notes.try_recv() {
+                        self.pending_notes.push_back(n);
+                    }
+                }
+                if !receiving
+                    && self.outbox.is_empty()
+                    && self.unlogged.is_empty()
+                    && self.pending_notes.is_empty()
+                    && c.connected
+                    && !c.stopped_sent
+                {
                     if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
                         && self.qos != QoS::AtMostOnce
                     {
@@ -239,6 +289,7 @@ impl Link {
                                 self.status(&mut c, topic, payload);
                             }
                             let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
+                            let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
                         }
                         Ok(Event::Incoming(Incoming::PubAck(_))) | Ok(Event::Incoming(Incoming::PubComp(_))) => {
                             if let Some(Some(k)) = c.inflight.pop_front() {
@@ -251,6 +302,9 @@ impl Link {
                         }
                         Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.command() => {
                             self.command(&p.payload);
+                        }
+                        Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.chat_request() => {
+                            self.chat_request(&p.payload);
                         }
                         Ok(_) => {}
                         Err(e) => break e,
@@ -265,6 +319,21 @@ impl Link {
                             deadline = Some(Instant::now() + self.drain);
                         }
                     },
+                    n = self.notes.recv(), if notes_open => match n {
+                        Some(n) => {
+                            // A frame's verdict was sent before its note: log it first, so it is published first.
+                            if receiving && let Ok(first) = rx.try_recv() {
+                                let mut batch = take_batch(first, &mut rx);
+                                self.log_batch(&mut batch, c.connected, &mut born);
+                            }
+                            self.pending_notes.push_back(n);
+                            while self.pending_notes.len() > MAX_PENDING_NOTES {
+                                self.pending_notes.pop_front();
+                                self.metrics.notes_dropped.inc();
+                            }
+                        }
+                        None => notes_open = false,
+                    },
                     r = self.retained.recv(), if retained_open => match r {
                         Some((topic, payload)) => {
                             if c.connected {
@@ -278,6 +347,7 @@ impl Link {
                 }
                 if c.connected {
                     acked_total += self.fill(&mut c, resend_below, &mut born);
+                    self.send_notes(&mut c);
                 }
             };
             // The connection failed (or never came up).
@@ -359,6 +429,41 @@ impl Link {
             && self.qos != QoS::AtMostOnce
         {
             c.inflight.push_back(None);
+        }
+    }
+
+    /// Hands waiting notes to the client, within the window.
+    fn send_notes(&mut self, c: &mut Conn) {
+        while c.inflight.len() < WINDOW
+            && let Some((topic, payload)) = self.pending_notes.pop_front()
+        {
+            if c.client.try_publish(topic.clone(), self.qos, false, payload.clone()).is_err() {
+                self.pending_notes.push_front((topic, payload));
+                return;
+            }
+            if self.qos != QoS::AtMostOnce {
+                c.inflight.push_back(None);
+            }
+        }
+    }
+
+    fn chat_request(&self, payload: &[u8]) {
+        match serde_json::from_slice::<ChatRequest>(payload) {
+            Ok(r) => {
+                self.metrics.commands.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+                let _ = self.commands.send(Command::Chat {
+                    frame_id: r.frame_id,
+                    question: r.question,
+                    request_id: r.request_id,
+                });
+            }
+            Err(e) => {
+                self.metrics.commands.get_or_create(&ResultLabel { result: "invalid".into() }).inc();
+                tracing::warn!(
+                    "ignored a chat request on {}: {e} (expected {{\"frame_id\":\"…\",\"question\":\"…\",\"request_id\":\"…\"}})",
+                    self.topics.chat_request()
+                );
+            }
         }
     }
 
