@@ -60,6 +60,31 @@ pub fn run() -> Result<ExitCode> {
         Command::Eval { dir, shots, seeds, json, opts } => {
             eval_cmd(&configure(base, &opts)?, &dir, shots, &seeds, json.as_deref())
         }
+        Command::Chat { frame_id, url, token_file, image, reference, questions, llm_model, product, opts } => {
+            let mut cfg = configure(base, &opts)?;
+            if let Some(m) = llm_model {
+                cfg.llm.model = m;
+            }
+            let product = product.or_else(|| cfg.camera.first().and_then(|c| c.product.clone()));
+            match (frame_id, image, reference) {
+                (_, Some(img), Some(r)) => crate::chat::local(&cfg, &img, &r, product, &questions),
+                (Some(id), _, _) => crate::chat::remote(&cfg, &id, url.as_deref(), token_file.as_deref(), &questions),
+                _ => bail!("give a FRAME_ID, or --image with --reference"),
+            }
+        }
+        Command::Bench { llm: true, seconds, frames, json, llm_model, opts, .. } => {
+            let mut cfg = configure(base, &opts)?;
+            if let Some(m) = llm_model {
+                cfg.llm.model = m;
+            }
+            let report = bench::llm(&cfg, frames, seconds)?;
+            println!("{report}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { e2e: true, seconds, json, opts, .. } => {
             let cfg = configure(base, &opts)?;
             let report = runtime()?.block_on(crate::daemon::e2e::run(&cfg, seconds))?;

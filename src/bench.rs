@@ -143,3 +143,213 @@ impl std::fmt::Display for BenchReport {
         write!(f, "peak RSS MiB    {:.0}", self.peak_rss_mib)
     }
 }
+
+/// `anomalyd bench --llm`: the language model's cost, and proof that it leaves the frame path alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct LlmReport {
+    pub model: String,
+    pub threads: usize,
+    pub load_ms: f64,
+    /// One description of an NG demo frame, called directly: prompt read, first token, generation.
+    pub prompt_tokens: u32,
+    pub first_token_ms: f64,
+    pub answer_tokens: u32,
+    pub tokens_per_s: f64,
+    /// From handing an NG verdict to the explainer to its description (queue, call, check).
+    pub first_answer_ms: f64,
+    pub description: String,
+    /// Two follow-up questions in the same conversation (the prompt prefix is reused).
+    pub follow_up_ms: Vec<f64>,
+    /// Frames inspected per phase, a third of them NG.
+    pub frames: usize,
+    /// Frame-path frames/s without the model, and with it busy describing every NG frame (the mean
+    /// of two runs each, alternated).
+    pub fps_without: f64,
+    pub fps_with: f64,
+    pub fps_change_pct: f64,
+    /// During the busy runs: NG frames handed to the explainer, descriptions the model wrote, and NG
+    /// frames that found its queue full (they got the template text at once).
+    pub ng_frames: u64,
+    pub described_by_model: u64,
+    pub queue_full: u64,
+    pub peak_rss_mib: f64,
+}
+
+/// Measures the `[llm]` backend on the built-in demo part; needs a model (local or remote).
+pub fn llm(cfg: &crate::config::Config, frames: usize, seconds: f64) -> anyhow::Result<LlmReport> {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::describe::{self, Findings, Message};
+    use crate::llm::service::{DESCRIBE_QUESTION, Description, Explainer, FrameFacts};
+
+    let t0 = Instant::now();
+    let engine = crate::llm::open(&cfg.llm)?.ok_or_else(|| {
+        anyhow::anyhow!("no language model to measure: fetch one with `python3 scripts/fetch_llm.py` or set llm.url")
+    })?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut det = Detector::load(&cfg.engine)?;
+    let refs = vec![("demo-reference".to_string(), crate::demo::part(0, crate::demo::Defect::None))];
+    let e = det.enroll(&refs, &cfg.detect, &mut |m: &str| tracing::info!("{m}"))?;
+    // Like the demo camera: every third part defective, scratches and blobs in turn.
+    let stream: Vec<RgbImage> = (0..12u64)
+        .map(|i| {
+            let defect = match (i % 3, (i / 3) % 2) {
+                (2, 0) => crate::demo::Defect::Scratch,
+                (2, _) => crate::demo::Defect::Blob,
+                _ => crate::demo::Defect::None,
+            };
+            crate::demo::part(i + 1, defect)
+        })
+        .collect();
+    let ng_img = crate::demo::part(2, crate::demo::Defect::Scratch);
+    let ins = det.inspect(&e, &ng_img)?;
+    let v = &ins.verdict;
+    let findings = Findings {
+        anomalous: v.anomalous,
+        score: v.score,
+        threshold: v.threshold,
+        regions: v.regions.clone(),
+        product: cfg
+            .camera
+            .first()
+            .and_then(|c| c.product.clone())
+            .or_else(|| crate::daemon::config::CameraConfig::demo().product),
+    };
+    if !v.anomalous {
+        anyhow::bail!("the defective demo part was not flagged; nothing to describe");
+    }
+
+    // One call, straight to the model.
+    let options = |secs: u64| crate::llm::GenOptions {
+        max_tokens: cfg.llm.max_tokens,
+        temperature: cfg.llm.temperature,
+        seed: cfg.llm.seed,
+        deadline: Instant::now() + Duration::from_secs(secs),
+        cancel: None,
+    };
+    let msgs =
+        vec![describe::prompt(&findings, None), Message { role: "user".into(), content: DESCRIBE_QUESTION.into() }];
+    let c = {
+        let mut session = engine.session()?;
+        session.complete(&msgs, &[], &options(cfg.llm.timeout_ms / 1000 + 1))?
+    };
+
+    // The explainer, as the daemon runs it.
+    let (tx, rx) = crossbeam_channel::unbounded::<Description>();
+    let publish: crate::llm::service::Publish = Arc::new(move |d| {
+        let _ = tx.send(d);
+    });
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
+    let ex = Explainer::start(&cfg.llm, Some(engine.clone()), "bench", metrics.clone(), publish, None)?;
+    let facts = |id: String| FrameFacts {
+        frame_id: id,
+        camera: "bench".into(),
+        captured_unix_ms: crate::daemon::message::unix_ms(std::time::SystemTime::now()),
+        findings: findings.clone(),
+    };
+    ex.describe(facts("bench-ng-0".into()), Box::new(Vec::new));
+    let wait = Duration::from_millis(cfg.llm.timeout_ms) + Duration::from_secs(10);
+    let d = rx.recv_timeout(wait).map_err(|_| anyhow::anyhow!("no description within {} ms", wait.as_millis()))?;
+    let mut follow_up_ms = Vec::new();
+    for q in ["Where exactly is it?", "How large is it?"] {
+        let a = ex.chat("bench-ng-0", q)?;
+        follow_up_ms.push(a.latency_ms as f64);
+    }
+
+    // The frame path with and without the model busy on every NG frame, at inspection priority.
+    let run = |det: &mut Detector, busy: bool, n: &mut u64| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let mut done = 0usize;
+        while done < frames || start.elapsed().as_secs_f64() < seconds {
+            let img = &stream[done % stream.len()];
+            let ins = det.inspect(&e, img)?;
+            if busy && ins.verdict.anomalous {
+                *n += 1;
+                ex.describe(facts(format!("bench-{n}")), Box::new(Vec::new));
+            }
+            done += 1;
+        }
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    };
+    let mut fps = (Vec::new(), Vec::new());
+    let mut n = 0u64;
+    let described_before =
+        metrics.llm_descriptions.get_or_create(&crate::telemetry::LlmKindLabels { kind: "llm".into() }).get();
+    let full = crate::telemetry::LlmReasonLabels { reason: "queue_full".into() };
+    let full_before = metrics.llm_fallback.get_or_create(&full).get();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        s.spawn(|| -> anyhow::Result<()> {
+            crate::daemon::worker::yield_to_io();
+            for busy in [false, true, false, true] {
+                let f = run(&mut det, busy, &mut n)?;
+                if busy {
+                    fps.1.push(f)
+                } else {
+                    fps.0.push(f)
+                };
+                // Let the queue drain between runs, so each busy run starts alike.
+                while busy && metrics.llm_queue_depth.get() > 0 {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the frame-path thread panicked"))?
+    })?;
+    let described_by_model =
+        metrics.llm_descriptions.get_or_create(&crate::telemetry::LlmKindLabels { kind: "llm".into() }).get()
+            - described_before;
+    let queue_full = metrics.llm_fallback.get_or_create(&full).get() - full_before;
+    ex.shutdown();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (fps_without, fps_with) = (mean(&fps.0), mean(&fps.1));
+    Ok(LlmReport {
+        model: engine.name(),
+        threads: cfg.llm.threads,
+        load_ms,
+        prompt_tokens: c.prompt_tokens,
+        first_token_ms: c.first_token_ms as f64,
+        answer_tokens: c.tokens,
+        tokens_per_s: c.tokens_per_s() as f64,
+        first_answer_ms: d.latency_ms as f64,
+        description: d.text,
+        follow_up_ms,
+        frames,
+        fps_without,
+        fps_with,
+        fps_change_pct: 100.0 * (fps_with - fps_without) / fps_without,
+        ng_frames: n,
+        described_by_model,
+        queue_full,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+impl std::fmt::Display for LlmReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "model            {} ({} thread(s))", self.model, self.threads)?;
+        writeln!(f, "load ms          {:.0}", self.load_ms)?;
+        writeln!(
+            f,
+            "one description  {} prompt tokens, first token {:.0} ms, {} tokens at {:.1} tok/s",
+            self.prompt_tokens, self.first_token_ms, self.answer_tokens, self.tokens_per_s
+        )?;
+        writeln!(f, "first answer ms  {:.0} (NG verdict to checked description)", self.first_answer_ms)?;
+        let fu: Vec<String> = self.follow_up_ms.iter().map(|m| format!("{m:.0}")).collect();
+        writeln!(f, "follow-ups ms    {}", fu.join(", "))?;
+        writeln!(f, "description      {}", self.description)?;
+        writeln!(
+            f,
+            "frame path fps   {:.2} without the model, {:.2} with it busy on every NG ({:+.1}%)",
+            self.fps_without, self.fps_with, self.fps_change_pct
+        )?;
+        writeln!(
+            f,
+            "while busy       {} NG frames: {} described by the model, {} found the queue full (template text)",
+            self.ng_frames, self.described_by_model, self.queue_full
+        )?;
+        write!(f, "peak RSS MiB     {:.0}", self.peak_rss_mib)
+    }
+}

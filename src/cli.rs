@@ -91,12 +91,49 @@ pub enum Command {
         #[command(flatten)]
         opts: DetectArgs,
     },
+    /// Ask about a verdict, in turns: a stored NG frame of the running daemon (FRAME_ID, through its
+    /// HTTP API), or an image inspected here (--image with --reference) with the [llm] model in process.
+    Chat {
+        /// Frame id from a verdict on MQTT (e.g. demo-19c0d1e2f3a-3).
+        #[arg(required_unless_present = "image")]
+        frame_id: Option<String>,
+        /// The daemon's HTTP API; default: http.listen of --config (http://127.0.0.1:9464).
+        #[arg(long)]
+        url: Option<String>,
+        /// File with the daemon's bearer token; default: http.token_file (or http.token) of --config.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Inspect this image here instead of asking the daemon.
+        #[arg(long, conflicts_with = "frame_id", requires = "reference")]
+        image: Option<PathBuf>,
+        /// Enrolment file or folder of normal images, with --image.
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Questions to ask in order, then exit; default: read them from the terminal, one per line.
+        #[arg(short = 'q', long = "question")]
+        questions: Vec<String>,
+        /// Local GGUF model, with --image (default: [llm] model, then models/llm/).
+        #[arg(long)]
+        llm_model: Option<PathBuf>,
+        /// The product, in your words, for the model's prompt, with --image (default: the first camera's).
+        #[arg(long)]
+        product: Option<String>,
+        #[command(flatten)]
+        opts: DetectArgs,
+    },
     /// Measure ms/frame per stage, frames/s, p50/p99 latency and peak memory.
     Bench {
         /// Measure the whole daemon instead: capture to publish through the embedded broker, with 1
         /// and 4 cameras.
         #[arg(long)]
         e2e: bool,
+        /// Measure the language model instead: load time, tokens/s, first answer for an NG frame, and
+        /// the frame path's frames/s with the model busy on every NG against without it.
+        #[arg(long, conflicts_with = "e2e")]
+        llm: bool,
+        /// Local GGUF model for --llm (default: [llm] model, then models/llm/).
+        #[arg(long)]
+        llm_model: Option<PathBuf>,
         /// Seconds per camera count (--e2e).
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
