@@ -6,3 +6,4 @@ mod daemon;
 mod detection;
 mod evaluation;
 mod gpu;
+mod llm;
