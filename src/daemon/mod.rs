@@ -798,29 +798,45 @@ async fn start_explainer(
     });
     let products: BTreeMap<String, Option<String>> =
         cfg.camera.iter().map(|c| (c.name.clone(), c.product.clone())).collect();
+    let stored = store.clone();
     let lookup: Option<crate::llm::service::Lookup> = store.map(|store| {
-        let f: crate::llm::service::Lookup = Arc::new(move |id: &str| {
-            let bytes = store.get(id, crate::sink::store::Part::Verdict)?;
-            let m: message::VerdictMessage = serde_json::from_slice(&bytes).ok()?;
-            if m.verdict != message::Outcome::Ng {
-                return None;
-            }
-            Some(FrameFacts {
-                frame_id: m.frame_id,
-                captured_unix_ms: m.captured_unix_ms,
-                findings: crate::describe::Findings {
-                    anomalous: true,
-                    score: m.score.unwrap_or_default(),
-                    threshold: m.threshold.unwrap_or_default(),
-                    regions: m.regions,
-                    product: products.get(&m.camera).cloned().flatten(),
-                },
-                camera: m.camera,
-            })
-        });
+        let f: crate::llm::service::Lookup = Arc::new(move |id: &str| stored_facts(&store, id, &products));
         f
     });
-    Ok(Explainer::start(&cfg.llm, engine, &cfg.daemon.node, metrics.clone(), publish, lookup)?)
+    let explainer = Explainer::start(&cfg.llm, engine, &cfg.daemon.node, metrics.clone(), publish, lookup)?;
+    // The cameras' earlier NG frames (from before a restart) answer "same place as the last NG?".
+    if let Some(store) = stored {
+        let recent = tokio::task::spawn_blocking(move || {
+            store.recent(256).iter().filter_map(|id| stored_facts(&store, id, &BTreeMap::new())).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for f in &recent {
+            explainer.remember_past(f);
+        }
+    }
+    Ok(explainer)
+}
+
+/// An NG frame's findings, read back from the flagged-frame store.
+fn stored_facts(store: &Store, id: &str, products: &BTreeMap<String, Option<String>>) -> Option<FrameFacts> {
+    let bytes = store.get(id, crate::sink::store::Part::Verdict)?;
+    let m: message::VerdictMessage = serde_json::from_slice(&bytes).ok()?;
+    if m.verdict != message::Outcome::Ng {
+        return None;
+    }
+    Some(FrameFacts {
+        frame_id: m.frame_id,
+        captured_unix_ms: m.captured_unix_ms,
+        findings: crate::describe::Findings {
+            anomalous: true,
+            score: m.score.unwrap_or_default(),
+            threshold: m.threshold.unwrap_or_default(),
+            regions: m.regions,
+            product: products.get(&m.camera).cloned().flatten(),
+        },
+        camera: m.camera,
+    })
 }
 
 /// Same source, trigger mode and queue: the camera keeps running and only its model is swapped.

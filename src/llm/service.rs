@@ -206,6 +206,21 @@ impl Explainer {
         Ok(ex)
     }
 
+    /// Adds an earlier NG frame (e.g. from the flagged-frame store, after a restart) to its camera's
+    /// history, so that questions about the previous NG can be answered; it starts no conversation.
+    pub fn remember_past(&self, facts: &FrameFacts) {
+        let mut h = lock(&self.shared.history);
+        let list = h.entry(facts.camera.clone()).or_default();
+        if list.iter().any(|(id, _, _)| *id == facts.frame_id) {
+            return;
+        }
+        let at = list.iter().position(|(_, t, _)| *t > facts.captured_unix_ms).unwrap_or(list.len());
+        list.insert(at, (facts.frame_id.clone(), facts.captured_unix_ms, facts.findings.regions.clone()));
+        while list.len() > HISTORY {
+            list.pop_front();
+        }
+    }
+
     /// The backend's name (`template` when there is none).
     pub fn model(&self) -> &str {
         &self.shared.model
@@ -862,6 +877,13 @@ mod tests {
         let a = ex.chat("f1", "Was it there before?").unwrap();
         assert!(a.answer.contains("first NG part on camera cam1"), "{}", a.answer);
         assert_eq!(a.source, "template");
+        // After a restart, the camera's history comes from the store.
+        let ex = Explainer::start(&LlmConfig::default(), None, "n1", Arc::new(Metrics::new()), Arc::new(|_| {}), None)
+            .unwrap();
+        ex.remember_past(&facts("f0", 500, [10, 10, 20, 20], Cell::TopLeft));
+        ex.describe(facts("f4", 40_500, [12, 12, 20, 20], Cell::TopLeft), Box::new(Vec::new));
+        let a = ex.chat("f4", "Same place as the previous NG?").unwrap();
+        assert!(a.answer.contains("frame f0, 40 seconds earlier") && a.answer.contains("same place"), "{}", a.answer);
     }
 
     #[test]

@@ -153,6 +153,12 @@ impl Store {
         self.metrics.store_files.set(g.0.len() as i64);
     }
 
+    /// Ids of the most recent `n` stored frames, oldest first.
+    pub fn recent(&self, n: usize) -> Vec<String> {
+        let g = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.iter().skip(g.0.len().saturating_sub(n)).map(|(id, _)| id.clone()).collect()
+    }
+
     /// The bytes of one stored file; `None` for an unknown or invalid id (never a path outside the store).
     pub fn get(&self, id: &str, part: Part) -> Option<Vec<u8>> {
         if !valid_frame_id(id) {
