@@ -261,6 +261,10 @@ pub fn open(cfg: &LlmConfig) -> Result<Option<Arc<dyn Engine>>, LlmError> {
                 tracing::info!("local language model not used ({local}); using the endpoint {}", cfg.url);
                 remote::Remote::new(cfg).map(|r| Some(Arc::new(r) as Arc<dyn Engine>))
             }
+            Err(LlmError::NotBuilt) => {
+                tracing::info!("{}; NG frames are described by the template", LlmError::NotBuilt);
+                Ok(None)
+            }
             Err(local) => {
                 tracing::warn!("{local}; NG frames are described by the template only");
                 Ok(None)
