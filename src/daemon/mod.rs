@@ -273,7 +273,7 @@ impl Daemon {
                 commands: http_commands,
                 token,
                 protect_reads: cfg.http.protect_reads,
-                explainer: Some(explainer.clone()),
+                explainer: explainer.clone(),
             });
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {

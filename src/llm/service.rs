@@ -209,16 +209,7 @@ impl Explainer {
     /// Adds an earlier NG frame (e.g. from the flagged-frame store, after a restart) to its camera's
     /// history, so that questions about the previous NG can be answered; it starts no conversation.
     pub fn remember_past(&self, facts: &FrameFacts) {
-        let mut h = lock(&self.shared.history);
-        let list = h.entry(facts.camera.clone()).or_default();
-        if list.iter().any(|(id, _, _)| *id == facts.frame_id) {
-            return;
-        }
-        let at = list.iter().position(|(_, t, _)| *t > facts.captured_unix_ms).unwrap_or(list.len());
-        list.insert(at, (facts.frame_id.clone(), facts.captured_unix_ms, facts.findings.regions.clone()));
-        while list.len() > HISTORY {
-            list.pop_front();
-        }
+        record_past(lock(&self.shared.history).entry(facts.camera.clone()).or_default(), facts);
     }
 
     /// The backend's name (`template` when there is none).
@@ -332,10 +323,7 @@ impl Shared {
             let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
             let list = h.entry(facts.camera.clone()).or_default();
             let past = past_of(&facts, list);
-            list.push_back((facts.frame_id.clone(), facts.captured_unix_ms, facts.findings.regions.clone()));
-            while list.len() > HISTORY {
-                list.pop_front();
-            }
+            record_past(list, &facts);
             past
         };
         self.insert(facts, past);
@@ -412,26 +400,32 @@ impl Shared {
         c.turns.len()
     }
 
-    /// The template answer to a question (the description when `question` is `None`).
+    /// The template answer to a question, kept as the frame's next turn.
     fn answer(&self, frame_id: &str, question: &str, why: Option<String>, t0: Instant) -> Option<ChatAnswer> {
         let (_, facts, past, _) = self.messages(frame_id, question)?;
         let text = describe::reply(question, &facts.findings, Some(&past));
-        let turn = self
-            .push_turn(frame_id, Turn { question: question.into(), answer: text.clone(), source: "template".into() });
-        Some(ChatAnswer {
-            frame_id: frame_id.into(),
-            camera: facts.camera,
+        let said = Said { text, source: "template", reason: why, refused: None, tokens: 0, prompt_tokens: 0 };
+        Some(self.record_answer(&facts, question, said, t0))
+    }
+
+    /// Keeps what was said as the frame's next turn, and the answer to send back.
+    fn record_answer(&self, facts: &FrameFacts, question: &str, said: Said, t0: Instant) -> ChatAnswer {
+        let turn = Turn { question: question.into(), answer: said.text.clone(), source: said.source.into() };
+        let turn = self.push_turn(&facts.frame_id, turn);
+        ChatAnswer {
+            frame_id: facts.frame_id.clone(),
+            camera: facts.camera.clone(),
             question: question.into(),
-            answer: text,
-            source: "template".into(),
-            model: "template".into(),
-            reason: why,
-            refused: None,
+            answer: said.text,
+            source: said.source.into(),
+            model: if said.source == "llm" { self.model.clone() } else { "template".into() },
+            reason: said.reason,
+            refused: said.refused,
             turn,
-            tokens: 0,
-            prompt_tokens: 0,
+            tokens: said.tokens,
+            prompt_tokens: said.prompt_tokens,
             latency_ms: t0.elapsed().as_secs_f32() * 1e3,
-        })
+        }
     }
 
     /// Publishes the template description of a frame.
@@ -550,6 +544,18 @@ impl Said {
     }
 }
 
+/// Adds an NG frame to its camera's history, in capture order, once, keeping the last [`HISTORY`].
+fn record_past(list: &mut VecDeque<PastNg>, facts: &FrameFacts) {
+    if list.iter().any(|(id, _, _)| *id == facts.frame_id) {
+        return;
+    }
+    let at = list.iter().position(|(_, t, _)| *t > facts.captured_unix_ms).unwrap_or(list.len());
+    list.insert(at, (facts.frame_id.clone(), facts.captured_unix_ms, facts.findings.regions.clone()));
+    while list.len() > HISTORY {
+        list.pop_front();
+    }
+}
+
 /// The comparison of `facts` with the latest earlier NG in `list` of the same camera.
 fn past_of(facts: &FrameFacts, list: &VecDeque<PastNg>) -> Past {
     let prev = list.iter().rev().find(|(id, t, _)| *id != facts.frame_id && *t <= facts.captured_unix_ms);
@@ -639,23 +645,7 @@ fn worker(
                             || describe::reply(&question, &facts.findings, Some(&past)),
                             "chat",
                         );
-                        let turn =
-                            Turn { question: question.clone(), answer: said.text.clone(), source: said.source.into() };
-                        let turn = s.push_turn(&frame_id, turn);
-                        ChatAnswer {
-                            frame_id: frame_id.clone(),
-                            camera: facts.camera.clone(),
-                            question: question.clone(),
-                            answer: said.text,
-                            source: said.source.into(),
-                            model: if said.source == "llm" { s.model.clone() } else { "template".into() },
-                            reason: said.reason,
-                            refused: said.refused,
-                            turn,
-                            tokens: said.tokens,
-                            prompt_tokens: said.prompt_tokens,
-                            latency_ms: queued.elapsed().as_secs_f32() * 1e3,
-                        }
+                        s.record_answer(&facts, &question, said, queued)
                     }),
                 };
                 if let Some(a) = answer {

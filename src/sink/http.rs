@@ -42,7 +42,7 @@ pub struct HttpState {
     pub token: Option<Secret>,
     pub protect_reads: bool,
     /// Answers questions about frames.
-    pub explainer: Option<Arc<Explainer>>,
+    pub explainer: Arc<Explainer>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -142,20 +142,22 @@ struct ChatBody {
     question: String,
 }
 
+fn not_a_frame_id() -> Response {
+    (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response()
+}
+
 fn json(status: StatusCode, v: &impl serde::Serialize) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_vec(v).unwrap_or_default()).into_response()
 }
 
 async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
     if !valid_frame_id(&id) {
-        return (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response();
+        return not_a_frame_id();
     }
     let Ok(q) = serde_json::from_slice::<ChatBody>(&body) else {
         return (StatusCode::BAD_REQUEST, "expected {\"question\":\"...\"}\n").into_response();
     };
-    let Some(ex) = s.explainer.clone() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no explainer in this process\n").into_response();
-    };
+    let ex = s.explainer.clone();
     match tokio::task::spawn_blocking(move || ex.chat(&id, &q.question)).await {
         Ok(Ok(answer)) => json(StatusCode::OK, &answer),
         Ok(Err(e @ ChatError::UnknownFrame(_))) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
@@ -167,11 +169,9 @@ async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::bo
 
 async fn transcript(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
     if !valid_frame_id(&id) {
-        return (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response();
+        return not_a_frame_id();
     }
-    let Some(ex) = s.explainer.clone() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no explainer in this process\n").into_response();
-    };
+    let ex = s.explainer.clone();
     match tokio::task::spawn_blocking(move || ex.transcript(&id)).await.ok().flatten() {
         Some(t) => json(StatusCode::OK, &t),
         None => (StatusCode::NOT_FOUND, "no conversation about this frame (only NG frames have one)\n").into_response(),
@@ -193,7 +193,7 @@ async fn readyz(State(s): State<HttpState>) -> Response {
 
 async fn frame(State(s): State<HttpState>, Path(id): Path<String>, part: Part) -> Response {
     if !valid_frame_id(&id) {
-        return (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response();
+        return not_a_frame_id();
     }
     let Some(store) = s.store.clone() else {
         return (StatusCode::NOT_FOUND, "the flagged-frame store is off (store.dir = \"\")\n").into_response();
