@@ -109,6 +109,15 @@ struct LocalSession<'a> {
 }
 
 impl LocalSession<'_> {
+    /// Decodes a batch; on failure the cache is emptied, so the next call starts clean.
+    fn decode(&mut self, batch: &mut LlamaBatch, what: &str) -> Result<(), LlmError> {
+        self.ctx.decode(batch).map_err(|e| {
+            self.ctx.clear_kv_cache();
+            self.cached.clear();
+            LlmError::Model(format!("decoding {what} failed: {e}"))
+        })
+    }
+
     /// Makes the cache hold `tokens`: keeps the common prefix, reads the rest. Returns how many were read.
     fn feed(&mut self, tokens: &[LlamaToken], opts: &GenOptions, limit_ms: u64) -> Result<usize, LlmError> {
         let mut keep = self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
@@ -134,11 +143,7 @@ impl LocalSession<'_> {
                 let pos = start + i;
                 batch.add(*t, pos as i32, &[0], pos == tokens.len() - 1).map_err(|e| LlmError::Model(e.to_string()))?;
             }
-            if let Err(e) = self.ctx.decode(&mut batch) {
-                self.ctx.clear_kv_cache();
-                self.cached.clear();
-                return Err(LlmError::Model(format!("decoding the prompt failed: {e}")));
-            }
+            self.decode(&mut batch, "the prompt")?;
             self.cached.extend_from_slice(chunk);
         }
         Ok(tokens.len() - keep)
@@ -196,11 +201,7 @@ impl Session for LocalSession<'_> {
             }
             batch.clear();
             batch.add(token, self.cached.len() as i32, &[0], true).map_err(|e| LlmError::Model(e.to_string()))?;
-            if let Err(e) = self.ctx.decode(&mut batch) {
-                self.ctx.clear_kv_cache();
-                self.cached.clear();
-                return Err(LlmError::Model(format!("decoding failed: {e}")));
-            }
+            self.decode(&mut batch, "the answer")?;
             self.cached.push(token);
         }
         Ok(Completion {
