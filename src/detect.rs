@@ -362,6 +362,11 @@ pub struct Detector {
 #[cfg(feature = "cuda")]
 pub const GPU_ENCODER_TOLERANCE: f32 = 1e-3;
 
+/// The same for TensorRT in fp16 through IO binding, held against its own ordinary run (fp16 has a
+/// relative precision of about 1e-3, and TensorRT may pick other kernels per input shape).
+#[cfg(feature = "cuda")]
+pub const GPU_ENCODER_TOLERANCE_FP16: f32 = 1e-2;
+
 impl Detector {
     /// A CPU detector around an encoder.
     pub fn new(encoder: Encoder) -> Self {
@@ -396,25 +401,52 @@ impl Detector {
     /// Starts the GPU pipeline on GPU `ordinal` and checks its encoder against ONNX Runtime.
     #[cfg(feature = "cuda")]
     pub fn start_gpu(&mut self, ordinal: usize, cfg: &crate::engine::EngineConfig) -> Result<(), DetectError> {
+        use crate::engine::GpuEncoder;
+        use crate::gpu::pipeline::{DeviceEncoder, Pipeline};
         let cache = cfg.kernel_cache.clone().unwrap_or_else(crate::gpu::default_cache_dir);
         let t = Instant::now();
         let gpu = crate::gpu::Gpu::open(ordinal, Some(&cache))?;
         let (name, arch, cached, blas) = (gpu.name.clone(), gpu.arch, gpu.ptx_cached, gpu.has_blas());
-        let mut pipe = crate::gpu::pipeline::Pipeline::new(gpu, self.encoder.model_bytes(), self.encoder.manifest())?;
+        let provider = self.encoder.provider();
+        let which = match (cfg.gpu_encoder, self.encoder.on_gpu_provider()) {
+            (GpuEncoder::Kernels, _) | (GpuEncoder::Auto, false) => DeviceEncoder::Kernels,
+            (GpuEncoder::Onnxruntime | GpuEncoder::Auto, true) => DeviceEncoder::Onnxruntime,
+            (GpuEncoder::Onnxruntime, false) => {
+                return Err(crate::gpu::GpuError::Unsupported(format!(
+                    "engine.gpu_encoder = \"onnxruntime\" but ONNX Runtime runs the encoder on its {provider} \
+                     provider; install onnxruntime-gpu (or JetPack's) and list \"tensorrt\" or \"cuda\" in \
+                     engine.providers, or use gpu_encoder = \"kernels\""
+                ))
+                .into());
+            }
+        };
+        let mut pipe = Pipeline::new(gpu, self.encoder.model_bytes(), self.encoder.manifest(), which)?;
         let err = self.gpu_encoder_error(&mut pipe)?;
-        if err.is_nan() || err > GPU_ENCODER_TOLERANCE {
+        // TensorRT runs in fp16, and the reference it is held against is the same session's ordinary
+        // run; anything else is checked against fp32.
+        let limit = if which == DeviceEncoder::Onnxruntime && provider == crate::engine::Provider::Tensorrt {
+            GPU_ENCODER_TOLERANCE_FP16
+        } else {
+            GPU_ENCODER_TOLERANCE
+        };
+        if err.is_nan() || err > limit {
             return Err(crate::gpu::GpuError::Unsupported(format!(
-                "the GPU encoder differs from ONNX Runtime by {err:.2e} of the feature range (limit \
-                 {GPU_ENCODER_TOLERANCE:.0e}); this model is not supported on the GPU path"
+                "the GPU encoder ({which}) differs from ONNX Runtime by {err:.2e} of the feature range (limit \
+                 {limit:.0e}); this model is not supported on the GPU path"
             ))
             .into());
         }
+        let encoder = match which {
+            DeviceEncoder::Kernels => "anomalyd kernels".to_string(),
+            DeviceEncoder::Onnxruntime => format!("onnxruntime {provider} with IO binding"),
+        };
         tracing::info!(
             device = %format!("cuda:{ordinal}"),
             gpu = %name,
+            encoder = %encoder,
             kernels = if cached { "cache hit" } else { "compiled (cache miss)" },
-            "inspection runs on cuda:{ordinal} ({name}, sm_{}{}): anomalyd kernels, {}, encoder within {err:.1e} \
-             of ONNX Runtime; ready in {:.0} ms",
+            "inspection runs on cuda:{ordinal} ({name}, sm_{}{}): encoder on {encoder}, decoder on anomalyd \
+             kernels, {}, encoder within {err:.1e} of ONNX Runtime; ready in {:.0} ms",
             arch.0,
             arch.1,
             if blas { "cuBLAS GEMM" } else { "own GEMM" },
@@ -434,7 +466,7 @@ impl Detector {
         let t = imageio::to_tensor(&probe, spec.scale, spec.mean, spec.std);
         let outputs: Vec<usize> = (0..self.encoder.manifest().outputs.len()).collect();
         let cpu = self.encoder.run(t.clone(), 96, 128, &outputs)?;
-        let gpu = pipe.encode(&t, 96, 128, &outputs)?;
+        let gpu = pipe.encode(&mut self.encoder, &t, 96, 128, &outputs)?;
         Ok(relative_error(&cpu, &gpu))
     }
 
@@ -455,11 +487,13 @@ impl Detector {
         format!("cpu (onnxruntime {})", self.encoder.provider())
     }
 
-    /// Whether the engine that runs inspection came from its cache: the GPU kernels' PTX on a GPU,
-    /// TensorRT's engine on that provider, `none` otherwise.
+    /// Whether the engine that runs inspection came from its cache: TensorRT's engine when it runs
+    /// the encoder, else the GPU kernels' PTX on a GPU; `none` on the CPU provider.
     pub fn engine_cache(&self) -> crate::engine::EngineCache {
         #[cfg(feature = "cuda")]
-        if let Some(p) = &self.gpu {
+        if let Some(p) = &self.gpu
+            && p.encoder() == crate::gpu::pipeline::DeviceEncoder::Kernels
+        {
             return if p.gpu().ptx_cached { crate::engine::EngineCache::Hit } else { crate::engine::EngineCache::Miss };
         }
         self.encoder.engine_cache()
@@ -591,7 +625,7 @@ impl Detector {
             let mut failed = None;
             for run in imgs.chunk_by(|a, b| size(a) == size(b)) {
                 let refs: Vec<&RgbImage> = run.iter().collect();
-                match pipe.score(meta, &enrolment.banks, enrolment.bank_id.0, &refs) {
+                match pipe.score(&mut self.encoder, meta, &enrolment.banks, enrolment.bank_id.0, &refs) {
                     Ok(scored) => out.extend(
                         scored
                             .into_iter()

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::ep::{self, ExecutionProvider as _};
-use ort::session::Session;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{IoBinding, Session};
 use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -98,6 +99,20 @@ pub struct EngineConfig {
     /// Folder for the compiled GPU kernels (PTX per architecture). Unset: $CACHE_DIRECTORY,
     /// $XDG_CACHE_HOME/anomalyd, ~/.cache/anomalyd.
     pub kernel_cache: Option<PathBuf>,
+    /// What runs the encoder on the GPU path: `auto` (ONNX Runtime when it runs on a GPU provider,
+    /// else anomalyd's kernels), `kernels`, or `onnxruntime` (its TensorRT/CUDA provider with IO
+    /// binding, so the features stay on the device; an error without such a provider).
+    pub gpu_encoder: GpuEncoder,
+}
+
+/// What runs the encoder on the GPU path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuEncoder {
+    #[default]
+    Auto,
+    Kernels,
+    Onnxruntime,
 }
 
 impl Default for EngineConfig {
@@ -111,6 +126,7 @@ impl Default for EngineConfig {
             trt_cache: None,
             device: DeviceChoice::Auto,
             kernel_cache: None,
+            gpu_encoder: GpuEncoder::Auto,
         }
     }
 }
@@ -217,6 +233,41 @@ pub struct Encoder {
     model_sha256: String,
     model: Vec<u8>,
     engine_cache: EngineCache,
+    /// The IO binding of [`Encoder::run_bound`], made at its first use.
+    bound: Option<Bound>,
+}
+
+/// Memory that a bound run's input and outputs live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    Host,
+    Cuda(usize),
+}
+
+/// One encoder output of a bound run, in the run's memory: its data pointer and NCHW shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundOutput {
+    pub ptr: u64,
+    pub shape: [usize; 4],
+}
+
+/// ONNX Runtime's IO binding of the encoder: the input tensor (allocated by the session's allocator
+/// for that memory, so it is bound without a copy) and every output bound to that memory.
+struct Bound {
+    memory: Memory,
+    io: IoBinding,
+    input: ([usize; 4], Tensor<f32>),
+}
+
+impl Memory {
+    fn info(self) -> ort::Result<MemoryInfo<'static>> {
+        match self {
+            Memory::Host => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
+            Memory::Cuda(n) => {
+                MemoryInfo::new(AllocationDevice::CUDA, n as i32, AllocatorType::Device, MemoryType::Default)
+            }
+        }
+    }
 }
 
 /// Whether a compiled engine (TensorRT's, or the GPU kernels) came from its cache.
@@ -340,6 +391,7 @@ impl Encoder {
                         model_sha256,
                         model: bytes,
                         engine_cache: EngineCache::None,
+                        bound: None,
                     };
                     if provider == Provider::Tensorrt {
                         enc.engine_cache = enc.build_trt_engine(cfg)?;
@@ -464,6 +516,71 @@ impl Encoder {
     }
 }
 
+impl Encoder {
+    /// Whether the encoder runs on a GPU provider (TensorRT or CUDA) of ONNX Runtime.
+    pub fn on_gpu_provider(&self) -> bool {
+        matches!(self.provider, Provider::Tensorrt | Provider::Cuda)
+    }
+
+    /// The input tensor of a bound run, shaped `[n, 3, h, w]`, in `memory`: its data pointer, which the
+    /// caller fills (on the host, or with device kernels) before [`Encoder::run_bound`]. The tensor is
+    /// kept and reused while the shape stays the same.
+    pub fn bound_input(&mut self, memory: Memory, shape: [usize; 4]) -> Result<u64, EngineError> {
+        let fail = |e: ort::Error| EngineError::Inference(format!("IO binding on {memory:?}: {e}"));
+        // A new shape needs a new binding: outputs bound to a device keep their first allocation,
+        // and ONNX Runtime refuses a run whose outputs would have another shape.
+        if self.bound.as_ref().is_none_or(|b| b.memory != memory || b.input.0 != shape) {
+            self.bound = None;
+            let mut io = self.session.create_binding().map_err(fail)?;
+            let info = memory.info().map_err(fail)?;
+            for o in &self.manifest.outputs {
+                io.bind_output_to_device(o.name.as_str(), &info).map_err(fail)?;
+            }
+            let tensor = match memory {
+                Memory::Host => Tensor::<f32>::new(self.session.allocator(), shape),
+                Memory::Cuda(_) => Tensor::<f32>::new(&Allocator::new(&self.session, info).map_err(fail)?, shape),
+            }
+            .map_err(fail)?;
+            self.bound = Some(Bound { memory, io, input: (shape, tensor) });
+        }
+        let b = self.bound.as_mut().expect("made above");
+        let (_, tensor) = &mut b.input;
+        Ok(tensor.data_ptr_mut() as u64)
+    }
+
+    /// Runs the encoder on the input of [`Encoder::bound_input`]; returns every manifest output (in
+    /// manifest order) where ONNX Runtime left it, in the binding's memory. The pointers stay valid
+    /// until the next bound run or until the encoder is dropped. Device work that fills the input must
+    /// have finished; ONNX Runtime has finished its own when this returns.
+    pub fn run_bound(&mut self) -> Result<Vec<BoundOutput>, EngineError> {
+        let Some(b) = self.bound.as_mut() else {
+            return Err(EngineError::Inference("run_bound before bound_input".into()));
+        };
+        let memory = b.memory;
+        let fail = |e: ort::Error| EngineError::Inference(format!("IO binding on {memory:?}: {e}"));
+        let (shape, input) = &b.input;
+        let batch = shape[0];
+        b.io.bind_input(self.manifest.input.name.as_str(), input).map_err(fail)?;
+        let outputs = self.session.run_binding(&b.io).map_err(fail)?;
+        let mut found = Vec::with_capacity(self.manifest.outputs.len());
+        for spec in &self.manifest.outputs {
+            let value = outputs
+                .get(spec.name.as_str())
+                .ok_or_else(|| EngineError::Inference(format!("model returned no `{}`", spec.name)))?;
+            let tensor = value
+                .view()
+                .downcast::<ort::value::DynTensorValueType>()
+                .map_err(|e| EngineError::Inference(format!("`{}`: {e}", spec.name)))?;
+            let dims: Vec<usize> = tensor.shape().iter().map(|&d| d.max(0) as usize).collect();
+            if dims.len() != 4 || dims[0] != batch || dims[1] != spec.channels {
+                return Err(EngineError::Inference(format!("`{}` has shape {dims:?}", spec.name)));
+            }
+            found.push(BoundOutput { ptr: tensor.data_ptr() as u64, shape: [dims[0], dims[1], dims[2], dims[3]] });
+        }
+        Ok(found)
+    }
+}
+
 fn read_model(path: Option<&Path>) -> Result<(Vec<u8>, Manifest), EngineError> {
     let Some(path) = path else {
         let manifest = serde_json::from_str(DEFAULT_MANIFEST)
@@ -488,13 +605,20 @@ fn build_session(
     sha: &str,
     input: &str,
 ) -> Result<Session, String> {
+    // The GPU providers run on the GPU that `engine.device` names (GPU 0 for `auto`), the one the
+    // GPU path's kernels use, so that bound outputs can feed them.
+    let gpu = match cfg.device {
+        DeviceChoice::Cuda(n) => n as i32,
+        _ => 0,
+    };
     let dispatch = match provider {
         Provider::Cpu => ep::CPU::default().build(),
         Provider::Cuda => {
             if !ep::CUDA::is_available().unwrap_or(false) {
                 return Err("this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)".into());
             }
-            ep::CUDA::default().build()
+            // TF32 off: the CUDA provider's features then match the CPU reference to fp32 precision.
+            ep::CUDA::default().with_device_id(gpu).with_tf32(false).build()
         }
         Provider::Tensorrt => {
             if !ep::TensorRT::is_available().unwrap_or(false) {
@@ -508,6 +632,7 @@ fn build_session(
             // One optimisation profile covers every input anomalyd makes (batch 1-8, 64-2048 px, the
             // default 288 x 224 as the optimum), so no input size triggers a rebuild.
             ep::TensorRT::default()
+                .with_device_id(gpu)
                 .with_fp16(true)
                 .with_engine_cache(true)
                 .with_engine_cache_path(key.dir.display())

@@ -7,7 +7,7 @@
 
 use anomalyd::demo::{self, Defect};
 use anomalyd::detect::{DetectConfig, Detector, Enrolment, GeometryChoice, Inspection};
-use anomalyd::engine::Manifest;
+use anomalyd::engine::{GpuEncoder, Manifest, Memory, Provider};
 use anomalyd::imageio;
 use anomalyd::netplan::Plan;
 use image::{Rgb, RgbImage};
@@ -104,20 +104,44 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// The GPU detector, or why there is none.
-fn gpu_detector() -> Result<Detector, String> {
+/// Why the GPU tests cannot run here, if they cannot.
+fn no_gpu() -> Option<&'static str> {
     if !cfg!(feature = "cuda") {
-        return Err("built without the cuda feature".into());
+        return Some("built without the cuda feature");
     }
     if !anomalyd::device::cuda_driver_present() {
-        return Err("no CUDA driver".into());
+        return Some("no CUDA driver");
+    }
+    None
+}
+
+/// The GPU detector with anomalyd's encoder kernels, or why there is none.
+fn gpu_detector() -> Result<Detector, String> {
+    if let Some(why) = no_gpu() {
+        return Err(why.into());
     }
     let cfg = anomalyd::engine::EngineConfig {
-        providers: vec![anomalyd::engine::Provider::Cpu],
+        providers: vec![Provider::Cpu],
         device: anomalyd::device::DeviceChoice::Cuda(0),
+        gpu_encoder: GpuEncoder::Kernels,
         ..Default::default()
     };
     Detector::load(&cfg).map_err(|e| panic!("a CUDA driver is present but the GPU path failed to start: {e}"))
+}
+
+/// The GPU detector whose encoder is ONNX Runtime's CUDA provider through IO binding, or why there
+/// is none (the usual reason: this ONNX Runtime is the CPU-only build, not onnxruntime-gpu).
+fn gpu_onnxruntime_detector() -> Result<Detector, String> {
+    if let Some(why) = no_gpu() {
+        return Err(why.into());
+    }
+    let cfg = anomalyd::engine::EngineConfig {
+        providers: vec![Provider::Cuda],
+        device: anomalyd::device::DeviceChoice::Cuda(0),
+        gpu_encoder: GpuEncoder::Onnxruntime,
+        ..Default::default()
+    };
+    Detector::load(&cfg).map_err(|e| format!("ONNX Runtime's CUDA provider is not usable here ({e})"))
 }
 
 /// Inspects every frame on one detector: one by one, and (on a GPU) also as one batch.
@@ -135,14 +159,24 @@ fn map_error(a: &Inspection, b: &Inspection) -> f32 {
 
 #[test]
 fn gpu_inspections_match_the_cpu() {
-    let mut gpu = match gpu_detector() {
-        Ok(d) => d,
-        Err(why) => {
-            eprintln!("skipped: {why}; the GPU parity tests need a CUDA GPU");
-            return;
-        }
-    };
-    eprintln!("parity on {}", gpu.device());
+    match gpu_detector() {
+        Ok(mut gpu) => parity(&mut gpu, "anomalyd kernels"),
+        Err(why) => eprintln!("skipped: {why}; the GPU parity tests need a CUDA GPU"),
+    }
+}
+
+/// The same cases with the encoder on ONNX Runtime's CUDA provider, its outputs bound to the device.
+#[test]
+fn gpu_onnxruntime_encoder_inspections_match_the_cpu() {
+    match gpu_onnxruntime_detector() {
+        Ok(mut gpu) => parity(&mut gpu, "onnxruntime cuda, IO binding"),
+        Err(why) => eprintln!("skipped: {why}"),
+    }
+}
+
+/// Every case on the CPU reference and on `gpu`, one by one and as a batch: scores, maps, verdicts.
+fn parity(gpu: &mut Detector, encoder: &str) {
+    eprintln!("parity on {} (encoder: {encoder})", gpu.device());
     let mut worst = (0.0f32, 0.0f32);
     for case in cases() {
         let (enrolment, cpu) = {
@@ -151,7 +185,7 @@ fn gpu_inspections_match_the_cpu() {
             let single: Vec<Inspection> = case.frames.iter().map(|f| cpu.inspect_cpu(&e, f).unwrap()).collect();
             (e, single)
         };
-        let (single, batch) = inspect_all(&mut gpu, &enrolment, &case.frames);
+        let (single, batch) = inspect_all(gpu, &enrolment, &case.frames);
         assert!(gpu.device().starts_with("cuda"), "{}: the GPU fell back to the CPU", case.name);
         for (i, c) in cpu.iter().enumerate() {
             for (how, g) in [("single", &single[i]), ("batch", &batch[i])] {
@@ -174,7 +208,7 @@ fn gpu_inspections_match_the_cpu() {
             }
         }
     }
-    eprintln!("parity worst: score err {:.2e}, map err {:.2e}", worst.0, worst.1);
+    eprintln!("parity worst ({encoder}): score err {:.2e}, map err {:.2e}", worst.0, worst.1);
 }
 
 /// The GPU encoder alone against ONNX Runtime at the default input size.
@@ -193,11 +227,56 @@ fn gpu_encoder_matches_onnxruntime() {
         let mut det = common::detector();
         let mut pipe = {
             let g = anomalyd::gpu::Gpu::open(0, None).unwrap();
-            anomalyd::gpu::pipeline::Pipeline::new(g, det.encoder().model_bytes(), &det.encoder().manifest().clone())
-                .unwrap()
+            let kernels = anomalyd::gpu::pipeline::DeviceEncoder::Kernels;
+            anomalyd::gpu::pipeline::Pipeline::new(
+                g,
+                det.encoder().model_bytes(),
+                &det.encoder().manifest().clone(),
+                kernels,
+            )
+            .unwrap()
         };
         let err = det.gpu_encoder_error(&mut pipe).unwrap();
         eprintln!("GPU encoder vs onnxruntime: max error {err:.2e} of the feature range");
         assert!(err <= anomalyd::detect::GPU_ENCODER_TOLERANCE, "{err}");
+    }
+}
+
+/// ONNX Runtime's IO binding (the path whose outputs feed the GPU kernels) gives the same features
+/// as its ordinary run. Bound to host memory here, so it runs on every machine; on a GPU the same
+/// code binds device memory (`gpu_onnxruntime_encoder_inspections_match_the_cpu`).
+#[test]
+fn bound_encoder_run_matches_the_ordinary_run() {
+    let mut det = common::detector();
+    let manifest: Manifest = det.encoder().manifest().clone();
+    let outputs: Vec<usize> = (0..manifest.outputs.len()).collect();
+    // Two sizes, then the first again: the bound input is remade when its shape changes.
+    for (w, h) in [(96u32, 64u32), (100, 76), (96, 64)] {
+        let img = RgbImage::from_fn(w, h, |x, y| Rgb([(x * 5) as u8, (y * 3 + x) as u8, ((x ^ y) * 9) as u8]));
+        let t = imageio::to_tensor(&img, manifest.input.scale, manifest.input.mean, manifest.input.std);
+        let (hu, wu) = (h as usize, w as usize);
+        let ordinary = det.encoder_mut().run(t.clone(), hu, wu, &outputs).unwrap();
+        let enc = det.encoder_mut();
+        let input = enc.bound_input(Memory::Host, [1, 3, hu, wu]).unwrap();
+        // SAFETY: a host tensor of exactly 3 * h * w f32 values, owned by the encoder's binding.
+        unsafe { std::slice::from_raw_parts_mut(input as *mut f32, t.len()) }.copy_from_slice(&t);
+        let bound = enc.run_bound().unwrap();
+        assert_eq!(bound.len(), ordinary.len());
+        let bound: Vec<anomalyd::features::FeatureMap> = bound
+            .iter()
+            .map(|o| {
+                let [n, c, bh, bw] = o.shape;
+                assert_eq!(n, 1);
+                // SAFETY: ONNX Runtime's host output of that shape, valid until the next bound run.
+                let data = unsafe { std::slice::from_raw_parts(o.ptr as *const f32, c * bh * bw) }.to_vec();
+                anomalyd::features::FeatureMap { c, h: bh, w: bw, data }
+            })
+            .collect();
+        for (a, b) in ordinary.iter().zip(&bound) {
+            assert_eq!((a.c, a.h, a.w), (b.c, b.h, b.w));
+        }
+        let err = anomalyd::detect::relative_error(&ordinary, &bound);
+        eprintln!("bound vs ordinary run at {w}x{h}: max error {err:.2e} of the feature range");
+        assert!(err < 1e-6, "{w}x{h}: {err}");
     }
 }

@@ -1,5 +1,7 @@
 //! The whole inspection on the GPU: each frame is copied to the device once (RGB8), resized and
-//! normalised there, encoded by the netplan layers, pooled into patches, matched against the memory
+//! normalised there, encoded (by the netplan layers with anomalyd's kernels, or by ONNX Runtime's
+//! TensorRT/CUDA provider through IO binding, its outputs left on the device), pooled into patches,
+//! matched against the memory
 //! bank (GEMM + fused row-min), masked, averaged, upsampled, smoothed and scored. Only the map, the
 //! patch grid and the score come back. Every step mirrors the CPU reference in `detect`, `features`
 //! and `map`; the parity tests hold the two together.
@@ -10,7 +12,7 @@ use image::RgbImage;
 
 use super::{Arg, DevBuf, Gpu, GpuError, copy};
 use crate::detect::{Bank, EnrolmentMeta, Scored, Timings};
-use crate::engine::Manifest;
+use crate::engine::{Encoder, Manifest, Memory};
 use crate::features::{FeatureMap, Metric};
 use crate::map::{self, Grid};
 use crate::netplan::{Act, Layer, Plan};
@@ -41,9 +43,29 @@ struct DevBank {
     dim: usize,
 }
 
+/// What runs the encoder on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEncoder {
+    /// The netplan layers with anomalyd's kernels.
+    Kernels,
+    /// The detector's ONNX Runtime session (TensorRT or CUDA provider on this GPU) through IO
+    /// binding: its input is written by the preprocessing kernels and its outputs feed the pooling.
+    Onnxruntime,
+}
+
+impl std::fmt::Display for DeviceEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kernels => "anomalyd kernels",
+            Self::Onnxruntime => "onnxruntime IO binding",
+        })
+    }
+}
+
 /// The device side of the detector: one per worker thread, like the CPU encoder session.
 pub struct Pipeline {
     gpu: Gpu,
+    encoder: DeviceEncoder,
     net: Net,
     mul: [f32; 3],
     add: [f32; 3],
@@ -62,8 +84,9 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// Builds the device encoder from the model bytes (must be the encoder's own model).
-    pub fn new(gpu: Gpu, model: &[u8], manifest: &Manifest) -> Result<Pipeline, GpuError> {
+    /// Builds the device side from the encoder's model bytes; with [`DeviceEncoder::Kernels`] the
+    /// encoder's weights are uploaded for anomalyd's kernels.
+    pub fn new(gpu: Gpu, model: &[u8], manifest: &Manifest, encoder: DeviceEncoder) -> Result<Pipeline, GpuError> {
         let plan = Plan::from_onnx(model)?;
         let outputs =
             manifest
@@ -78,7 +101,7 @@ impl Pipeline {
         let mut weights = Vec::new();
         for l in &plan.layers {
             match l {
-                Layer::Conv(c) => {
+                Layer::Conv(c) if encoder == DeviceEncoder::Kernels => {
                     weights.push((DevBuf::from_slice(&gpu, &c.weight)?, DevBuf::from_slice(&gpu, &c.bias)?))
                 }
                 _ => weights.push((DevBuf::empty(&gpu), DevBuf::empty(&gpu))),
@@ -93,6 +116,7 @@ impl Pipeline {
         Ok(Pipeline {
             net: Net { plan, weights, slot, slots, outputs },
             gpu,
+            encoder,
             mul,
             add,
             bank: None,
@@ -108,10 +132,58 @@ impl Pipeline {
         &self.gpu
     }
 
+    /// What runs the encoder.
+    pub fn encoder(&self) -> DeviceEncoder {
+        self.encoder
+    }
+
+    /// The device buffer the preprocessing writes the NCHW batch into: slot 0 of the kernels' plan,
+    /// or the input tensor bound to ONNX Runtime.
+    fn input_buffer(&mut self, enc: &mut Encoder, n: usize, h: usize, w: usize) -> Result<u64, GpuError> {
+        match self.encoder {
+            DeviceEncoder::Kernels => {
+                self.net.slots[0].ensure(&self.gpu, n * 3 * w * h * 4)?;
+                Ok(self.net.slots[0].ptr())
+            }
+            DeviceEncoder::Onnxruntime => {
+                let memory = Memory::Cuda(self.gpu.ctx.ordinal());
+                Ok(enc.bound_input(memory, [n, 3, h, w]).map_err(|e| GpuError::Unsupported(e.to_string()))?)
+            }
+        }
+    }
+
+    /// Encodes the batch in [`Self::input_buffer`]: every manifest output, in manifest order, as its
+    /// device pointer and `(channels, height, width)`. ONNX Runtime's outputs stay valid until its
+    /// next run, which only comes after this batch's work has finished.
+    fn run_encoder(&mut self, enc: &mut Encoder, n: usize, h: usize, w: usize) -> Result<Vec<Part>, GpuError> {
+        match self.encoder {
+            DeviceEncoder::Kernels => {
+                let shapes = self.run_net(n, h, w)?;
+                Ok(self.net.outputs.iter().map(|&v| (self.net.slots[self.net.slot[v]].ptr(), shapes[v])).collect())
+            }
+            DeviceEncoder::Onnxruntime => {
+                // ONNX Runtime runs on its own stream: the input must be complete before it starts.
+                self.gpu.sync()?;
+                let outs = enc.run_bound().map_err(|e| GpuError::Unsupported(e.to_string()))?;
+                // Its provider binds the thread to the same (primary) context; make sure of it.
+                self.gpu.ctx.bind_to_thread()?;
+                Ok(outs.iter().map(|o| (o.ptr, (o.shape[1], o.shape[2], o.shape[3]))).collect())
+            }
+        }
+    }
+
     fn buf(&mut self, name: &'static str, bytes: usize) -> Result<u64, GpuError> {
         let gpu = &self.gpu;
         let b = self.bufs.entry(name).or_insert_with(|| DevBuf::empty(gpu));
         b.ensure(gpu, bytes.max(4))?;
+        Ok(b.ptr())
+    }
+
+    /// Copies `data` into the named buffer; returns its pointer.
+    fn upload<T: Copy>(&mut self, name: &'static str, data: &[T]) -> Result<u64, GpuError> {
+        let gpu = &self.gpu;
+        let b = self.bufs.entry(name).or_insert_with(|| DevBuf::empty(gpu));
+        b.upload(gpu, data)?;
         Ok(b.ptr())
     }
 
@@ -299,18 +371,32 @@ impl Pipeline {
     }
 
     /// The encoder alone on one normalised NCHW image: the requested manifest outputs (the parity
-    /// tests and the load-time self-check hold these against ONNX Runtime).
-    pub fn encode(&mut self, chw: &[f32], h: usize, w: usize, outputs: &[usize]) -> Result<Vec<FeatureMap>, GpuError> {
+    /// tests and the load-time self-check hold these against ONNX Runtime's ordinary run).
+    pub fn encode(
+        &mut self,
+        enc: &mut Encoder,
+        chw: &[f32],
+        h: usize,
+        w: usize,
+        outputs: &[usize],
+    ) -> Result<Vec<FeatureMap>, GpuError> {
         // The detector may have moved to another thread since the last call.
         self.gpu.ctx.bind_to_thread()?;
-        self.net.slots[0].upload(&self.gpu, chw)?;
-        let shapes = self.run_net(1, h, w)?;
+        if chw.len() != 3 * h * w {
+            return Err(GpuError::Unsupported(format!("{} values for a 3 x {h} x {w} image", chw.len())));
+        }
+        let input = self.input_buffer(enc, 1, h, w)?;
+        let staged = self.upload("probe_in", chw)?;
+        copy(&self.gpu, input, staged, chw.len() * 4)?;
+        let feats = self.run_encoder(enc, 1, h, w)?;
         let mut maps = Vec::new();
         for &o in outputs {
-            let v = *self.net.outputs.get(o).ok_or_else(|| GpuError::Unsupported(format!("no output #{o}")))?;
-            let (c, mh, mw) = shapes[v];
-            let mut data = vec![0.0f32; c * mh * mw];
-            self.net.slots[self.net.slot[v]].download(&self.gpu, &mut data)?;
+            let &(src, (c, mh, mw)) = feats.get(o).ok_or_else(|| GpuError::Unsupported(format!("no output #{o}")))?;
+            let len = c * mh * mw;
+            let out = self.buf("probe_out", len * 4)?;
+            copy(&self.gpu, out, src, len * 4)?;
+            let mut data = vec![0.0f32; len];
+            self.bufs["probe_out"].download(&self.gpu, &mut data)?;
             maps.push(FeatureMap { c, h: mh, w: mw, data });
         }
         Ok(maps)
@@ -320,6 +406,7 @@ impl Pipeline {
     /// enrolment's banks; `uid` identifies the enrolment so its bank is uploaded once.
     pub fn score(
         &mut self,
+        enc: &mut Encoder,
         meta: &EnrolmentMeta,
         banks: &[Bank],
         uid: u64,
@@ -344,17 +431,11 @@ impl Pipeline {
 
         // Preprocessing: upload, resize (image's triangle filter), normalise into slot 0.
         let prepared = self.buf("prepared", n * w * h * 3)?;
-        self.net.slots[0].ensure(&self.gpu, n * 3 * w * h * 4)?;
-        let input = self.net.slots[0].ptr();
+        let input = self.input_buffer(enc, n, h, w)?;
         for (i, f) in frames.iter().enumerate() {
             let (fw, fh) = (f.width() as usize, f.height() as usize);
             let dst = prepared + (i * w * h * 3) as u64;
-            let src = {
-                let gpu = &self.gpu;
-                let b = self.bufs.entry("frame").or_insert_with(|| DevBuf::empty(gpu));
-                b.upload(gpu, f.as_raw())?;
-                b.ptr()
-            };
+            let src = self.upload("frame", f.as_raw())?;
             if (fw, fh) == (w, h) {
                 copy(&self.gpu, dst, src, w * h * 3)?;
             } else {
@@ -413,7 +494,7 @@ impl Pipeline {
             )?;
         }
         let t1 = self.gpu.mark()?;
-        let shapes = self.run_net(n, h, w)?;
+        let feats = self.run_encoder(enc, n, h, w)?;
         let t2 = self.gpu.mark()?;
 
         // Patches: each needed output pooled once (raw for L2 layers, unit rows for cosine ones).
@@ -425,14 +506,12 @@ impl Pipeline {
         }
         let mut pooled: HashMap<(usize, bool), Part> = HashMap::new();
         for (j, &o) in outputs.iter().enumerate() {
-            let v = *self.net.outputs.get(o).ok_or_else(|| GpuError::Unsupported(format!("no output #{o}")))?;
-            let (c, ph, pw) = shapes[v];
+            let &(src, (c, ph, pw)) = feats.get(o).ok_or_else(|| GpuError::Unsupported(format!("no output #{o}")))?;
             let len = n * c * ph * pw;
             self.pool_bufs[2 * j].ensure(&self.gpu, len * 4)?;
             let raw = self.pool_bufs[2 * j].ptr();
             let r = (meta.pool / 2) as i32;
             let norm = 1.0 / ((2 * r + 1) * (2 * r + 1)) as f32;
-            let src = self.net.slots[self.net.slot[v]].ptr();
             self.gpu.launch_n(
                 "box_pool",
                 len,
