@@ -115,18 +115,24 @@ fn no_gpu() -> Option<&'static str> {
     None
 }
 
+/// A detector on GPU 0 with the encoder on `encoder` and ONNX Runtime on `provider`.
+fn load_on_gpu(provider: Provider, encoder: GpuEncoder) -> Result<Detector, anomalyd::detect::DetectError> {
+    let cfg = anomalyd::engine::EngineConfig {
+        providers: vec![provider],
+        device: anomalyd::device::DeviceChoice::Cuda(0),
+        gpu_encoder: encoder,
+        ..Default::default()
+    };
+    Detector::load(&cfg)
+}
+
 /// The GPU detector with anomalyd's encoder kernels, or why there is none.
 fn gpu_detector() -> Result<Detector, String> {
     if let Some(why) = no_gpu() {
         return Err(why.into());
     }
-    let cfg = anomalyd::engine::EngineConfig {
-        providers: vec![Provider::Cpu],
-        device: anomalyd::device::DeviceChoice::Cuda(0),
-        gpu_encoder: GpuEncoder::Kernels,
-        ..Default::default()
-    };
-    Detector::load(&cfg).map_err(|e| panic!("a CUDA driver is present but the GPU path failed to start: {e}"))
+    load_on_gpu(Provider::Cpu, GpuEncoder::Kernels)
+        .map_err(|e| panic!("a CUDA driver is present but the GPU path failed to start: {e}"))
 }
 
 /// The GPU detector whose encoder is ONNX Runtime's CUDA provider through IO binding, or why there
@@ -135,13 +141,8 @@ fn gpu_onnxruntime_detector() -> Result<Detector, String> {
     if let Some(why) = no_gpu() {
         return Err(why.into());
     }
-    let cfg = anomalyd::engine::EngineConfig {
-        providers: vec![Provider::Cuda],
-        device: anomalyd::device::DeviceChoice::Cuda(0),
-        gpu_encoder: GpuEncoder::Onnxruntime,
-        ..Default::default()
-    };
-    Detector::load(&cfg).map_err(|e| format!("ONNX Runtime's CUDA provider is not usable here ({e})"))
+    load_on_gpu(Provider::Cuda, GpuEncoder::Onnxruntime)
+        .map_err(|e| format!("ONNX Runtime's CUDA provider is not usable here ({e})"))
 }
 
 /// Inspects every frame on one detector: one by one, and (on a GPU) also as one batch.
