@@ -420,6 +420,10 @@ impl Detector {
                 .into());
             }
         };
+        let encoder = match which {
+            DeviceEncoder::Kernels => "anomalyd kernels".to_string(),
+            DeviceEncoder::Onnxruntime => format!("onnxruntime {provider} with IO binding"),
+        };
         let mut pipe = Pipeline::new(gpu, self.encoder.model_bytes(), self.encoder.manifest(), which)?;
         let err = self.gpu_encoder_error(&mut pipe)?;
         // TensorRT runs in fp16, and the reference it is held against is the same session's ordinary
@@ -431,15 +435,11 @@ impl Detector {
         };
         if err.is_nan() || err > limit {
             return Err(crate::gpu::GpuError::Unsupported(format!(
-                "the GPU encoder ({which}) differs from ONNX Runtime by {err:.2e} of the feature range (limit \
+                "the GPU encoder ({encoder}) differs from ONNX Runtime by {err:.2e} of the feature range (limit \
                  {limit:.0e}); this model is not supported on the GPU path"
             ))
             .into());
         }
-        let encoder = match which {
-            DeviceEncoder::Kernels => "anomalyd kernels".to_string(),
-            DeviceEncoder::Onnxruntime => format!("onnxruntime {provider} with IO binding"),
-        };
         tracing::info!(
             device = %format!("cuda:{ordinal}"),
             gpu = %name,

@@ -347,12 +347,8 @@ impl DevBuf {
     /// Copies `data` to the start of the buffer, growing it if needed.
     pub fn upload<T: Copy>(&mut self, gpu: &Gpu, data: &[T]) -> Result<(), GpuError> {
         self.ensure(gpu, std::mem::size_of_val(data).max(4))?;
-        self.ctx.bind_to_thread()?;
-        if !data.is_empty() {
-            // SAFETY: the buffer holds at least `data`'s bytes; pageable sources are staged before return.
-            unsafe { dres::memcpy_htod_async(self.ptr, data, gpu.stream.cu_stream()) }?;
-        }
-        Ok(())
+        // SAFETY: the buffer holds at least `data`'s bytes (ensured above).
+        unsafe { upload(gpu, self.ptr, data) }
     }
 
     /// Copies the buffer's first `out.len()` elements to `out` and waits for them.
@@ -360,12 +356,8 @@ impl DevBuf {
         if std::mem::size_of_val(out) > self.bytes {
             return Err(GpuError::Unsupported("download larger than its buffer".into()));
         }
-        self.ctx.bind_to_thread()?;
-        if !out.is_empty() {
-            // SAFETY: the buffer holds at least `out`'s bytes; synchronised before `out` is read.
-            unsafe { dres::memcpy_dtoh_async(out, self.ptr, gpu.stream.cu_stream()) }?;
-        }
-        gpu.sync()
+        // SAFETY: the buffer holds at least `out`'s bytes (checked above).
+        unsafe { download(gpu, self.ptr, out) }
     }
 }
 
@@ -378,6 +370,32 @@ impl Drop for DevBuf {
             let _ = unsafe { dres::free_sync(self.ptr) };
         }
     }
+}
+
+/// Copies `data` to device memory at `dst`, on the GPU's stream.
+///
+/// # Safety
+/// `dst` must be device memory of this context with room for `data`'s bytes.
+pub unsafe fn upload<T: Copy>(gpu: &Gpu, dst: u64, data: &[T]) -> Result<(), GpuError> {
+    gpu.ctx.bind_to_thread()?;
+    if !data.is_empty() {
+        // SAFETY: the caller's contract; pageable sources are staged before return.
+        unsafe { dres::memcpy_htod_async(dst, data, gpu.stream.cu_stream()) }?;
+    }
+    Ok(())
+}
+
+/// Copies `out.len()` elements from device memory at `src` to `out` and waits for them.
+///
+/// # Safety
+/// `src` must be device memory of this context holding at least `out`'s bytes.
+pub unsafe fn download<T: Copy>(gpu: &Gpu, src: u64, out: &mut [T]) -> Result<(), GpuError> {
+    gpu.ctx.bind_to_thread()?;
+    if !out.is_empty() {
+        // SAFETY: the caller's contract; synchronised before `out` is read.
+        unsafe { dres::memcpy_dtoh_async(out, src, gpu.stream.cu_stream()) }?;
+    }
+    gpu.sync()
 }
 
 /// Device-to-device copy of `bytes`.

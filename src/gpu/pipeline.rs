@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use image::RgbImage;
 
-use super::{Arg, DevBuf, Gpu, GpuError, copy};
+use super::{Arg, DevBuf, Gpu, GpuError, copy, download, upload};
 use crate::detect::{Bank, EnrolmentMeta, Scored, Timings};
 use crate::engine::{Encoder, Manifest, Memory};
 use crate::features::{FeatureMap, Metric};
@@ -51,15 +51,6 @@ pub enum DeviceEncoder {
     /// The detector's ONNX Runtime session (TensorRT or CUDA provider on this GPU) through IO
     /// binding: its input is written by the preprocessing kernels and its outputs feed the pooling.
     Onnxruntime,
-}
-
-impl std::fmt::Display for DeviceEncoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Kernels => "anomalyd kernels",
-            Self::Onnxruntime => "onnxruntime IO binding",
-        })
-    }
 }
 
 /// The device side of the detector: one per worker thread, like the CPU encoder session.
@@ -386,17 +377,15 @@ impl Pipeline {
             return Err(GpuError::Unsupported(format!("{} values for a 3 x {h} x {w} image", chw.len())));
         }
         let input = self.input_buffer(enc, 1, h, w)?;
-        let staged = self.upload("probe_in", chw)?;
-        copy(&self.gpu, input, staged, chw.len() * 4)?;
+        // SAFETY: the input buffer holds a 3 x h x w batch of one (checked above).
+        unsafe { upload(&self.gpu, input, chw) }?;
         let feats = self.run_encoder(enc, 1, h, w)?;
         let mut maps = Vec::new();
         for &o in outputs {
             let &(src, (c, mh, mw)) = feats.get(o).ok_or_else(|| GpuError::Unsupported(format!("no output #{o}")))?;
-            let len = c * mh * mw;
-            let out = self.buf("probe_out", len * 4)?;
-            copy(&self.gpu, out, src, len * 4)?;
-            let mut data = vec![0.0f32; len];
-            self.bufs["probe_out"].download(&self.gpu, &mut data)?;
+            let mut data = vec![0.0f32; c * mh * mw];
+            // SAFETY: the encoder's output of that shape, valid until its next run.
+            unsafe { download(&self.gpu, src, &mut data) }?;
             maps.push(FeatureMap { c, h: mh, w: mw, data });
         }
         Ok(maps)
