@@ -53,20 +53,6 @@ impl Grid {
         }
         let k = gaussian_weights(sigma);
         let r = (k.len() / 2) as isize;
-        let reflect = |i: isize, n: usize| -> usize {
-            let n = n as isize;
-            let mut i = i;
-            // Repeated reflection keeps huge kernels on tiny grids in range.
-            loop {
-                if i < 0 {
-                    i = -i - 1;
-                } else if i >= n {
-                    i = 2 * n - i - 1;
-                } else {
-                    return i as usize;
-                }
-            }
-        };
         let (w, h) = (self.w, self.h);
         let mut tmp = vec![0.0f32; w * h];
         for y in 0..h {
@@ -89,6 +75,22 @@ impl Grid {
             }
         }
         Grid::new(w, h, out)
+    }
+}
+
+/// Index `i` reflected into `0..n` about the edges, the edge sample repeated (... 1 0 | 0 1 ...), as
+/// kernels/map.cu does. Repeated reflection keeps any `i` in range (huge kernels on tiny grids).
+pub fn reflect(i: isize, n: usize) -> usize {
+    let n = n as isize;
+    let mut i = i;
+    loop {
+        if i < 0 {
+            i = -i - 1;
+        } else if i >= n {
+            i = 2 * n - i - 1;
+        } else {
+            return i as usize;
+        }
     }
 }
 
