@@ -155,13 +155,7 @@ pub(crate) fn calibrate(
         let halves = split_image(&prepared[0]);
         let mut half_patches = Vec::new();
         for half in &halves {
-            half_patches.push(det.augmented_patches(
-                half,
-                &meta.group_augment,
-                &meta.groups,
-                meta.pool,
-                &meta.metrics,
-            )?);
+            half_patches.push(det.reference_patches(meta, half)?);
         }
         cal.held_out = leave_one_out(det, meta, banks, &half_patches, &halves, cfg.max_bank)?;
     }

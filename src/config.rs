@@ -109,6 +109,9 @@ impl Config {
         if d.pool == 0 || d.pool.is_multiple_of(2) || d.pool > 9 {
             p.push(format!("detect.pool = {}: use an odd size from 1 to 9", d.pool));
         }
+        if let Some(s) = d.scale_augment.iter().find(|s| !(0.25..=4.0).contains(*s)) {
+            p.push(format!("detect.scale_augment holds {s}: use scales between 0.25 and 4"));
+        }
         if !(d.top_fraction > 0.0 && d.top_fraction <= 1.0) {
             p.push(format!("detect.top_fraction = {}: use a fraction in (0, 1]", d.top_fraction));
         }
@@ -200,9 +203,13 @@ mod tests {
 
     #[test]
     fn every_invalid_value_is_reported_at_once() {
-        let e = Config::parse("[detect]\npool = 2\nstrides = [32]\ntop_fraction = 0.0\n", Path::new("c.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "[detect]\npool = 2\nstrides = [32]\ntop_fraction = 0.0\nscale_augment = [0.0]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("detect.pool") && e.contains("detect.strides") && e.contains("detect.top_fraction"), "{e}");
+        assert!(e.contains("detect.scale_augment"), "{e}");
     }
 }

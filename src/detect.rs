@@ -10,8 +10,9 @@
 //! Enrolment chooses from the shots themselves how the product is seen (see [`crate::calibrate`]):
 //! `aligned` products are resized to one fixed input and each patch is matched only near its own
 //! place; products that look like a texture (a shifted shot matches itself as well anywhere as near
-//! its place) are matched anywhere, their bank holds the eight rotations and flips of the shots
-//! (AnomalyDINO), and their image score comes from a cosine stride-16 layer.
+//! its place) keep each image's aspect (fitted to the pixel budget), are matched anywhere, their bank
+//! holds the eight rotations and flips of the shots (AnomalyDINO), and their image score comes from a
+//! cosine stride-16 layer whose bank also holds the shots at the `scale_augment` scales.
 
 use std::time::Instant;
 
@@ -60,6 +61,10 @@ pub struct DetectConfig {
     /// How a texture's images are scaled: `keep` the shot's pixel scale, `fit` each image to the pixel
     /// budget (keeping its aspect), or `squash` each to the shot's input size.
     pub texture_scale: TextureScale,
+    /// Textures: extra scales at which each shot also enters the score layer's bank. Tiles of
+    /// different sizes reach the encoder at different pixel scales, so their grain differs from the
+    /// shot's; empty keeps the shot's scale only.
+    pub scale_augment: Vec<f32>,
     /// Most rows a layer's memory bank may hold; more are reduced by greedy coreset subsampling.
     pub max_bank: usize,
     /// Smallest region reported, as a fraction of the image.
@@ -87,7 +92,8 @@ impl Default for DetectConfig {
             top_fraction: 0.01,
             sigma: 4.0,
             geometry: GeometryChoice::Auto,
-            texture_scale: TextureScale::Squash,
+            texture_scale: TextureScale::Fit,
+            scale_augment: vec![0.75, 1.333],
             rotate_map: true,
             max_bank: 16_384,
             min_region: 0.0005,
@@ -237,6 +243,9 @@ pub struct EnrolmentMeta {
     pub window: f32,
     /// Bank layer whose distances give the image score (None: the map's).
     pub score_group: Option<usize>,
+    /// Extra scales of each shot in the score layer's bank (textures).
+    #[serde(default)]
+    pub score_scales: Vec<f32>,
     /// Patch distance of each bank layer.
     pub metrics: Vec<Metric>,
     pub top_fraction: f32,
@@ -560,6 +569,30 @@ impl Detector {
         out.into_iter().enumerate().map(|(g, p)| p.ok_or(DetectError::EmptyLayer(g))).collect()
     }
 
+    /// A reference's bank patches per layer: its augmented views, and for a texture's score layer the
+    /// same views at the enrolment's extra scales.
+    pub fn reference_patches(&mut self, meta: &EnrolmentMeta, img: &RgbImage) -> Result<Vec<Patches>, DetectError> {
+        let mut views = self.augmented_patches(img, &meta.group_augment, &meta.groups, meta.pool, &meta.metrics)?;
+        let Some(g) = meta.score_group else {
+            return Ok(views);
+        };
+        for &s in &meta.score_scales {
+            let (w, h) = imageio::scaled(img.width(), img.height(), s as f64, ALIGN);
+            let scaled = imageio::resize(img, w, h);
+            let extra = self.augmented_patches(
+                &scaled,
+                std::slice::from_ref(&meta.group_augment[g]),
+                std::slice::from_ref(&meta.groups[g]),
+                meta.pool,
+                &meta.metrics[g..=g],
+            )?;
+            let extra = extra.into_iter().next().ok_or(DetectError::EmptyLayer(g))?;
+            views[g].rows.extend_from_slice(&extra.rows);
+            views[g].pos.extend_from_slice(&extra.pos);
+        }
+        Ok(views)
+    }
+
     /// Scores an image already brought to its encoder-input size against `banks`.
     pub fn score_prepared(
         &mut self,
@@ -774,15 +807,6 @@ impl Detector {
             })
             .collect();
 
-        // Memory bank: every reference under every augmentation, per layer, then coreset-bounded.
-        let mut per_ref: Vec<Vec<Patches>> = Vec::new();
-        for (i, img) in prepared.iter().enumerate() {
-            progress(&format!("encoding reference {}/{} ({} views)", i + 1, prepared.len(), augment.len()));
-            let views = self.augmented_patches(img, &group_augment, &groups, cfg.pool, &metrics)?;
-            per_ref.push(views);
-        }
-        let banks = build_banks(&per_ref, &bank_strides, None, cfg.max_bank, progress);
-
         let background = match cfg.foreground {
             Switch::On => Some(calibrate::background(&prepared[0])),
             Switch::Off => None,
@@ -806,6 +830,7 @@ impl Detector {
             pool: cfg.pool,
             window: if texture { 1.0 } else { cfg.window },
             score_group,
+            score_scales: if texture && score_group.is_some() { cfg.scale_augment.clone() } else { Vec::new() },
             metrics,
             top_fraction: cfg.top_fraction,
             sigma: cfg.sigma,
@@ -819,6 +844,13 @@ impl Detector {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
+        // Memory bank: every reference under every augmentation, per layer, then coreset-bounded.
+        let mut per_ref: Vec<Vec<Patches>> = Vec::new();
+        for (i, img) in prepared.iter().enumerate() {
+            progress(&format!("encoding reference {}/{} ({} views)", i + 1, prepared.len(), meta.augment.len()));
+            per_ref.push(self.reference_patches(&meta, img)?);
+        }
+        let banks = build_banks(&per_ref, &bank_strides, None, cfg.max_bank, progress);
         let (thresholds, mut calibration) =
             calibrate::calibrate(self, &meta, &banks, &per_ref, &prepared, cfg, progress)?;
         calibration.stationarity = stationarity;

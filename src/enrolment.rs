@@ -185,6 +185,7 @@ pub fn sample_for_tests() -> Enrolment {
             groups: vec![vec![1], vec![2]],
             window: 0.125,
             score_group: None,
+            score_scales: Vec::new(),
             metrics: vec![crate::features::Metric::Cosine, crate::features::Metric::L2],
             pool: 3,
             top_fraction: 0.01,
@@ -218,6 +219,16 @@ pub(crate) mod tests {
         let e = sample();
         save(&e, &path).unwrap();
         assert_eq!(load(&path).unwrap(), e);
+    }
+
+    #[test]
+    fn a_header_written_before_score_scales_existed_still_loads() {
+        // Enrolments made before the score bank held scaled shots lack the key; they read as no extra scales.
+        let mut header = serde_json::to_value(&sample().meta).unwrap();
+        header.as_object_mut().unwrap().remove("score_scales").expect("the header has the key");
+        let meta: EnrolmentMeta = serde_json::from_value(header).unwrap();
+        assert!(meta.score_scales.is_empty());
+        assert_eq!(EnrolmentMeta { score_scales: Vec::new(), ..sample().meta }, meta);
     }
 
     #[test]

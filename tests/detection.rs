@@ -4,6 +4,8 @@ use anomalyd::demo::{self, Defect};
 use anomalyd::detect::{DetectConfig, GeometryChoice};
 use anomalyd::imageio;
 use anomalyd::regions::Cell;
+use anomalyd::synth::Rng;
+use image::{Rgb, RgbImage};
 
 use crate::common::{detector, paste, shared};
 
@@ -110,6 +112,68 @@ fn a_texture_with_a_coreset_bounded_bank_enrols_and_inspects() {
     assert!(e.banks.iter().all(|b| b.len() <= 512 && b.pos.len() == b.len()));
     let ins = det.inspect(&e, &demo::part(6, Defect::Blob)).unwrap();
     assert!(ins.verdict.score.is_finite());
+}
+
+/// A generated surface: dark round grains of radius about `grain` pixels scattered on a light ground.
+fn grains(w: u32, h: u32, grain: f32, seed: u64) -> RgbImage {
+    let mut rng = Rng::new(seed);
+    let mut img = RgbImage::from_pixel(w, h, Rgb([180, 180, 180]));
+    for _ in 0..(w * h) as usize / (grain * grain * 10.0) as usize {
+        let (cx, cy) = (rng.range(0.0, w as f32), rng.range(0.0, h as f32));
+        let r = grain * rng.range(0.8, 1.2);
+        let v = rng.range(40.0, 100.0) as u8;
+        for y in (cy - r).max(0.0) as u32..((cy + r).ceil() as u32).min(h) {
+            for x in (cx - r).max(0.0) as u32..((cx + r).ceil() as u32).min(w) {
+                if (x as f32 - cx).powi(2) + (y as f32 - cy).powi(2) <= r * r {
+                    img.put_pixel(x, y, Rgb([v, v, v]));
+                }
+            }
+        }
+    }
+    img
+}
+
+#[test]
+fn a_texture_at_another_pixel_scale_matches_the_scaled_shot() {
+    // Surfaces of different sizes reach the encoder at different pixel scales: a normal sample whose
+    // grain is 1.33 x the shot's must find its match among the shot's scaled copies in the score bank.
+    let mut det = detector();
+    let shot = vec![("shot".to_string(), grains(256, 256, 5.0, 1))];
+    let scaled_cfg = DetectConfig { geometry: GeometryChoice::Texture, ..DetectConfig::default() };
+    assert_eq!(scaled_cfg.scale_augment, [0.75, 1.333]);
+    let plain_cfg = DetectConfig { scale_augment: Vec::new(), ..scaled_cfg.clone() };
+    let scaled = det.enroll(&shot, &scaled_cfg, &mut |_| {}).unwrap();
+    let plain = det.enroll(&shot, &plain_cfg, &mut |_| {}).unwrap();
+    // The score layer holds the shot at 0.75, 1 and 1.333 (0.56 + 1 + 1.78 times the patches); the map's does not.
+    let g = scaled.meta.score_group.expect("a texture scores on its own layer");
+    assert_eq!(scaled.meta.score_scales, [0.75, 1.333]);
+    assert!(
+        scaled.banks[g].len() * 10 > plain.banks[g].len() * 30,
+        "{} vs {}",
+        scaled.banks[g].len(),
+        plain.banks[g].len()
+    );
+    assert_eq!(scaled.banks[0].len(), plain.banks[0].len());
+    // Scores with the scaled shots over scores without, averaged over three generated samples: a
+    // superset bank never scores higher, and the coarser samples must gain clearly more than samples
+    // at the shot's own grain.
+    let mut ratio = |grain: f32| {
+        let r: Vec<f32> = (2..5)
+            .map(|seed| {
+                let sample = grains(256, 256, grain, seed);
+                let with = det.inspect(&scaled, &sample).unwrap().verdict.score;
+                let without = det.inspect(&plain, &sample).unwrap().verdict.score;
+                assert!(with <= without, "grain {grain} seed {seed}: {with} with the scaled shots, {without} without");
+                with / without
+            })
+            .collect();
+        r.iter().sum::<f32>() / r.len() as f32
+    };
+    let (coarser, same) = (ratio(5.0 * 1.333), ratio(5.0));
+    assert!(
+        coarser < 0.92 && coarser < same - 0.05,
+        "score ratio with/without the scaled shots: coarser grain {coarser}, same grain {same}"
+    );
 }
 
 #[test]
