@@ -1,10 +1,12 @@
 //! Criterion benches of the inspection path on the built-in demo part (1 shot, default settings):
 //! the whole inspection, and the decoder's nearest-neighbour search alone. Benchmarks, not timed tests.
 
-use anomalyd::demo::{self, Defect};
-use anomalyd::detect::{DetectConfig, Detector};
-use anomalyd::engine::{Encoder, EngineConfig, Provider};
-use anomalyd::features;
+use anomalyd::config::detect::DetectConfig;
+use anomalyd::config::engine::{EngineConfig, Provider};
+use anomalyd::detect::detector::Detector;
+use anomalyd::detect::features;
+use anomalyd::engine::encoder::Encoder;
+use anomalyd::source::demo::{self, Defect};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn inspect(c: &mut Criterion) {

@@ -9,9 +9,14 @@ use clap::Parser;
 use image::RgbImage;
 
 use crate::cli::{Cli, Command, DetectArgs};
+use crate::commands::{bench, eval};
 use crate::config::Config;
-use crate::detect::{Detector, Enrolment};
-use crate::{bench, demo, enrolment, eval, imageio, overlay, reference};
+use crate::detect::detector::Detector;
+use crate::detect::enrolment::Enrolment;
+use crate::detect::overlay;
+use crate::enrol::{file as enrolment, reference};
+use crate::source::demo;
+use crate::util::imageio;
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> Result<ExitCode> {
@@ -67,8 +72,10 @@ pub fn run() -> Result<ExitCode> {
             }
             let product = product.or_else(|| cfg.camera.first().and_then(|c| c.product.clone()));
             match (frame_id, image, reference) {
-                (_, Some(img), Some(r)) => crate::chat::local(&cfg, &img, &r, product, &questions),
-                (Some(id), _, _) => crate::chat::remote(&cfg, &id, url.as_deref(), token_file.as_deref(), &questions),
+                (_, Some(img), Some(r)) => Ok(crate::commands::chat::local(&cfg, &img, &r, product, &questions)?),
+                (Some(id), _, _) => {
+                    Ok(crate::commands::chat::remote(&cfg, &id, url.as_deref(), token_file.as_deref(), &questions)?)
+                }
                 _ => bail!("give a FRAME_ID, or --image with --reference"),
             }
         }
@@ -87,7 +94,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Bench { e2e: true, seconds, json, opts, .. } => {
             let cfg = configure(base, &opts)?;
-            let report = runtime()?.block_on(crate::daemon::e2e::run(&cfg, seconds))?;
+            let report = runtime()?.block_on(crate::commands::e2e::run(&cfg, seconds))?;
             println!("{report}");
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)
@@ -145,7 +152,7 @@ fn validate_cmd(file: Option<&Path>) -> Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let problems = cfg.validate_all();
+    let problems = crate::daemon::problems(&cfg);
     if problems.is_empty() {
         println!("{}: ok ({} camera(s))", file.display(), cfg.camera.len());
         return Ok(ExitCode::SUCCESS);
@@ -168,21 +175,15 @@ fn run_cmd(cfg: Config, config_path: Option<PathBuf>, duration: Option<f64>) -> 
     rt.block_on(async move {
         let notifier = crate::daemon::systemd::Systemd::from_env();
         let mut daemon = crate::daemon::Daemon::start(cfg).await?;
-        daemon.set_config_path(config_path.clone());
-        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        daemon.set_config_path(config_path);
+        // One pending SIGHUP is enough: a reload reads the file as it is when it runs.
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let next = match &config_path {
-                    Some(p) => {
-                        tracing::info!("SIGHUP: reloading {}", p.display());
-                        Config::load(p).map_err(|e| e.to_string())
-                    }
-                    None => Ok(Config::demo()),
-                };
-                if reload_tx.send(next).is_err() {
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = reload_tx.try_send(()) {
                     break;
                 }
             }
@@ -337,7 +338,10 @@ fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<
         .map(|(_, p)| {
             std::fs::read_dir(p.join("test"))
                 .map(|rd| {
-                    rd.flatten().filter_map(|d| eval::image_files(&d.path()).ok()).map(|v| v.len() as u64).sum::<u64>()
+                    rd.flatten()
+                        .filter_map(|d| imageio::image_files(&d.path()).ok())
+                        .map(|v| v.len() as u64)
+                        .sum::<u64>()
                 })
                 .unwrap_or(0)
         })

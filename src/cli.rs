@@ -167,13 +167,13 @@ pub struct DetectArgs {
     pub strides: Option<Vec<usize>>,
     /// auto | aligned | texture.
     #[arg(long)]
-    pub geometry: Option<crate::detect::GeometryChoice>,
+    pub geometry: Option<crate::config::detect::GeometryChoice>,
     /// Leave a plain background out of the score: auto | on | off.
     #[arg(long)]
-    pub foreground: Option<crate::detect::Switch>,
+    pub foreground: Option<crate::config::detect::Switch>,
     /// Execution providers in order, e.g. cuda,cpu.
     #[arg(long, value_delimiter = ',')]
-    pub providers: Option<Vec<crate::engine::Provider>>,
+    pub providers: Option<Vec<crate::config::engine::Provider>>,
     /// CPU threads for the encoder (0 = one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -182,5 +182,5 @@ pub struct DetectArgs {
     pub model: Option<PathBuf>,
     /// Where inspection runs: auto | cpu | cuda:N.
     #[arg(long)]
-    pub device: Option<crate::device::DeviceChoice>,
+    pub device: Option<crate::config::engine::DeviceChoice>,
 }

@@ -8,21 +8,21 @@ use std::path::Path;
 pub fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(cfg) = crate::config::Config::parse(text, Path::new("fuzz.toml")) {
-        let _ = cfg.validate_all();
+        let _ = crate::daemon::problems(&cfg);
     }
 }
 
 /// An enrolment file.
 pub fn enrolment(data: &[u8]) {
-    if let Ok(e) = crate::enrolment::from_bytes(data, Path::new("fuzz.enrol")) {
+    if let Ok(e) = crate::enrol::file::from_bytes(data, Path::new("fuzz.enrol")) {
         // A file that loads must serialise again.
-        let _ = crate::enrolment::to_bytes(&e);
+        let _ = crate::enrol::file::to_bytes(&e);
     }
 }
 
 /// An encoded image, as a `files` camera or `inspect` reads it.
 pub fn image(data: &[u8]) {
-    let _ = crate::imageio::decode_rgb(data, Path::new("fuzz.img"));
+    let _ = crate::util::imageio::decode_rgb(data, Path::new("fuzz.img"));
 }
 
 /// A raw camera buffer: the first 6 bytes give width, height and stride (u16 each), the rest is the
@@ -34,7 +34,7 @@ pub fn frame(data: &[u8]) {
     let w = u16::from_le_bytes([data[0], data[1]]) as usize;
     let h = u16::from_le_bytes([data[2], data[3]]) as usize;
     let stride = u16::from_le_bytes([data[4], data[5]]) as usize;
-    if let Ok(img) = crate::imageio::rgb_from_strided(&data[6..], w, h, stride) {
+    if let Ok(img) = crate::util::imageio::rgb_from_strided(&data[6..], w, h, stride) {
         assert_eq!((img.width() as usize, img.height() as usize), (w, h));
     }
 }
@@ -63,8 +63,8 @@ mod tests {
             put("config", name, &std::fs::read(manifest.join(f)).unwrap());
         }
         put("config", "camera-test.toml", b"[[camera]]\nname = \"c\"\n[camera.source]\nkind = \"test\"\n");
-        put("enrolment", "sample.enrol", &crate::enrolment::to_bytes(&crate::enrolment::sample_for_tests()));
-        let img = crate::demo::part(1, crate::demo::Defect::Blob);
+        put("enrolment", "sample.enrol", &crate::enrol::file::to_bytes(&crate::enrol::file::sample_for_tests()));
+        let img = crate::source::demo::part(1, crate::source::demo::Defect::Blob);
         let small = image::imageops::resize(&img, 64, 64, image::imageops::FilterType::Triangle);
         for (name, fmt) in [
             ("part.png", image::ImageFormat::Png),
@@ -96,7 +96,7 @@ mod tests {
         if std::env::var_os("ANOMALYD_UPDATE_CORPUS").is_some() {
             write_seeds(&root);
         }
-        let mut rng = crate::synth::Rng::new(0xF022);
+        let mut rng = crate::util::rng::Rng::new(0xF022);
         for (name, target) in TARGETS {
             let mut corpus: Vec<Vec<u8>> = std::fs::read_dir(root.join(name))
                 .map(|rd| rd.flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect())
@@ -122,8 +122,8 @@ mod tests {
         }
     }
 
-    fn mutate(b: &mut Vec<u8>, rng: &mut crate::synth::Rng) {
-        let at = |rng: &mut crate::synth::Rng, n: usize| rng.below(n.max(1) as u32) as usize;
+    fn mutate(b: &mut Vec<u8>, rng: &mut crate::util::rng::Rng) {
+        let at = |rng: &mut crate::util::rng::Rng, n: usize| rng.below(n.max(1) as u32) as usize;
         match rng.below(6) {
             0 if !b.is_empty() => {
                 let i = at(rng, b.len());

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the daemon, all named `anomalyd_*`. Each event that changes a metric is one
-//! method here, so that the log line and the metric move together. `docs/METRICS.md` lists them.
+//! method here (the fields are private, so no other file can move a metric by hand), grouped by the
+//! part of the pipeline that reports it. `docs/METRICS.md` lists them.
 
 use std::sync::atomic::AtomicU64;
 
@@ -87,46 +88,46 @@ fn llm_histogram() -> Histogram {
 /// Every metric of the daemon.
 pub struct Metrics {
     registry: Registry,
-    pub frames: Family<VerdictLabels, Counter>,
-    pub skipped: Family<ReasonLabels, Counter>,
-    pub errors: Family<ReasonLabels, Counter>,
-    pub stage: HistFamily<StageLabels>,
-    pub latency: HistFamily<CameraLabel>,
-    pub queue_depth: Family<CameraLabel, Gauge>,
-    pub queue_capacity: Family<CameraLabel, Gauge>,
-    pub last_frame: Family<CameraLabel, Gauge<f64, AtomicU64>>,
-    pub camera_up: Family<CameraLabel, Gauge>,
-    pub idle_frames: Family<CameraLabel, Counter>,
-    pub published: Family<CameraLabel, Counter>,
-    pub publish_failures: Counter,
-    pub publish_backlog: Gauge,
-    pub mqtt_connected: Gauge,
-    pub mqtt_reconnects: Counter,
-    pub model_info: Family<ModelLabels, Gauge>,
-    pub triggers: Family<ReasonLabels, Counter>,
-    pub commands: Family<ResultLabel, Counter>,
-    pub reloads: Family<ResultLabel, Counter>,
-    pub store_bytes: Gauge,
-    pub store_files: Gauge,
-    pub store_evicted: Counter,
-    pub store_failures: Counter,
-    pub outbox_bytes: Gauge,
-    pub outbox_verdicts: Gauge,
-    pub outbox_evicted: Counter,
-    pub replayed: Counter,
-    pub camera_state: Family<StateLabels, Gauge>,
-    pub llm_info: Family<LlmInfoLabels, Gauge>,
-    pub llm_queue_depth: Gauge,
-    pub llm_queue_capacity: Gauge,
-    pub llm_descriptions: Family<LlmKindLabels, Counter>,
-    pub llm_fallback: Family<LlmReasonLabels, Counter>,
-    pub llm_replaced: Family<LlmReasonLabels, Counter>,
-    pub llm_tokens: Counter,
-    pub llm_call_seconds: HistFamily<LlmKindLabels>,
-    pub llm_first_answer: Histogram,
-    pub llm_conversations: Gauge,
-    pub llm_chats: Family<LlmKindLabels, Counter>,
-    pub notes_dropped: Counter,
+    frames: Family<VerdictLabels, Counter>,
+    skipped: Family<ReasonLabels, Counter>,
+    errors: Family<ReasonLabels, Counter>,
+    stage: HistFamily<StageLabels>,
+    latency: HistFamily<CameraLabel>,
+    queue_depth: Family<CameraLabel, Gauge>,
+    queue_capacity: Family<CameraLabel, Gauge>,
+    last_frame: Family<CameraLabel, Gauge<f64, AtomicU64>>,
+    camera_up: Family<CameraLabel, Gauge>,
+    idle_frames: Family<CameraLabel, Counter>,
+    published: Family<CameraLabel, Counter>,
+    publish_failures: Counter,
+    publish_backlog: Gauge,
+    mqtt_connected: Gauge,
+    mqtt_reconnects: Counter,
+    model_info: Family<ModelLabels, Gauge>,
+    triggers: Family<ReasonLabels, Counter>,
+    commands: Family<ResultLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    store_bytes: Gauge,
+    store_files: Gauge,
+    store_evicted: Counter,
+    store_failures: Counter,
+    outbox_bytes: Gauge,
+    outbox_verdicts: Gauge,
+    outbox_evicted: Counter,
+    replayed: Counter,
+    camera_state: Family<StateLabels, Gauge>,
+    llm_info: Family<LlmInfoLabels, Gauge>,
+    llm_queue_depth: Gauge,
+    llm_queue_capacity: Gauge,
+    llm_descriptions: Family<LlmKindLabels, Counter>,
+    llm_fallback: Family<LlmReasonLabels, Counter>,
+    llm_replaced: Family<LlmReasonLabels, Counter>,
+    llm_tokens: Counter,
+    llm_call_seconds: HistFamily<LlmKindLabels>,
+    llm_first_answer: Histogram,
+    llm_conversations: Gauge,
+    llm_chats: Family<LlmKindLabels, Counter>,
+    notes_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -302,12 +303,229 @@ impl Metrics {
         out
     }
 
+    /// The value of one exposed series, e.g. `anomalyd_skipped_total{camera="c",reason="queue_full"}`
+    /// (labels in declaration order); `None` when it was never set. For tests and the benches.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        self.encode().lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+}
+
+fn camera(camera: &str) -> CameraLabel {
+    CameraLabel { camera: camera.into() }
+}
+
+fn result(r: &str) -> ResultLabel {
+    ResultLabel { result: r.into() }
+}
+
+fn llm_kind(kind: &str) -> LlmKindLabels {
+    LlmKindLabels { kind: kind.into() }
+}
+
+fn llm_reason(reason: &str) -> LlmReasonLabels {
+    LlmReasonLabels { reason: reason.into() }
+}
+
+/// The frame path: intake, triggers, inspection, verdicts.
+impl Metrics {
+    /// A camera delivered a frame captured at `unix_s`.
+    pub fn frame_captured(&self, cam: &str, unix_s: f64) {
+        self.last_frame.get_or_create(&camera(cam)).set(unix_s);
+    }
+
+    /// A triggered camera's frame arrived with no trigger pending: not a part.
+    pub fn idle_frame(&self, cam: &str) {
+        self.idle_frames.get_or_create(&camera(cam)).inc();
+    }
+
+    /// A PLC trigger ended: `inspected` (its frame came) or `timeout`.
+    pub fn trigger(&self, cam: &str, outcome: &str) {
+        self.triggers.get_or_create(&ReasonLabels { camera: cam.into(), reason: outcome.into() }).inc();
+    }
+
+    /// A camera's inspection queue: its size when the camera starts, its depth as frames come and go.
+    pub fn queue_capacity(&self, cam: &str, capacity: usize) {
+        self.queue_capacity.get_or_create(&camera(cam)).set(capacity as i64);
+    }
+
+    pub fn queue_depth(&self, cam: &str, depth: usize) {
+        self.queue_depth.get_or_create(&camera(cam)).set(depth as i64);
+    }
+
+    /// Time one stage of a frame took.
     pub fn stage(&self, camera: &str, stage: &str, ms: f32) {
         self.stage.get_or_create(&StageLabels { camera: camera.into(), stage: stage.into() }).observe(ms as f64 / 1e3);
     }
 
-    pub fn camera(&self, camera: &str) -> CameraLabel {
-        CameraLabel { camera: camera.into() }
+    /// A verdict left the frame path for the publisher; `reason` labels a SKIPPED or ERROR one.
+    pub fn verdict_emitted(&self, cam: &str, verdict: &str, reason: &str) {
+        self.frames.get_or_create(&VerdictLabels { camera: cam.into(), verdict: verdict.into() }).inc();
+        let labels = ReasonLabels { camera: cam.into(), reason: reason.into() };
+        match verdict {
+            "SKIPPED" => self.skipped.get_or_create(&labels).inc(),
+            "ERROR" => self.errors.get_or_create(&labels).inc(),
+            _ => 0,
+        };
+        self.publish_backlog.inc();
+    }
+}
+
+/// The daemon: cameras, models, reloads and commands.
+impl Metrics {
+    /// A camera's source started (true) or stopped (false).
+    pub fn camera_up(&self, cam: &str, up: bool) {
+        self.camera_up.get_or_create(&camera(cam)).set(i64::from(up));
+    }
+
+    /// A camera is now in `state`, one of `states`.
+    pub fn camera_state(&self, cam: &str, state: &str, states: &[&str]) {
+        for s in states {
+            self.camera_state
+                .get_or_create(&StateLabels { camera: cam.into(), state: (*s).into() })
+                .set(i64::from(*s == state));
+        }
+    }
+
+    /// A camera now inspects with `labels`' model; `old` is what it used before.
+    pub fn model_in_use(&self, labels: &ModelLabels, old: Option<&ModelLabels>) {
+        if let Some(old) = old {
+            self.model_info.remove(old);
+        }
+        self.model_info.get_or_create(labels).set(1);
+    }
+
+    /// A reload ended: `applied`, `partial` or `failed`.
+    pub fn reload(&self, outcome: &str) {
+        self.reloads.get_or_create(&result(outcome)).inc();
+    }
+
+    /// A command arrived: `accepted` or `invalid`.
+    pub fn command(&self, outcome: &str) {
+        self.commands.get_or_create(&result(outcome)).inc();
+    }
+}
+
+/// The MQTT link and its outbox.
+impl Metrics {
+    /// The link connected (true) or lost its connection (false).
+    pub fn mqtt_connected(&self, up: bool) {
+        self.mqtt_connected.set(i64::from(up));
+    }
+
+    /// A connection made after the first.
+    pub fn mqtt_reconnected(&self) {
+        self.mqtt_reconnects.inc();
+    }
+
+    /// Publishes lost with a connection.
+    pub fn publishes_lost(&self, n: u64) {
+        self.publish_failures.inc_by(n);
+    }
+
+    /// Verdicts taken from the frame path into the outbox.
+    pub fn verdicts_logged(&self, n: usize) {
+        self.publish_backlog.dec_by(n as i64);
+    }
+
+    /// A verdict handed to the broker: the first time with its capture-to-publish latency, or again.
+    pub fn verdict_published(&self, cam: &str, replayed: bool, publish_ms: f32, total_ms: f32) {
+        if replayed {
+            self.replayed.inc();
+        } else {
+            self.stage(cam, "publish", publish_ms);
+            self.latency.get_or_create(&camera(cam)).observe(total_ms as f64 / 1e3);
+        }
+    }
+
+    /// The broker took a verdict's publish.
+    pub fn verdict_handed_over(&self, cam: &str) {
+        self.published.get_or_create(&camera(cam)).inc();
+    }
+
+    /// A description or chat answer dropped: the broker was away and the memory queue full.
+    pub fn note_dropped(&self) {
+        self.notes_dropped.inc();
+    }
+
+    /// The outbox now holds `verdicts` verdicts in `bytes` bytes.
+    pub fn outbox_size(&self, bytes: u64, verdicts: u64) {
+        self.outbox_bytes.set(bytes as i64);
+        self.outbox_verdicts.set(verdicts as i64);
+    }
+
+    /// Unpublished verdicts evicted to stay under the outbox's bound.
+    pub fn outbox_evicted(&self, n: u64) {
+        self.outbox_evicted.inc_by(n);
+    }
+}
+
+/// The flagged-frame store.
+impl Metrics {
+    /// A flagged frame that could not be written (or was not queued: the store was behind).
+    pub fn store_failure(&self) {
+        self.store_failures.inc();
+    }
+
+    /// A stored frame deleted to stay under the byte budget.
+    pub fn store_evicted(&self) {
+        self.store_evicted.inc();
+    }
+
+    /// The store now holds `frames` frames in `bytes` bytes.
+    pub fn store_size(&self, bytes: u64, frames: usize) {
+        self.store_bytes.set(bytes as i64);
+        self.store_files.set(frames as i64);
+    }
+}
+
+/// The language model.
+impl Metrics {
+    /// The backend in use (`local:FILE`, `remote:MODEL@HOST`, `template`) and the queue's size.
+    pub fn llm_started(&self, model: &str, queue: usize) {
+        self.llm_info.get_or_create(&LlmInfoLabels { model: model.into() }).set(1);
+        self.llm_queue_capacity.set(queue as i64);
+    }
+
+    /// NG frames waiting for a description.
+    pub fn llm_queue_depth(&self, depth: usize) {
+        self.llm_queue_depth.set(depth as i64);
+    }
+
+    /// NG frames waiting for a description now (the bench waits for it to drain).
+    pub fn llm_queued(&self) -> i64 {
+        self.llm_queue_depth.get()
+    }
+
+    /// The template answered instead of the model, and why.
+    pub fn llm_fallback(&self, why: &str) {
+        self.llm_fallback.get_or_create(&llm_reason(why)).inc();
+    }
+
+    /// A model answer refused for contradicting the findings, and how.
+    pub fn llm_replaced(&self, why: &str) {
+        self.llm_replaced.get_or_create(&llm_reason(why)).inc();
+    }
+
+    /// One model call of `kind` (describe, chat) that gave `tokens` tokens in `ms`.
+    pub fn llm_call(&self, kind: &str, tokens: u32, ms: f32) {
+        self.llm_tokens.inc_by(u64::from(tokens));
+        self.llm_call_seconds.get_or_create(&llm_kind(kind)).observe(ms as f64 / 1e3);
+    }
+
+    /// A description published `seconds` after its NG verdict, by source (llm, template).
+    pub fn llm_described(&self, source: &str, seconds: f64) {
+        self.llm_first_answer.observe(seconds);
+        self.llm_descriptions.get_or_create(&llm_kind(source)).inc();
+    }
+
+    /// A chat question answered, by source (llm, template).
+    pub fn llm_chat(&self, source: &str) {
+        self.llm_chats.get_or_create(&llm_kind(source)).inc();
+    }
+
+    /// Frame conversations held in memory.
+    pub fn llm_conversations(&self, n: usize) {
+        self.llm_conversations.set(n as i64);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anomalyd::demo::{self, Defect};
+use anomalyd::source::demo::{self, Defect};
 
 use crate::common::bin;
 

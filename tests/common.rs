@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use anomalyd::detect::Detector;
-use anomalyd::engine::{Encoder, EngineConfig, Provider};
+use anomalyd::config::engine::{EngineConfig, Provider};
+use anomalyd::detect::detector::Detector;
+use anomalyd::engine::encoder::Encoder;
 use image::RgbImage;
 
 /// One detector for the whole test binary (the encoder session is the expensive part).

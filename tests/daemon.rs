@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anomalyd::daemon::message::{Outcome, VerdictMessage};
-use anomalyd::demo::{self, Defect};
+use anomalyd::source::demo::{self, Defect};
+use anomalyd::types::verdict::{Outcome, VerdictMessage};
 use serde_json::Value;
 
 use crate::common::bin;
@@ -549,15 +549,15 @@ fn mqtt_contract_examples_parse() {
         let v: Value = serde_json::from_str(b).unwrap_or_else(|e| panic!("{e}: {b}"));
         if v.get("verdict").is_some() {
             let m: VerdictMessage = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
-            assert_eq!(m.schema, anomalyd::daemon::message::SCHEMA);
-            assert!(anomalyd::daemon::message::valid_frame_id(&m.frame_id));
+            assert_eq!(m.schema, anomalyd::types::verdict::SCHEMA);
+            assert!(anomalyd::types::verdict::valid_frame_id(&m.frame_id));
             verdicts += 1;
         } else if v.get("text").is_some() {
-            let _: anomalyd::llm::service::Description =
+            let _: anomalyd::describe::explainer::Description =
                 serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
             notes += 1;
         } else if v.get("answer").is_some() {
-            let _: anomalyd::llm::service::ChatAnswer =
+            let _: anomalyd::describe::explainer::ChatAnswer =
                 serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
             notes += 1;
         } else if v.get("question").is_some() {
@@ -609,11 +609,11 @@ fn validate_reports_every_problem_with_its_key() {
 
 /// Frames a source delivers into a test camera within `timeout` (until the source ends).
 fn frames_from(
-    source: anomalyd::source::SourceConfig,
+    source: anomalyd::config::source::SourceConfig,
     timeout: Duration,
 ) -> (Vec<image::RgbImage>, anomalyd::source::SourceEnd) {
-    use anomalyd::daemon::frame::FrameSink;
-    let t = FrameSink::new_test("gst", 64, true, anomalyd::daemon::config::Trigger::EveryFrame);
+    use anomalyd::source::intake::Intake;
+    let t = Intake::new_test("gst", 64, true, anomalyd::config::daemon::Trigger::EveryFrame);
     let h = source.start(t.sink.clone()).unwrap();
     let t0 = Instant::now();
     while !h.thread.is_finished() && t0.elapsed() < timeout {
@@ -628,7 +628,8 @@ fn frames_from(
 #[cfg(feature = "gstreamer")]
 #[test]
 fn gstreamer_test_source_delivers_rgb_frames_copied_by_stride() {
-    use anomalyd::source::{SourceConfig, SourceEnd};
+    use anomalyd::config::source::SourceConfig;
+    use anomalyd::source::SourceEnd;
     // 90 px rows are 270 bytes, padded to 272 by GStreamer: the copy must follow the stride.
     let src = SourceConfig::Test { pattern: "red".into(), width: 90, height: 60, fps: 30, frames: 5 };
     let (frames, end) = frames_from(src, Duration::from_secs(20));
@@ -650,7 +651,8 @@ fn gstreamer_test_source_delivers_rgb_frames_copied_by_stride() {
 #[cfg(feature = "gstreamer")]
 #[test]
 fn gstreamer_faults_are_reported_not_panics() {
-    use anomalyd::source::{SourceConfig, SourceEnd};
+    use anomalyd::config::source::SourceConfig;
+    use anomalyd::source::SourceEnd;
     let (_, end) = frames_from(SourceConfig::Uri { uri: "file:///no/such/video.mp4".into() }, Duration::from_secs(20));
     assert!(
         matches!(end, SourceEnd::Failed(ref why) if why.to_lowercase().contains("not") || why.contains("exist")),

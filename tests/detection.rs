@@ -1,16 +1,16 @@
 //! A foreign patch pasted into a normal image is found: the map peaks there and the answer names the cell.
 
-use anomalyd::demo::{self, Defect};
-use anomalyd::detect::{DetectConfig, GeometryChoice};
-use anomalyd::imageio;
-use anomalyd::regions::Cell;
-use anomalyd::synth::Rng;
+use anomalyd::config::detect::{DetectConfig, GeometryChoice};
+use anomalyd::source::demo::{self, Defect};
+use anomalyd::types::findings::Cell;
+use anomalyd::util::imageio;
+use anomalyd::util::rng::Rng;
 use image::{Rgb, RgbImage};
 
 use crate::common::{detector, paste, shared};
 
 /// The map's argmax, in map pixels.
-fn argmax(map: &anomalyd::map::Grid) -> (usize, usize) {
+fn argmax(map: &anomalyd::detect::map::Grid) -> (usize, usize) {
     let i = map.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap();
     (i % map.w, i / map.w)
 }
@@ -55,7 +55,13 @@ fn defects_in_generated_parts_are_found_and_good_parts_pass() {
     for v in 1..4 {
         let ins = det.inspect(&e, &demo::part(v, Defect::None)).unwrap();
         assert!(!ins.verdict.anomalous, "good part {v}: {:?}", ins.verdict);
-        assert_eq!(ins.verdict.answer, "No, there is no anomaly in the image.");
+        // The one answer text: AnomalyGPT's sentence, then the score against the threshold.
+        let answer = &ins.verdict.answer;
+        assert!(answer.starts_with("No, there is no anomaly in the image. The anomaly score is "), "{answer}");
+        assert!(
+            answer.ends_with(&format!("below the automatic threshold of {:.2}.", ins.verdict.threshold)),
+            "{answer}"
+        );
         good_max = good_max.max(ins.verdict.score);
     }
     // The 3-px scratch sits at the detection limit of the default L2 metric under the calibration's
@@ -66,7 +72,13 @@ fn defects_in_generated_parts_are_found_and_good_parts_pass() {
         assert_eq!(scratch.verdict.regions[0].cell, Cell::TopLeft, "{:?}", scratch.verdict);
     }
     let blob = det.inspect(&e, &demo::part(6, Defect::Blob)).unwrap();
-    assert_eq!(blob.verdict.answer, "Yes, there is an anomaly in the image, at the bottom right of the image.");
+    assert!(
+        blob.verdict
+            .answer
+            .starts_with("Yes, there is an anomaly in the image, at the bottom right of the image. It covers "),
+        "{}",
+        blob.verdict.answer
+    );
 
     // A foreign patch (a bolt hole moved onto the label's right edge) is found at the centre.
     let mut moved = demo::part(7, Defect::None);

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use anomalyd::demo::{self, Defect};
-use anomalyd::detect::DetectConfig;
-use anomalyd::eval;
+use anomalyd::commands::eval;
+use anomalyd::config::detect::DetectConfig;
+use anomalyd::source::demo::{self, Defect};
 use image::{GrayImage, Luma};
 
 fn write_category(root: &Path) {

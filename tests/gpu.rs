@@ -5,11 +5,15 @@
 //! The encoder's plan (`netplan`, the layers the GPU kernels run) is checked against ONNX Runtime
 //! on the CPU everywhere.
 
-use anomalyd::demo::{self, Defect};
-use anomalyd::detect::{DetectConfig, Detector, Enrolment, GeometryChoice, Inspection};
-use anomalyd::engine::{GpuEncoder, Manifest, Memory, Provider};
-use anomalyd::imageio;
-use anomalyd::netplan::Plan;
+use anomalyd::config::detect::{DetectConfig, GeometryChoice};
+use anomalyd::config::engine::{GpuEncoder, Provider};
+use anomalyd::detect::detector::Detector;
+use anomalyd::detect::enrolment::Enrolment;
+use anomalyd::detect::inspection::Inspection;
+use anomalyd::engine::encoder::{Manifest, Memory};
+use anomalyd::engine::netplan::Plan;
+use anomalyd::source::demo::{self, Defect};
+use anomalyd::util::imageio;
 use image::{Rgb, RgbImage};
 
 use crate::common;
@@ -32,16 +36,16 @@ fn encoder_plan_matches_onnxruntime() {
         let outputs: Vec<usize> = (0..manifest.outputs.len()).collect();
         let ort = det.encoder_mut().run(t.clone(), h as usize, w as usize, &outputs).unwrap();
         let ours = plan.run_cpu(&t, h as usize, w as usize).unwrap();
-        let ours: Vec<anomalyd::features::FeatureMap> = manifest
+        let ours: Vec<anomalyd::engine::encoder::FeatureMap> = manifest
             .outputs
             .iter()
             .map(|o| {
                 let j = plan.outputs.iter().position(|(n, _)| *n == o.name).unwrap();
                 let m = ort.iter().find(|m| m.c == o.channels).unwrap();
-                anomalyd::features::FeatureMap { c: m.c, h: m.h, w: m.w, data: ours[j].clone() }
+                anomalyd::engine::encoder::FeatureMap { c: m.c, h: m.h, w: m.w, data: ours[j].clone() }
             })
             .collect();
-        let err = anomalyd::detect::relative_error(&ort, &ours);
+        let err = anomalyd::engine::encoder::relative_error(&ort, &ours);
         eprintln!("encoder plan vs onnxruntime at {w}x{h}: max error {err:.2e} of the feature range");
         assert!(err < 1e-4, "{w}x{h}: {err}");
     }
@@ -64,7 +68,7 @@ fn on_plain_background(part: &RgbImage) -> RgbImage {
 
 /// A stationary texture (woven stripes with seeded noise), with a bright blot in one copy.
 fn texture(seed: u64, blot: bool) -> RgbImage {
-    let mut rng = anomalyd::synth::Rng::new(seed);
+    let mut rng = anomalyd::util::rng::Rng::new(seed);
     RgbImage::from_fn(192, 160, |x, y| {
         let (fx, fy) = (x as f32, y as f32);
         let mut v = 120.0 + 35.0 * (fx * 0.8).sin() * (fy * 0.55).cos() + rng.range(-12.0, 12.0);
@@ -109,17 +113,17 @@ fn no_gpu() -> Option<&'static str> {
     if !cfg!(feature = "cuda") {
         return Some("built without the cuda feature");
     }
-    if !anomalyd::device::cuda_driver_present() {
+    if !anomalyd::engine::device::cuda_driver_present() {
         return Some("no CUDA driver");
     }
     None
 }
 
 /// A detector on GPU 0 with the encoder on `encoder` and ONNX Runtime on `provider`.
-fn load_on_gpu(provider: Provider, encoder: GpuEncoder) -> Result<Detector, anomalyd::detect::DetectError> {
-    let cfg = anomalyd::engine::EngineConfig {
+fn load_on_gpu(provider: Provider, encoder: GpuEncoder) -> Result<Detector, anomalyd::detect::inspection::DetectError> {
+    let cfg = anomalyd::config::engine::EngineConfig {
         providers: vec![provider],
-        device: anomalyd::device::DeviceChoice::Cuda(0),
+        device: anomalyd::config::engine::DeviceChoice::Cuda(0),
         gpu_encoder: encoder,
         ..Default::default()
     };
@@ -227,9 +231,9 @@ fn gpu_encoder_matches_onnxruntime() {
     {
         let mut det = common::detector();
         let mut pipe = {
-            let g = anomalyd::gpu::Gpu::open(0, None).unwrap();
-            let kernels = anomalyd::gpu::pipeline::DeviceEncoder::Kernels;
-            anomalyd::gpu::pipeline::Pipeline::new(
+            let g = anomalyd::engine::gpu::Gpu::open(0, None).unwrap();
+            let kernels = anomalyd::detect::gpu::DeviceEncoder::Kernels;
+            anomalyd::detect::gpu::Pipeline::new(
                 g,
                 det.encoder().model_bytes(),
                 &det.encoder().manifest().clone(),
@@ -237,9 +241,9 @@ fn gpu_encoder_matches_onnxruntime() {
             )
             .unwrap()
         };
-        let err = det.gpu_encoder_error(&mut pipe).unwrap();
+        let err = anomalyd::detect::gpu::encoder_error(det.encoder_mut(), &mut pipe).unwrap();
         eprintln!("GPU encoder vs onnxruntime: max error {err:.2e} of the feature range");
-        assert!(err <= anomalyd::detect::GPU_ENCODER_TOLERANCE, "{err}");
+        assert!(err <= anomalyd::detect::gpu::GPU_ENCODER_TOLERANCE, "{err}");
     }
 }
 
@@ -263,20 +267,20 @@ fn bound_encoder_run_matches_the_ordinary_run() {
         unsafe { std::slice::from_raw_parts_mut(input as *mut f32, t.len()) }.copy_from_slice(&t);
         let bound = enc.run_bound().unwrap();
         assert_eq!(bound.len(), ordinary.len());
-        let bound: Vec<anomalyd::features::FeatureMap> = bound
+        let bound: Vec<anomalyd::engine::encoder::FeatureMap> = bound
             .iter()
             .map(|o| {
                 let [n, c, bh, bw] = o.shape;
                 assert_eq!(n, 1);
                 // SAFETY: ONNX Runtime's host output of that shape, valid until the next bound run.
                 let data = unsafe { std::slice::from_raw_parts(o.ptr as *const f32, c * bh * bw) }.to_vec();
-                anomalyd::features::FeatureMap { c, h: bh, w: bw, data }
+                anomalyd::engine::encoder::FeatureMap { c, h: bh, w: bw, data }
             })
             .collect();
         for (a, b) in ordinary.iter().zip(&bound) {
             assert_eq!((a.c, a.h, a.w), (b.c, b.h, b.w));
         }
-        let err = anomalyd::detect::relative_error(&ordinary, &bound);
+        let err = anomalyd::engine::encoder::relative_error(&ordinary, &bound);
         eprintln!("bound vs ordinary run at {w}x{h}: max error {err:.2e} of the feature range");
         assert!(err < 1e-6, "{w}x{h}: {err}");
     }

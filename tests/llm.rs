@@ -6,11 +6,13 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anomalyd::demo::{self, Defect};
-use anomalyd::describe::{Findings, Message};
-use anomalyd::llm::service::{Description, Explainer, FrameFacts};
-use anomalyd::llm::{self, BackendChoice, Engine, GenOptions, LlmConfig, LlmError};
+use anomalyd::config::llm::{BackendChoice, LlmConfig};
+use anomalyd::describe::explainer::{Description, Explainer, FrameFacts};
+use anomalyd::describe::llm::{self, Backend, GenOptions, LlmError};
+use anomalyd::describe::template::Message;
+use anomalyd::source::demo::{self, Defect};
 use anomalyd::telemetry::Metrics;
+use anomalyd::types::findings::Findings;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
@@ -73,17 +75,17 @@ fn completion(text: &str) -> Value {
 }
 
 /// A real flagged frame: the demo part with a scratch, inspected against the demo reference.
-fn flagged() -> (image::RgbImage, anomalyd::detect::Inspection) {
+fn flagged() -> (image::RgbImage, anomalyd::detect::inspection::Inspection) {
     let mut det = detector();
     let refs = vec![("ref".to_string(), demo::part(0, Defect::None))];
-    let e = det.enroll(&refs, &anomalyd::detect::DetectConfig::default(), &mut |_: &str| {}).unwrap();
+    let e = det.enroll(&refs, &anomalyd::config::detect::DetectConfig::default(), &mut |_: &str| {}).unwrap();
     let img = demo::part(2, Defect::Scratch);
     let ins = det.inspect(&e, &img).unwrap();
     assert!(ins.verdict.anomalous, "the scratched demo part must be flagged");
     (img, ins)
 }
 
-fn facts_of(id: &str, ins: &anomalyd::detect::Inspection) -> FrameFacts {
+fn facts_of(id: &str, ins: &anomalyd::detect::inspection::Inspection) -> FrameFacts {
     let v = &ins.verdict;
     FrameFacts {
         frame_id: id.into(),
@@ -99,9 +101,9 @@ fn facts_of(id: &str, ins: &anomalyd::detect::Inspection) -> FrameFacts {
     }
 }
 
-fn explainer(cfg: &LlmConfig, engine: Arc<dyn Engine>) -> (Explainer, crossbeam_channel::Receiver<Description>) {
+fn explainer(cfg: &LlmConfig, engine: Arc<dyn Backend>) -> (Explainer, crossbeam_channel::Receiver<Description>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let publish: llm::service::Publish = Arc::new(move |d| {
+    let publish: anomalyd::describe::explainer::Publish = Arc::new(move |d| {
         let _ = tx.send(d);
     });
     (Explainer::start(cfg, Some(engine), "t", Arc::new(Metrics::new()), publish, None).unwrap(), rx)
@@ -248,11 +250,12 @@ fn the_real_local_model_keeps_context_over_three_turns_and_a_contradiction_is_re
     assert_eq!((a2.turn, a3.turn), (2, 3));
     assert_eq!(t.turns[1].answer, a2.answer);
     assert!(a2.prompt_tokens > 0 && a2.tokens > 0, "{a2:?}");
-    let whole = anomalyd::llm::estimate_tokens(&format!("{}{}{}", t.turns[0].question, t.turns[0].answer, a2.answer));
+    let whole =
+        anomalyd::describe::llm::estimate_tokens(&format!("{}{}{}", t.turns[0].question, t.turns[0].answer, a2.answer));
     assert!(a3.prompt_tokens < whole, "turn 3 reused the cached conversation: read {} tokens", a3.prompt_tokens);
     // The model repeated the denial it was asked for: the check refused it and the template answered.
     assert_eq!(a3.source, "template", "{a3:?}");
     assert!(a3.reason.as_deref().unwrap().contains("denies the anomaly"), "{a3:?}");
-    assert!(anomalyd::describe::check(&a3.answer, &t.frame.findings, &a3.question).is_ok(), "{}", a3.answer);
+    assert!(anomalyd::describe::template::check(&a3.answer, &t.frame.findings, &a3.question).is_ok(), "{}", a3.answer);
     ex.shutdown();
 }

@@ -6,4 +6,5 @@ mod daemon;
 mod detection;
 mod evaluation;
 mod gpu;
+mod layering;
 mod llm;

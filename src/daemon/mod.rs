@@ -4,7 +4,7 @@
 //! they come; then it drains: sources stop, queued frames are inspected, every verdict is published,
 //! `stopped` goes out, and only then does it return.
 //!
-//! Invariant: every frame a source offers leaves as exactly one verdict (see [`frame::FrameSink`]).
+//! Invariant: every frame a source offers leaves as exactly one verdict (see [`crate::source::intake::Intake`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,30 +16,39 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::detect::{DetectConfig, Detector};
-use crate::engine::EngineConfig;
-use crate::llm::service::{Description, Explainer, FrameFacts};
-use crate::reference::{self, ReferenceError};
-use crate::sink::http::{self, HttpState};
+use crate::config::detect::DetectConfig;
+use crate::config::engine::EngineConfig;
+use crate::control::http::{self, HttpState};
+use crate::describe::explainer::{Description, Explainer, FrameFacts};
+use crate::detect::detector::Detector;
+use crate::enrol::reference::{self, ReferenceError};
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
 use crate::sink::outbox::Outbox;
 use crate::sink::store::{Store, StoreJob};
 use crate::source::{SourceEnd, SourceHandle};
-use crate::telemetry::{Metrics, ModelLabels, ResultLabel, StateLabels};
+use crate::telemetry::{Metrics, ModelLabels};
+use crate::util::sync;
 
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
 pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
 
-pub mod config;
-pub mod e2e;
-pub mod frame;
-pub mod message;
 pub mod systemd;
 pub mod worker;
 
-use config::CameraConfig;
-use frame::{CameraModel, CameraShared, FrameSink, Outgoing};
-use message::{EnrolmentRef, ModelRef};
+use crate::config::daemon::{self as sections, CameraConfig};
+use crate::source::intake::{self, CameraModel, CameraShared, Intake};
+use crate::types::frame::Frame;
+use crate::types::verdict::{self, EnrolmentRef, ModelRef, Outgoing, VerdictTx};
+
+/// Every problem of a configuration on this machine: its values ([`Config::validate_all`]) and what
+/// the machine lacks to run its cameras' sources ([`crate::source::check`]).
+pub fn problems(cfg: &Config) -> Vec<String> {
+    let mut p = cfg.validate_all();
+    for (i, c) in cfg.camera.iter().enumerate() {
+        p.extend(crate::source::check(&c.source, &format!("camera[{i}].source")));
+    }
+    p
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -48,9 +57,9 @@ pub enum DaemonError {
     #[error("camera {camera}: {cause}")]
     Reference { camera: String, cause: ReferenceError },
     #[error("camera {camera}: {cause}")]
-    Engine { camera: String, cause: crate::detect::DetectError },
+    Engine { camera: String, cause: crate::detect::inspection::DetectError },
     #[error(transparent)]
-    Broker(#[from] crate::sink::broker::BrokerError),
+    Broker(#[from] crate::control::broker::BrokerError),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
@@ -59,12 +68,18 @@ pub enum DaemonError {
     Outbox(#[from] crate::sink::outbox::OutboxError),
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Http(#[from] http::BindError),
     #[error("{0}")]
-    Http(String),
+    Task(#[from] tokio::task::JoinError),
+    #[error("camera {camera}: loading panicked")]
+    LoadPanicked { camera: String },
+    #[error("the daemon is stopping")]
+    Stopping,
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("[llm]: {0}")]
-    Llm(#[from] crate::llm::LlmError),
+    Llm(#[from] crate::describe::llm::LlmError),
 }
 
 /// A running camera: its source thread, its queue's worker and the stop flag they share.
@@ -80,7 +95,7 @@ struct CameraRuntime {
     /// Restarts in a row that did not stream for long: 5 make the camera `failed`.
     failures: u32,
     started_at: Instant,
-    queue_tx: crossbeam_channel::Sender<frame::Frame>,
+    queue_tx: crossbeam_channel::Sender<Frame>,
 }
 
 /// Why [`Daemon::run`] returned.
@@ -121,7 +136,7 @@ pub struct Daemon {
     cfg: Config,
     boot: String,
     metrics: Arc<Metrics>,
-    verdict_tx: Option<frame::VerdictTx>,
+    verdict_tx: Option<VerdictTx>,
     publisher: tokio::task::JoinHandle<mqtt::LinkSummary>,
     states: StateReporter,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -149,21 +164,19 @@ impl Daemon {
     /// Starts the broker (if embedded), MQTT, the store, the HTTP API and every camera. Call from
     /// inside a multi-threaded tokio runtime.
     pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
-        let problems = cfg.validate_all();
+        let problems = problems(&cfg);
         if !problems.is_empty() {
             return Err(DaemonError::Invalid(problems));
         }
         let metrics = Arc::new(Metrics::new());
-        let boot = format!("{:x}", message::unix_ms(SystemTime::now()));
+        let boot = format!("{:x}", verdict::unix_ms(SystemTime::now()));
         let (embedded, local_port) = if cfg.mqtt.broker == "embedded" {
             let port = cfg.mqtt.embedded_port;
-            let started = tokio::task::spawn_blocking(move || crate::sink::broker::start(port))
-                .await
-                .map_err(|e| DaemonError::Http(e.to_string()))?;
+            let started = tokio::task::spawn_blocking(move || crate::control::broker::start(port)).await?;
             match started {
                 Ok(addr) => (Some(addr), Some(port)),
                 // A broker already serves this box (e.g. mosquitto): use it rather than fail.
-                Err(crate::sink::broker::BrokerError::Bind { addr, cause })
+                Err(crate::control::broker::BrokerError::Bind { addr, cause })
                     if cause.kind() == std::io::ErrorKind::AddrInUse =>
                 {
                     tracing::warn!(
@@ -188,9 +201,8 @@ impl Daemon {
         let (notes_tx, notes_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let (outbox_path, outbox_max, outbox_metrics) =
             (cfg.outbox.path.clone(), cfg.outbox.max_bytes, metrics.clone());
-        let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics))
-            .await
-            .map_err(|e| DaemonError::Http(e.to_string()))??;
+        let outbox =
+            tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics)).await??;
         let link = mqtt::Link {
             options,
             topics: topics.clone(),
@@ -247,7 +259,7 @@ impl Daemon {
         };
 
         if !cfg.http.listen.is_empty() {
-            let (listener, addr) = http::bind(&cfg.http.listen).await.map_err(DaemonError::Http)?;
+            let (listener, addr) = http::bind(&cfg.http.listen).await?;
             let ready_shared = shared.clone();
             let ready: http::ReadyFn = Arc::new(move || {
                 let mut why = Vec::new();
@@ -257,15 +269,15 @@ impl Daemon {
                 if !mqtt_state.connected.load(Ordering::SeqCst) {
                     why.push("not connected to the MQTT broker".into());
                 }
-                for (name, cam) in ready_shared.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                for (name, cam) in sync::lock(&ready_shared).iter() {
                     let age = cam.worker_silent_ms();
-                    if age > frame::WORKER_STALL_MS {
+                    if age > intake::WORKER_STALL_MS {
                         why.push(format!("camera {name}'s inspection worker has not responded for {age} ms"));
                     }
                 }
                 if why.is_empty() { Ok(()) } else { Err(why) }
             });
-            let token = config::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e]))?;
+            let token = sections::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
             let router = http::router(HttpState {
                 metrics: metrics.clone(),
                 store,
@@ -336,17 +348,17 @@ impl Daemon {
                 let model = build_model(&mut det, &cam2, &detect)?;
                 Ok((det, model))
             })?;
-            loader.join().map_err(|_| DaemonError::Http(format!("camera {name}: loading panicked")))?
+            loader.join().map_err(|_| DaemonError::LoadPanicked { camera: name })?
         })
         .await
-        .map_err(|e| DaemonError::Http(format!("camera {}: loading panicked: {e}", cam.name)))??;
+        .map_err(|_| DaemonError::LoadPanicked { camera: cam.name.clone() })??;
         self.provider = detector.encoder().provider().to_string();
         self.device = detector.device();
         self.engine_cache = detector.engine_cache().to_string();
         let model = Arc::new(model);
         self.model_metric(&cam.name, &model);
         let Some(verdict_tx) = self.verdict_tx.clone() else {
-            return Err(DaemonError::Http("the daemon is stopping".into()));
+            return Err(DaemonError::Stopping);
         };
         let shared = match existing {
             Some(s) => {
@@ -363,9 +375,8 @@ impl Daemon {
             )),
         };
         shared.set_trigger(cam.trigger, Duration::from_millis(cam.trigger_timeout_ms));
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).insert(cam.name.clone(), shared.clone());
-        let label = self.metrics.camera(&cam.name);
-        self.metrics.queue_capacity.get_or_create(&label).set(cam.queue as i64);
+        sync::lock(&self.shared).insert(cam.name.clone(), shared.clone());
+        self.metrics.queue_capacity(&cam.name, cam.queue);
         let (queue_tx, queue_rx) = crossbeam_channel::bounded(cam.queue);
         let worker = worker::Worker {
             cam: shared.clone(),
@@ -413,9 +424,9 @@ impl Daemon {
     }
 
     fn start_source(&self, rt: &mut CameraRuntime, shared: &Arc<CameraShared>) -> Result<(), DaemonError> {
-        let sink = FrameSink::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
+        let sink = Intake::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
         let handle = rt.cfg.source.start(sink)?;
-        self.metrics.camera_up.get_or_create(&self.metrics.camera(&rt.cfg.name)).set(1);
+        self.metrics.camera_up(&rt.cfg.name, true);
         rt.source = Some(handle);
         rt.ended = None;
         rt.started_at = Instant::now();
@@ -433,18 +444,17 @@ impl Daemon {
             engine_cache: self.engine_cache.clone(),
             enrolment: m.enrolment_ref.id.clone(),
         };
-        if let Some(old) = self.model_labels.insert(camera.into(), labels.clone()) {
-            self.metrics.model_info.remove(&old);
-        }
-        self.metrics.model_info.get_or_create(&labels).set(1);
+        let old = self.model_labels.insert(camera.into(), labels.clone());
+        self.metrics.model_in_use(&labels, old.as_ref());
     }
 
     /// Serves until `shutdown` resolves or (with `daemon.exit_when_sources_end`) every source has
-    /// ended; `reloads` yields a config to apply (SIGHUP). Then drains and returns.
+    /// ended; each message on `reloads` (SIGHUP) reads the configuration file again and applies it, as
+    /// a reload command does. Then drains and returns.
     pub async fn run(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
-        mut reloads: mpsc::UnboundedReceiver<Result<Config, String>>,
+        mut reloads: mpsc::Receiver<()>,
         notifier: &dyn Notifier,
     ) -> (StopReason, Summary) {
         notifier.ready();
@@ -454,12 +464,9 @@ impl Daemon {
         let reason = loop {
             tokio::select! {
                 _ = &mut shutdown => break StopReason::Signal,
-                Some(cfg) = reloads.recv() => {
+                Some(()) = reloads.recv() => {
                     notifier.reloading();
-                    match cfg {
-                        Ok(cfg) => { let _ = self.reload(cfg).await; }
-                        Err(e) => self.reload_failed(&e),
-                    }
+                    self.reload_from_file("SIGHUP").await;
                     notifier.ready();
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd).await,
@@ -481,47 +488,46 @@ impl Daemon {
     }
 
     fn healthy(&self) -> bool {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .all(|c| c.worker_silent_ms() <= frame::WORKER_STALL_MS)
+        sync::lock(&self.shared).values().all(|c| c.worker_silent_ms() <= intake::WORKER_STALL_MS)
+    }
+
+    /// Reads the configuration file again and applies it (a daemon started without a file re-enrols
+    /// its running configuration). `why` starts the log line: `SIGHUP`, `reload requested`.
+    async fn reload_from_file(&mut self, why: &str) {
+        let next = match &self.config_path {
+            Some(p) => {
+                tracing::info!("{why}: reading {}", p.display());
+                Config::load(p).map_err(|e| e.to_string())
+            }
+            None => {
+                tracing::info!("{why}: re-enrolling (no configuration file)");
+                Ok(self.cfg.clone())
+            }
+        };
+        match next {
+            Ok(cfg) => {
+                let _ = self.reload(cfg).await;
+            }
+            Err(e) => self.reload_failed(&e),
+        }
     }
 
     fn reload_failed(&self, why: &str) {
-        self.metrics.reloads.get_or_create(&ResultLabel { result: "failed".into() }).inc();
+        self.metrics.reload("failed");
         tracing::error!("reload refused, keeping the running configuration: {why}");
     }
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Trigger { camera, part_id } => {
-                let cam = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&camera).cloned();
+                let cam = sync::lock(&self.shared).get(&camera).cloned();
                 match cam {
-                    Some(c) if c.trigger_mode() == config::Trigger::Triggered => c.push_trigger(part_id),
+                    Some(c) if c.trigger_mode() == sections::Trigger::Triggered => c.push_trigger(part_id),
                     Some(_) => tracing::warn!("trigger for camera {camera} ignored: its trigger mode is every-frame"),
                     None => tracing::warn!("trigger for unknown camera {camera:?} ignored"),
                 }
             }
-            Command::Reload => {
-                // As SIGHUP: read the file again (or keep the built-in config when there is none).
-                let next = match &self.config_path {
-                    Some(p) => {
-                        tracing::info!("reload requested: reading {}", p.display());
-                        Config::load(p).map_err(|e| e.to_string())
-                    }
-                    None => {
-                        tracing::info!("reload requested: re-enrolling (no configuration file)");
-                        Ok(self.cfg.clone())
-                    }
-                };
-                match next {
-                    Ok(cfg) => {
-                        let _ = self.reload(cfg).await;
-                    }
-                    Err(e) => self.reload_failed(&e),
-                }
-            }
+            Command::Reload => self.reload_from_file("reload requested").await,
             Command::Chat { frame_id, question, request_id } => {
                 let (explainer, notes, topic) =
                     (self.explainer.clone(), self.notes_tx.clone(), self.states.topics.chat_response());
@@ -543,7 +549,7 @@ impl Daemon {
     /// Checks finished sources and restarts failed live ones with exponential backoff (and jitter).
     /// Returns true when every camera's source has ended for good.
     fn poll_sources(&mut self) -> bool {
-        for shared in self.shared.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for shared in sync::lock(&self.shared).values() {
             shared.expire_triggers();
         }
         let names: Vec<String> = self.cameras.keys().cloned().collect();
@@ -551,7 +557,7 @@ impl Daemon {
             let Some(rt) = self.cameras.get_mut(&name) else { continue };
             if let Some(h) = rt.source.take_if(|h| h.thread.is_finished()) {
                 let end = h.thread.join().unwrap_or_else(|_| SourceEnd::Failed("source thread panicked".into()));
-                self.metrics.camera_up.get_or_create(&self.metrics.camera(&name)).set(0);
+                self.metrics.camera_up(&name, false);
                 if rt.started_at.elapsed() > Duration::from_secs(10) {
                     // It streamed for a while: this is a new fault, not the same one again.
                     rt.failures = 0;
@@ -583,7 +589,7 @@ impl Daemon {
             }
             if rt.restart_at.is_some_and(|t| Instant::now() >= t) {
                 rt.restart_at = None;
-                let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+                let shared = sync::lock(&self.shared).get(&name).cloned();
                 if let (Some(shared), Some(mut rt)) = (shared, self.cameras.remove(&name)) {
                     if let Err(e) = self.start_source(&mut rt, &shared) {
                         tracing::warn!(camera = %name, "restart failed: {e}");
@@ -605,7 +611,7 @@ impl Daemon {
     /// swapped in. Cameras whose source, trigger or queue changed are restarted after their queued
     /// frames are inspected; no frame is lost. Engine, MQTT, HTTP and store changes need a restart.
     pub async fn reload(&mut self, new: Config) -> Result<(), DaemonError> {
-        let problems = new.validate_all();
+        let problems = problems(&new);
         if !problems.is_empty() {
             self.reload_failed(&problems.join("; "));
             return Err(DaemonError::Invalid(problems));
@@ -644,7 +650,7 @@ impl Daemon {
             Ok(out)
         })
         .await
-        .map_err(|e| DaemonError::Http(e.to_string()))
+        .map_err(DaemonError::from)
         .and_then(|r| r);
         let built = match built {
             Ok(b) => b,
@@ -654,14 +660,13 @@ impl Daemon {
             }
         };
         for (name, model) in built {
-            let cam = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+            let cam = sync::lock(&self.shared).get(&name).cloned();
             if let (Some(cam), Some(c)) = (cam, new.camera.iter().find(|c| c.name == name)) {
                 let model = Arc::new(model);
                 self.model_metric(&name, &model);
                 tracing::info!(camera = %name, "enrolment {} in use", model.enrolment_ref.id);
                 cam.set_model(model);
-                *cam.trigger_timeout.write().unwrap_or_else(|e| e.into_inner()) =
-                    Duration::from_millis(c.trigger_timeout_ms);
+                *sync::write(&cam.trigger_timeout) = Duration::from_millis(c.trigger_timeout_ms);
                 if let Some(rt) = self.cameras.get_mut(&name) {
                     rt.cfg = c.clone();
                 }
@@ -679,7 +684,7 @@ impl Daemon {
                 stop_camera(rt).await;
             }
             if replacement.is_none() {
-                self.shared.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                sync::lock(&self.shared).remove(&name);
                 tracing::info!(camera = %name, "camera removed");
             }
         }
@@ -694,14 +699,14 @@ impl Daemon {
         let to_start: Vec<CameraConfig> =
             new.camera.iter().filter(|c| !self.cameras.contains_key(&c.name)).cloned().collect();
         for c in to_start {
-            let existing = self.shared.lock().unwrap_or_else(|e| e.into_inner()).get(&c.name).cloned();
+            let existing = sync::lock(&self.shared).get(&c.name).cloned();
             if let Err(e) = self.start_camera(c, existing).await {
                 tracing::error!("reload: {e}");
-                self.metrics.reloads.get_or_create(&ResultLabel { result: "partial".into() }).inc();
+                self.metrics.reload("partial");
                 return Err(e);
             }
         }
-        self.metrics.reloads.get_or_create(&ResultLabel { result: "applied".into() }).inc();
+        self.metrics.reload("applied");
         tracing::info!("configuration reloaded ({} camera(s))", self.cameras.len());
         Ok(())
     }
@@ -709,6 +714,30 @@ impl Daemon {
     /// Stops sources, inspects what is queued, publishes every verdict and `stopped`, closes MQTT,
     /// the store and the HTTP API.
     pub async fn shutdown(mut self) -> Summary {
+        let frames = self.stop_frame_path().await;
+        let link = (&mut self.publisher).await.unwrap_or_default();
+        let published = link.acked;
+        drop(self.store_tx.take());
+        if let Some(t) = self.store_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        self.stop_http(Some(Duration::from_secs(2))).await;
+        tracing::info!("stopped after publishing {published} verdict(s)");
+        Summary { published, frames, max_backlog: link.max_backlog, reconnects: link.reconnects }
+    }
+
+    /// Tears down after a failed start: the same steps as [`Daemon::shutdown`] up to the publisher,
+    /// which a failed start may not have.
+    async fn abort(&mut self) {
+        self.stop_frame_path().await;
+        self.stop_http(None).await;
+    }
+
+    /// The frame path, stopped in order: every source at once, then each camera's worker empties its
+    /// queue (state `stopped`), then the explainer gives every NG frame its description, and only then
+    /// is the verdict channel closed, so the publisher sees every verdict. Returns each camera's frame
+    /// count.
+    async fn stop_frame_path(&mut self) -> BTreeMap<String, u64> {
         for rt in self.cameras.values() {
             rt.stop.store(true, Ordering::SeqCst);
         }
@@ -718,45 +747,22 @@ impl Daemon {
             stop_camera(rt).await;
             self.states.set(&name, "stopped");
         }
-        let frames: BTreeMap<String, u64> = self
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, c)| (n.clone(), c.frames()))
-            .collect();
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        // Every NG frame gets its description (the template's for those still queued) before MQTT closes.
+        let frames: BTreeMap<String, u64> =
+            sync::lock(&self.shared).iter().map(|(n, c)| (n.clone(), c.frames())).collect();
+        sync::lock(&self.shared).clear();
         let explainer = self.explainer.clone();
         let _ = tokio::task::spawn_blocking(move || explainer.shutdown()).await;
         drop(self.verdict_tx.take());
-        let link = self.publisher.await.unwrap_or_default();
-        let published = link.acked;
-        drop(self.store_tx.take());
-        if let Some(t) = self.store_thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        if let Some((task, stop)) = self.http.take() {
-            let _ = stop.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-        }
-        tracing::info!("stopped after publishing {published} verdict(s)");
-        Summary { published, frames, max_backlog: link.max_backlog, reconnects: link.reconnects }
+        frames
     }
 
-    /// Tears down after a failed start.
-    async fn abort(&mut self) {
-        let cams: Vec<CameraRuntime> = std::mem::take(&mut self.cameras).into_values().collect();
-        for rt in cams {
-            rt.stop.store(true, Ordering::SeqCst);
-            stop_camera(rt).await;
-        }
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        let explainer = self.explainer.clone();
-        let _ = tokio::task::spawn_blocking(move || explainer.shutdown()).await;
-        drop(self.verdict_tx.take());
-        if let Some((_, stop)) = self.http.take() {
+    /// Stops the HTTP API, waiting up to `wait` for it to finish.
+    async fn stop_http(&mut self, wait: Option<Duration>) {
+        if let Some((task, stop)) = self.http.take() {
             let _ = stop.send(());
+            if let Some(w) = wait {
+                let _ = tokio::time::timeout(w, task).await;
+            }
         }
     }
 }
@@ -770,10 +776,7 @@ struct StateReporter {
 
 impl StateReporter {
     fn set(&self, camera: &str, state: &str) {
-        for s in CAMERA_STATES {
-            let labels = StateLabels { camera: camera.into(), state: s.into() };
-            self.metrics.camera_state.get_or_create(&labels).set(i64::from(s == state));
-        }
+        self.metrics.camera_state(camera, state, &CAMERA_STATES);
         let _ = self.retained.send((self.topics.camera_state(camera), state.to_string()));
     }
 }
@@ -789,18 +792,16 @@ async fn start_explainer(
     store: Option<Arc<Store>>,
 ) -> Result<Explainer, DaemonError> {
     let llm = cfg.llm.clone();
-    let engine = tokio::task::spawn_blocking(move || crate::llm::open(&llm))
-        .await
-        .map_err(|e| DaemonError::Http(format!("loading the language model panicked: {e}")))??;
+    let engine = tokio::task::spawn_blocking(move || crate::describe::llm::open(&llm)).await??;
     let (tx, t) = (notes.clone(), topics.clone());
-    let publish: crate::llm::service::Publish = Arc::new(move |d: Description| {
+    let publish: crate::describe::explainer::Publish = Arc::new(move |d: Description| {
         let _ = tx.send((t.description(&d.camera), serde_json::to_vec(&d).unwrap_or_default()));
     });
     let products: BTreeMap<String, Option<String>> =
         cfg.camera.iter().map(|c| (c.name.clone(), c.product.clone())).collect();
     let stored = store.clone();
-    let lookup: Option<crate::llm::service::Lookup> = store.map(|store| {
-        let f: crate::llm::service::Lookup = Arc::new(move |id: &str| stored_facts(&store, id, &products));
+    let lookup: Option<crate::describe::explainer::Lookup> = store.map(|store| {
+        let f: crate::describe::explainer::Lookup = Arc::new(move |id: &str| stored_facts(&store, id, &products));
         f
     });
     let explainer = Explainer::start(&cfg.llm, engine, &cfg.daemon.node, metrics.clone(), publish, lookup)?;
@@ -821,14 +822,14 @@ async fn start_explainer(
 /// An NG frame's findings, read back from the flagged-frame store.
 fn stored_facts(store: &Store, id: &str, products: &BTreeMap<String, Option<String>>) -> Option<FrameFacts> {
     let bytes = store.get(id, crate::sink::store::Part::Verdict)?;
-    let m: message::VerdictMessage = serde_json::from_slice(&bytes).ok()?;
-    if m.verdict != message::Outcome::Ng {
+    let m: verdict::VerdictMessage = serde_json::from_slice(&bytes).ok()?;
+    if m.verdict != verdict::Outcome::Ng {
         return None;
     }
     Some(FrameFacts {
         frame_id: m.frame_id,
         captured_unix_ms: m.captured_unix_ms,
-        findings: crate::describe::Findings {
+        findings: crate::types::findings::Findings {
             anomalous: true,
             score: m.score.unwrap_or_default(),
             threshold: m.threshold.unwrap_or_default(),
@@ -859,7 +860,7 @@ async fn stop_camera(rt: CameraRuntime) {
     tracing::info!(camera = %cfg.name, "camera stopped");
 }
 
-fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detector, DaemonError> {
+pub(crate) fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detector, DaemonError> {
     Detector::load(engine).map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
 }
 
@@ -871,12 +872,13 @@ fn build_model(det: &mut Detector, cam: &CameraConfig, detect: &DetectConfig) ->
     let (enrolment, source) = match &cam.reference {
         Some(r) => (reference::load(det, r, detect, &mut progress).map_err(err)?, r.display().to_string()),
         None => {
-            let refs = vec![("demo-reference".to_string(), crate::demo::part(0, crate::demo::Defect::None))];
+            let refs =
+                vec![("demo-reference".to_string(), crate::source::demo::part(0, crate::source::demo::Defect::None))];
             let e = det.enroll(&refs, detect, &mut progress).map_err(|e| err(ReferenceError::Detect(e)))?;
             (e, "built-in demo part".into())
         }
     };
-    let digest = Sha256::digest(crate::enrolment::to_bytes(&enrolment));
+    let digest = Sha256::digest(crate::enrol::file::to_bytes(&enrolment));
     let id: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let enc = det.encoder();
     Ok(CameraModel {

@@ -1,6 +1,7 @@
 //! systemd integration (`Type=notify`): READY, RELOADING, STOPPING, STATUS and watchdog pings through
 //! `$NOTIFY_SOCKET`. Outside systemd every call is a no-op.
 
+use crate::util::sync;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,7 @@ impl Notifier for Systemd {
     /// Pings at most every half WatchdogSec; the daemon only calls it while every worker is alive.
     fn watchdog(&self) {
         let Some(every) = self.watchdog else { return };
-        let mut last = self.last_ping.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = sync::lock(&self.last_ping);
         if last.is_none_or(|t| t.elapsed() >= every) {
             self.send(&[NotifyState::Watchdog]);
             *last = Some(Instant::now());

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use crate::daemon::frame::{CameraShared, Frame};
-use crate::daemon::message::{self, Outcome};
-use crate::describe;
-use crate::detect::Detector;
-use crate::llm::service::{Explainer, FrameFacts};
+use crate::source::intake::CameraShared;
+
+use crate::describe::explainer::{Explainer, FrameFacts};
+use crate::detect::detector::Detector;
 use crate::sink::store::StoreJob;
+use crate::types::frame::Frame;
+use crate::types::verdict::{self, Outcome};
 
 pub struct Worker {
     pub cam: Arc<CameraShared>,
@@ -37,19 +38,18 @@ impl Worker {
 
     /// Runs until the queue's senders are gone and the queue is empty.
     fn run(mut self) {
-        let depth = self.cam.metrics.queue_depth.get_or_create(&self.cam.metrics.camera(&self.cam.name)).clone();
         loop {
-            self.cam.heartbeat.store(message::unix_ms(SystemTime::now()), Ordering::Relaxed);
+            self.cam.heartbeat.store(verdict::unix_ms(SystemTime::now()), Ordering::Relaxed);
             match self.rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(frame) => {
-                    depth.set(self.rx.len() as i64);
+                    self.cam.metrics.queue_depth(&self.cam.name, self.rx.len());
                     self.handle(frame);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
-        depth.set(0);
+        self.cam.metrics.queue_depth(&self.cam.name, 0);
     }
 
     fn handle(&mut self, f: Frame) {
@@ -120,21 +120,20 @@ impl Worker {
         msg.score = Some(v.score);
         msg.threshold = Some(v.threshold);
         msg.regions = v.regions.clone();
-        // AnomalyGPT's answer sentence, then the evidence: area and score against the threshold.
-        let findings = describe::Findings {
+        let findings = crate::types::findings::Findings {
             anomalous: v.anomalous,
             score: v.score,
             threshold: v.threshold,
             regions: v.regions.clone(),
             product: self.product.clone(),
         };
-        msg.answer = Some(describe::template(&findings));
+        msg.answer = Some(v.answer.clone());
         let mut description = None;
         if v.anomalous {
             // The verdict goes out now; the model's words follow on the description topic.
-            let images: crate::llm::service::Images = if self.explainer.wants_images() {
+            let images: crate::describe::explainer::Images = if self.explainer.wants_images() {
                 let (img, ins) = (img.clone(), ins.clone());
-                Box::new(move || crate::llm::images_for(&img, &ins))
+                Box::new(move || crate::describe::llm::images_for(&img, &ins))
             } else {
                 Box::new(Vec::new)
             };
@@ -153,7 +152,7 @@ impl Worker {
             let job = StoreJob { msg: msg.clone(), image: img, inspection: ins };
             if store.try_send(job).is_err() {
                 msg.frame_url = None;
-                cam.metrics.store_failures.inc();
+                cam.metrics.store_failure();
                 tracing::warn!(camera = %cam.name, frame = %msg.frame_id, "flagged-frame store is behind; this frame is not kept");
             }
         }

@@ -1,8 +1,6 @@
-//! Where verdicts go: MQTT ([`mqtt`], with the embedded [`broker`]), the flagged-frame [`store`] and
-//! the HTTP API ([`http`]: metrics, health, stored frames).
+//! Where verdicts go: the MQTT [`mqtt`] link (which also reads the command topic), its durable
+//! [`outbox`], and the flagged-frame [`store`].
 
-pub mod broker;
-pub mod http;
 pub mod mqtt;
 pub mod outbox;
 pub mod store;

@@ -19,11 +19,11 @@ use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, QoS, TlsConfi
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::daemon::config::{LogVerdicts, MqttConfig, broker_addr, read_secret};
-use crate::daemon::frame::Outgoing;
-use crate::daemon::message::{self, Outcome, VerdictMessage};
+use crate::config::daemon::{LogVerdicts, MqttConfig, broker_addr, read_secret};
 use crate::sink::outbox::Outbox;
-use crate::telemetry::{Metrics, ResultLabel};
+use crate::telemetry::Metrics;
+use crate::types::verdict::Outgoing;
+use crate::types::verdict::{self, Outcome, VerdictMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -205,6 +205,56 @@ pub struct LinkSummary {
     pub reconnects: u64,
 }
 
+/// The link's bookkeeping across connections.
+struct Session {
+    /// Verdicts the broker acknowledged so far.
+    acked_total: u64,
+    backoff: Duration,
+    /// False once the frame path has closed the verdict channel.
+    receiving: bool,
+    retained_open: bool,
+    notes_open: bool,
+    /// When the drain at shutdown gives up.
+    deadline: Option<Instant>,
+    /// When each unpublished verdict was captured, for its latency.
+    born: HashMap<u64, Instant>,
+    /// Keys below this were handed to an earlier connection: sending them again is a replay.
+    resend_below: u64,
+    connects: u64,
+    last_error_log: Option<Instant>,
+    /// The retained states to announce again on every connect.
+    states: BTreeMap<String, String>,
+    /// Acknowledged keys not yet removed from the outbox.
+    acked: Vec<u64>,
+}
+
+impl Session {
+    fn new() -> Self {
+        Session {
+            acked_total: 0,
+            backoff: Duration::from_millis(250),
+            receiving: true,
+            retained_open: true,
+            notes_open: true,
+            deadline: None,
+            born: HashMap::new(),
+            resend_below: 0,
+            connects: 0,
+            last_error_log: None,
+            states: BTreeMap::new(),
+            acked: Vec::new(),
+        }
+    }
+}
+
+/// How serving one connection ended.
+enum Served {
+    /// Everything is acknowledged (or the drain time is up): close and return.
+    Finished,
+    /// The connection failed.
+    Lost(rumqttc::ConnectionError),
+}
+
 /// One connection's bookkeeping.
 struct Conn {
     client: AsyncClient,
@@ -219,187 +269,231 @@ struct Conn {
 impl Link {
     /// Runs until the verdict channel closes and everything is acknowledged (or the drain time is up,
     /// leaving the rest in the outbox for the next start). Returns how many verdicts were acknowledged.
+    ///
+    /// Each turn connects, serves the connection until it fails ([`Link::serve`]), counts the loss
+    /// ([`Link::connection_lost`]) and keeps logging verdicts while it backs off ([`Link::back_off`]).
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> LinkSummary {
-        let mut acked_total = 0u64;
-        let mut backoff = Duration::from_millis(250);
-        let mut receiving = true;
-        let mut retained_open = true;
-        let mut notes_open = true;
-        let mut deadline: Option<Instant> = None;
-        let mut born: HashMap<u64, Instant> = HashMap::new();
-        // Keys below this were handed to an earlier connection: sending them again is a replay.
-        let mut resend_below = 0u64;
-        let mut connects = 0u64;
-        let mut last_error_log: Option<Instant> = None;
-        let mut states: BTreeMap<String, String> = BTreeMap::new();
-        // Acknowledged keys not yet removed from the outbox.
-        let mut acked: Vec<u64> = Vec::new();
+        let mut s = Session::new();
         loop {
             let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
             let mut c = Conn { client, connected: false, inflight: VecDeque::new(), cursor: 0, stopped_sent: false };
-            let failure = loop {
-                if !acked.is_empty() && (!receiving || c.inflight.len() < WINDOW / 2) {
-                    acked_total += self.retire(&std::mem::take(&mut acked), &mut born);
-                }
-                if !receiving {
-                    while let Ok(n) = self.notes.try_recv() {
-                        self.pending_notes.push_back(n);
-                    }
-                }
-                if !receiving
-                    && self.outbox.is_empty()
-                    && self.unlogged.is_empty()
-                    && self.pending_notes.is_empty()
-                    && c.connected
-                    && !c.stopped_sent
-                {
-                    if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
-                        && self.qos != QoS::AtMostOnce
-                    {
-                        c.inflight.push_back(None);
-                    }
-                    c.stopped_sent = true;
-                }
-                if c.stopped_sent && c.inflight.is_empty() {
-                    return self.close(c, &mut eventloop, acked_total, connects).await;
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    tracing::warn!(
-                        "stopping with {} verdict(s) not acknowledged by the broker after {} ms; they stay in \
-                         the outbox and are published at the next start",
-                        self.outbox.len(),
-                        self.drain.as_millis()
-                    );
-                    return self.close(c, &mut eventloop, acked_total, connects).await;
-                }
-                tokio::select! {
-                    ev = eventloop.poll() => match ev {
-                        Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                            connects += 1;
-                            if connects > 1 {
-                                self.metrics.mqtt_reconnects.inc();
-                            }
-                            backoff = Duration::from_millis(250);
-                            c.connected = true;
-                            self.state.connected.store(true, Ordering::SeqCst);
-                            self.metrics.mqtt_connected.set(1);
-                            tracing::info!("connected to the MQTT broker");
-                            self.status(&mut c, &self.topics.status(), "online");
-                            for (topic, payload) in &states {
-                                self.status(&mut c, topic, payload);
-                            }
-                            let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
-                            let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
-                        }
-                        Ok(Event::Incoming(Incoming::PubAck(_))) | Ok(Event::Incoming(Incoming::PubComp(_))) => {
-                            if let Some(Some(k)) = c.inflight.pop_front() {
-                                acked.push(k);
-                            }
-                            // Retire in batches: one outbox transaction per burst of acknowledgements.
-                            if acked.len() >= WINDOW / 2 || c.inflight.is_empty() {
-                                acked_total += self.retire(&std::mem::take(&mut acked), &mut born);
-                            }
-                        }
-                        Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.command() => {
-                            self.command(&p.payload);
-                        }
-                        Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == self.topics.chat_request() => {
-                            self.chat_request(&p.payload);
-                        }
-                        Ok(_) => {}
-                        Err(e) => break e,
-                    },
-                    m = rx.recv(), if receiving => match m {
-                        Some(first) => {
-                            let mut batch = take_batch(first, &mut rx);
-                            self.log_batch(&mut batch, c.connected, &mut born);
-                        }
-                        None => {
-                            receiving = false;
-                            deadline = Some(Instant::now() + self.drain);
-                        }
-                    },
-                    n = self.notes.recv(), if notes_open => match n {
-                        Some(n) => {
-                            // A frame's verdict was sent before its note: log it first, so it is published first.
-                            if receiving && let Ok(first) = rx.try_recv() {
-                                let mut batch = take_batch(first, &mut rx);
-                                self.log_batch(&mut batch, c.connected, &mut born);
-                            }
-                            self.pending_notes.push_back(n);
-                            while self.pending_notes.len() > MAX_PENDING_NOTES {
-                                self.pending_notes.pop_front();
-                                self.metrics.notes_dropped.inc();
-                            }
-                        }
-                        None => notes_open = false,
-                    },
-                    r = self.retained.recv(), if retained_open => match r {
-                        Some((topic, payload)) => {
-                            if c.connected {
-                                self.status(&mut c, &topic, &payload);
-                            }
-                            states.insert(topic, payload);
-                        }
-                        None => retained_open = false,
-                    },
-                    _ = tokio::time::sleep(Duration::from_millis(100)), if !receiving => {}
-                }
-                if c.connected {
-                    acked_total += self.fill(&mut c, resend_below, &mut born);
-                    self.send_notes(&mut c);
-                }
+            let failure = match self.serve(&mut s, &mut c, &mut eventloop, &mut rx).await {
+                Served::Finished => return self.close(c, &mut eventloop, s.acked_total, s.connects).await,
+                Served::Lost(e) => e,
             };
-            // The connection failed (or never came up).
-            resend_below = resend_below.max(c.cursor);
-            let was = c.connected;
-            self.state.connected.store(false, Ordering::SeqCst);
-            self.metrics.mqtt_connected.set(0);
-            if was {
-                self.metrics.publish_failures.inc_by(c.inflight.iter().flatten().count().max(1) as u64);
+            self.connection_lost(&mut s, &c, &failure);
+            if let Some(summary) = self.back_off(&mut s, &mut rx).await {
+                return summary;
             }
-            if was || last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                tracing::warn!(
-                    "MQTT broker unreachable: {failure}; {} verdict(s) kept in the outbox; retrying in {} ms",
-                    self.outbox.len(),
-                    backoff.as_millis()
-                );
-                last_error_log = Some(Instant::now());
-            }
-            let wait = tokio::time::sleep(backoff);
-            tokio::pin!(wait);
-            // Keep logging verdicts durably while waiting to reconnect.
-            loop {
-                tokio::select! {
-                    _ = &mut wait => break,
-                    m = rx.recv(), if receiving => match m {
-                        Some(first) => {
-                            let mut batch = take_batch(first, &mut rx);
-                            self.log_batch(&mut batch, false, &mut born);
-                        }
-                        None => {
-                            receiving = false;
-                            deadline = Some(Instant::now() + self.drain);
-                        }
-                    },
-                }
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                tracing::warn!(
-                    "stopping while the broker is unreachable: {} verdict(s) stay in the outbox for the next start",
-                    self.outbox.len()
-                );
-                if let Err(e) = self.outbox.sync() {
-                    tracing::error!("{e}");
-                }
-                return self.summary(acked_total, connects);
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
-    /// Sends DISCONNECT (so the broker does not publish the last will) and drives the event loop until
-    /// it is on the wire.
+    /// Serves one connection: verdicts into the outbox and from it to the broker, acknowledgements,
+    /// commands, notes and retained states, until the connection fails or the link has finished.
+    async fn serve(
+        &mut self,
+        s: &mut Session,
+        c: &mut Conn,
+        eventloop: &mut rumqttc::EventLoop,
+        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) -> Served {
+        loop {
+            if self.finished(s, c) {
+                return Served::Finished;
+            }
+            tokio::select! {
+                ev = eventloop.poll() => match ev {
+                    Ok(ev) => self.on_event(s, c, ev),
+                    Err(e) => return Served::Lost(e),
+                },
+                m = rx.recv(), if s.receiving => self.on_verdicts(s, c.connected, m, rx),
+                n = self.notes.recv(), if s.notes_open => self.on_note(s, c.connected, n, rx),
+                r = self.retained.recv(), if s.retained_open => match r {
+                    Some((topic, payload)) => {
+                        if c.connected {
+                            self.status(c, &topic, &payload);
+                        }
+                        s.states.insert(topic, payload);
+                    }
+                    None => s.retained_open = false,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)), if !s.receiving => {}
+            }
+            if c.connected {
+                s.acked_total += self.fill(c, s.resend_below, &mut s.born);
+                self.send_notes(c);
+            }
+        }
+    }
+
+    /// The bookkeeping before each wait: retire acknowledged keys, and once the frame path has closed,
+    /// collect the last notes and send `stopped`. True when the link is done: `stopped` acknowledged,
+    /// or the drain time is up.
+    fn finished(&mut self, s: &mut Session, c: &mut Conn) -> bool {
+        if !s.acked.is_empty() && (!s.receiving || c.inflight.len() < WINDOW / 2) {
+            s.acked_total += self.retire(&std::mem::take(&mut s.acked), &mut s.born);
+        }
+        if !s.receiving {
+            while let Ok(n) = self.notes.try_recv() {
+                self.pending_notes.push_back(n);
+            }
+        }
+        if !s.receiving
+            && self.outbox.is_empty()
+            && self.unlogged.is_empty()
+            && self.pending_notes.is_empty()
+            && c.connected
+            && !c.stopped_sent
+        {
+            if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
+                && self.qos != QoS::AtMostOnce
+            {
+                c.inflight.push_back(None);
+            }
+            c.stopped_sent = true;
+        }
+        if c.stopped_sent && c.inflight.is_empty() {
+            return true;
+        }
+        if s.deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::warn!(
+                "stopping with {} verdict(s) not acknowledged by the broker after {} ms; they stay in \
+                 the outbox and are published at the next start",
+                self.outbox.len(),
+                self.drain.as_millis()
+            );
+            return true;
+        }
+        false
+    }
+
+    /// One event from the broker: a connection, an acknowledgement, a command or a chat request.
+    fn on_event(&mut self, s: &mut Session, c: &mut Conn, ev: Event) {
+        match ev {
+            Event::Incoming(Incoming::ConnAck(_)) => {
+                s.connects += 1;
+                if s.connects > 1 {
+                    self.metrics.mqtt_reconnected();
+                }
+                s.backoff = Duration::from_millis(250);
+                c.connected = true;
+                self.state.connected.store(true, Ordering::SeqCst);
+                self.metrics.mqtt_connected(true);
+                tracing::info!("connected to the MQTT broker");
+                self.status(c, &self.topics.status(), "online");
+                for (topic, payload) in &s.states {
+                    self.status(c, topic, payload);
+                }
+                let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
+                let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
+            }
+            Event::Incoming(Incoming::PubAck(_)) | Event::Incoming(Incoming::PubComp(_)) => {
+                if let Some(Some(k)) = c.inflight.pop_front() {
+                    s.acked.push(k);
+                }
+                // Retire in batches: one outbox transaction per burst of acknowledgements.
+                if s.acked.len() >= WINDOW / 2 || c.inflight.is_empty() {
+                    s.acked_total += self.retire(&std::mem::take(&mut s.acked), &mut s.born);
+                }
+            }
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.topics.command() => self.command(&p.payload),
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.topics.chat_request() => {
+                self.chat_request(&p.payload)
+            }
+            _ => {}
+        }
+    }
+
+    /// Verdicts from the frame path (`None`: it has closed, and the drain time starts).
+    fn on_verdicts(
+        &mut self,
+        s: &mut Session,
+        connected: bool,
+        m: Option<Outgoing>,
+        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) {
+        match m {
+            Some(first) => {
+                let mut batch = take_batch(first, rx);
+                self.log_batch(&mut batch, connected, &mut s.born);
+            }
+            None => {
+                s.receiving = false;
+                s.deadline = Some(Instant::now() + self.drain);
+            }
+        }
+    }
+
+    /// A description or chat answer to publish, after any verdict that is already waiting.
+    fn on_note(
+        &mut self,
+        s: &mut Session,
+        connected: bool,
+        n: Option<(String, Vec<u8>)>,
+        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) {
+        let Some(n) = n else {
+            s.notes_open = false;
+            return;
+        };
+        // A frame's verdict was sent before its note: log it first, so it is published first.
+        if s.receiving
+            && let Ok(first) = rx.try_recv()
+        {
+            let mut batch = take_batch(first, rx);
+            self.log_batch(&mut batch, connected, &mut s.born);
+        }
+        self.pending_notes.push_back(n);
+        while self.pending_notes.len() > MAX_PENDING_NOTES {
+            self.pending_notes.pop_front();
+            self.metrics.note_dropped();
+        }
+    }
+
+    /// The connection failed (or never came up): count it and say so, at most every 30 s while down.
+    fn connection_lost(&mut self, s: &mut Session, c: &Conn, failure: &rumqttc::ConnectionError) {
+        s.resend_below = s.resend_below.max(c.cursor);
+        let was = c.connected;
+        self.state.connected.store(false, Ordering::SeqCst);
+        self.metrics.mqtt_connected(false);
+        if was {
+            self.metrics.publishes_lost(c.inflight.iter().flatten().count().max(1) as u64);
+        }
+        if was || s.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            tracing::warn!(
+                "MQTT broker unreachable: {failure}; {} verdict(s) kept in the outbox; retrying in {} ms",
+                self.outbox.len(),
+                s.backoff.as_millis()
+            );
+            s.last_error_log = Some(Instant::now());
+        }
+    }
+
+    /// Waits out the backoff while still logging verdicts durably. Returns the summary when the drain
+    /// time ran out with the broker away (what is left stays in the outbox for the next start).
+    async fn back_off(&mut self, s: &mut Session, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Option<LinkSummary> {
+        let wait = tokio::time::sleep(s.backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                m = rx.recv(), if s.receiving => self.on_verdicts(s, false, m, rx),
+            }
+        }
+        if s.deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::warn!(
+                "stopping while the broker is unreachable: {} verdict(s) stay in the outbox for the next start",
+                self.outbox.len()
+            );
+            if let Err(e) = self.outbox.sync() {
+                tracing::error!("{e}");
+            }
+            return Some(self.summary(s.acked_total, s.connects));
+        }
+        s.backoff = (s.backoff * 2).min(Duration::from_secs(10));
+        None
+    }
+
     fn summary(&self, acked: u64, connects: u64) -> LinkSummary {
         LinkSummary { acked, max_backlog: self.max_backlog, reconnects: connects.saturating_sub(1) }
     }
@@ -420,7 +514,7 @@ impl Link {
             let _ = flushed.await;
         }
         self.state.connected.store(false, Ordering::SeqCst);
-        self.metrics.mqtt_connected.set(0);
+        self.metrics.mqtt_connected(false);
         self.summary(acked, connects)
     }
 
@@ -450,7 +544,7 @@ impl Link {
     fn chat_request(&self, payload: &[u8]) {
         match serde_json::from_slice::<ChatRequest>(payload) {
             Ok(r) => {
-                self.metrics.commands.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+                self.metrics.command("accepted");
                 let _ = self.commands.send(Command::Chat {
                     frame_id: r.frame_id,
                     question: r.question,
@@ -458,7 +552,7 @@ impl Link {
                 });
             }
             Err(e) => {
-                self.metrics.commands.get_or_create(&ResultLabel { result: "invalid".into() }).inc();
+                self.metrics.command("invalid");
                 tracing::warn!(
                     "ignored a chat request on {}: {e} (expected {{\"frame_id\":\"…\",\"question\":\"…\",\"request_id\":\"…\"}})",
                     self.topics.chat_request()
@@ -470,11 +564,11 @@ impl Link {
     fn command(&self, payload: &[u8]) {
         match serde_json::from_slice::<Command>(payload) {
             Ok(cmd) => {
-                self.metrics.commands.get_or_create(&ResultLabel { result: "accepted".into() }).inc();
+                self.metrics.command("accepted");
                 let _ = self.commands.send(cmd);
             }
             Err(e) => {
-                self.metrics.commands.get_or_create(&ResultLabel { result: "invalid".into() }).inc();
+                self.metrics.command("invalid");
                 tracing::warn!(
                     "ignored a command on {}: {e} (expected e.g. {{\"cmd\":\"trigger\",\"camera\":\"cam1\",\"part_id\":\"P-1\"}})",
                     self.topics.command()
@@ -485,7 +579,7 @@ impl Link {
 
     /// Writes a batch of new verdicts to the outbox (one durable transaction) and logs them.
     fn log_batch(&mut self, batch: &mut [Outgoing], connected: bool, born: &mut HashMap<u64, Instant>) {
-        self.metrics.publish_backlog.dec_by(batch.len() as i64);
+        self.metrics.verdicts_logged(batch.len());
         for o in batch.iter_mut() {
             // Written while the broker is away: it will go out as part of the backlog.
             o.msg.replayed = !connected;
@@ -519,8 +613,8 @@ impl Link {
             && let Some(mut msg) = self.unlogged.pop_front()
         {
             let now = SystemTime::now();
-            msg.published_at = message::rfc3339(now);
-            msg.published_unix_ms = message::unix_ms(now);
+            msg.published_at = verdict::rfc3339(now);
+            msg.published_unix_ms = verdict::unix_ms(now);
             let payload = serde_json::to_vec(&msg).unwrap_or_default();
             if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
                 self.unlogged.push_front(msg);
@@ -549,25 +643,19 @@ impl Link {
                 let again = msg.replayed || e.key < resend_below || self.outbox.from_earlier_run(e.key);
                 msg.replayed = again;
                 let now = SystemTime::now();
-                msg.published_at = message::rfc3339(now);
-                msg.published_unix_ms = message::unix_ms(now);
-                let label = self.metrics.camera(&msg.camera);
+                msg.published_at = verdict::rfc3339(now);
+                msg.published_unix_ms = verdict::unix_ms(now);
                 if let Some(t0) = born.get(&e.key) {
                     let total = t0.elapsed().as_secs_f32() * 1e3;
                     msg.latency_ms.publish = (total - msg.latency_ms.total).max(0.0);
                     msg.latency_ms.total = total;
                 }
-                if again {
-                    self.metrics.replayed.inc();
-                } else {
-                    self.metrics.stage(&msg.camera, "publish", msg.latency_ms.publish);
-                    self.metrics.latency.get_or_create(&label).observe(msg.latency_ms.total as f64 / 1e3);
-                }
+                self.metrics.verdict_published(&msg.camera, again, msg.latency_ms.publish, msg.latency_ms.total);
                 let payload = serde_json::to_vec(&msg).unwrap_or_default();
                 if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
                     return retired;
                 }
-                self.metrics.published.get_or_create(&label).inc();
+                self.metrics.verdict_handed_over(&msg.camera);
                 c.cursor = e.key + 1;
                 if self.qos == QoS::AtMostOnce {
                     retired += self.retire(&[e.key], born);

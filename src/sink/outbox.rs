@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::daemon::message::VerdictMessage;
 use crate::telemetry::Metrics;
+use crate::types::verdict::VerdictMessage;
 
 const TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("verdicts");
 
@@ -86,8 +86,7 @@ impl Outbox {
     }
 
     fn gauges(&self) {
-        self.metrics.outbox_bytes.set(self.bytes as i64);
-        self.metrics.outbox_verdicts.set(self.len as i64);
+        self.metrics.outbox_size(self.bytes, self.len);
     }
 
     pub fn len(&self) -> u64 {
@@ -132,7 +131,7 @@ impl Outbox {
         }
         tx.commit().map_err(|e| self.io(e))?;
         if evicted > 0 {
-            self.metrics.outbox_evicted.inc_by(evicted);
+            self.metrics.outbox_evicted(evicted);
             tracing::warn!(
                 "outbox over its bound of {} bytes: evicted the {evicted} oldest unpublished verdict(s) ({evicted_bytes} bytes)",
                 self.max_bytes
@@ -192,10 +191,10 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::frame::FrameSink;
+    use crate::source::intake::Intake;
 
     fn msg(seq: u64) -> VerdictMessage {
-        let t = FrameSink::new_test("c", 1, true, crate::daemon::config::Trigger::EveryFrame);
+        let t = Intake::new_test("c", 1, true, crate::config::daemon::Trigger::EveryFrame);
         t.sink.camera.skeleton(seq, format!("c-0-{seq}"), None, std::time::SystemTime::now())
     }
 
@@ -232,7 +231,7 @@ mod tests {
         }
         assert_eq!(o.len(), 5);
         assert_eq!(o.first_key().unwrap(), Some(4), "1..=3 evicted, oldest first");
-        assert_eq!(m.outbox_evicted.get(), 3);
+        assert_eq!(m.sample("anomalyd_outbox_evicted_total"), Some(3.0));
     }
 
     #[test]

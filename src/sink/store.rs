@@ -10,11 +10,12 @@ use std::time::SystemTime;
 
 use image::RgbImage;
 
-use crate::daemon::config::StoreConfig;
-use crate::daemon::message::{VerdictMessage, valid_frame_id};
-use crate::detect::Inspection;
-use crate::overlay;
+use crate::config::daemon::StoreConfig;
+use crate::detect::inspection::Inspection;
+use crate::detect::overlay;
 use crate::telemetry::Metrics;
+use crate::types::verdict::{VerdictMessage, valid_frame_id};
+use crate::util::sync;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -111,7 +112,7 @@ impl Store {
         // The verdict goes last: its presence marks a complete entry.
         bytes += self.write_atomic(id, Part::Verdict, &json)?;
         {
-            let mut g = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = sync::lock(&self.index);
             g.0.push_back((id.clone(), bytes));
             g.1 += bytes;
         }
@@ -139,23 +140,22 @@ impl Store {
     }
 
     fn evict(&self) {
-        let mut g = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = sync::lock(&self.index);
         while g.1 > self.max_bytes {
             let Some((id, bytes)) = g.0.pop_front() else { break };
             for p in [Part::Verdict, Part::Image, Part::Overlay] {
                 let _ = std::fs::remove_file(self.dir.join(format!("{id}{}", p.suffix())));
             }
             g.1 = g.1.saturating_sub(bytes);
-            self.metrics.store_evicted.inc();
+            self.metrics.store_evicted();
             tracing::debug!("store: deleted {id} ({bytes} bytes) to stay under {} bytes", self.max_bytes);
         }
-        self.metrics.store_bytes.set(g.1 as i64);
-        self.metrics.store_files.set(g.0.len() as i64);
+        self.metrics.store_size(g.1, g.0.len());
     }
 
     /// Ids of the most recent `n` stored frames, oldest first.
     pub fn recent(&self, n: usize) -> Vec<String> {
-        let g = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let g = sync::lock(&self.index);
         g.0.iter().skip(g.0.len().saturating_sub(n)).map(|(id, _)| id.clone()).collect()
     }
 
@@ -177,7 +177,7 @@ impl Store {
         let handle = std::thread::Builder::new().name("store".into()).spawn(move || {
             for job in rx {
                 if let Err(e) = store.put(&job) {
-                    store.metrics.store_failures.inc();
+                    store.metrics.store_failure();
                     tracing::warn!(frame = %job.msg.frame_id, "{e}");
                 }
             }
@@ -189,18 +189,18 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::frame::FrameSink;
-    use crate::daemon::message::Outcome;
-    use crate::map::Grid;
+    use crate::detect::map::Grid;
+    use crate::source::intake::Intake;
+    use crate::types::verdict::Outcome;
 
     fn job(id: &str) -> StoreJob {
-        let t = FrameSink::new_test("c", 1, true, crate::daemon::config::Trigger::EveryFrame);
+        let t = Intake::new_test("c", 1, true, crate::config::daemon::Trigger::EveryFrame);
         let mut msg = t.sink.camera.skeleton(1, id.into(), None, SystemTime::now());
         msg.verdict = Outcome::Ng;
         // Noise so that JPEG cannot shrink it to nothing.
-        let mut rng = crate::synth::Rng::new(id.len() as u64);
+        let mut rng = crate::util::rng::Rng::new(id.len() as u64);
         let image = RgbImage::from_fn(256, 256, |_, _| image::Rgb([rng.below(256) as u8, 0, 0]));
-        let verdict = crate::detect::Verdict {
+        let verdict = crate::detect::inspection::Verdict {
             anomalous: true,
             score: 1.0,
             threshold: 0.5,
@@ -222,9 +222,9 @@ mod tests {
         for i in 0..30 {
             store.put(&job(&format!("c-0-{i}"))).unwrap();
         }
-        let held = metrics.store_bytes.get() as u64;
+        let held = metrics.sample("anomalyd_store_bytes").unwrap_or(0.0) as u64;
         assert!(held <= cfg.max_bytes && held > 0, "{held}");
-        assert!(metrics.store_evicted.get() > 0, "30 noisy frames exceed 1 MiB");
+        assert!(metrics.sample("anomalyd_store_evicted_total").unwrap_or(0.0) > 0.0, "30 noisy frames exceed 1 MiB");
         assert!(store.get("c-0-0", Part::Image).is_none(), "the oldest went first");
         let newest = store.get("c-0-29", Part::Verdict).unwrap();
         let back: VerdictMessage = serde_json::from_slice(&newest).unwrap();
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(&store.get("c-0-29", Part::Overlay).unwrap()[..2], &[0xFF, 0xD8]);
         assert!(store.get("../c-0-29", Part::Verdict).is_none());
         // A restart finds what is there and keeps honouring the budget.
-        let frames = metrics.store_files.get();
+        let frames = metrics.sample("anomalyd_store_frames").unwrap_or(0.0) as i64;
         let again = Store::open(&cfg, Arc::new(Metrics::new())).unwrap();
         assert_eq!(again.index.lock().unwrap().0.len() as i64, frames);
         assert!(

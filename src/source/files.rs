@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{SourceEnd, pace};
-use crate::daemon::frame::FrameSink;
-use crate::eval;
-use crate::imageio;
+use crate::source::intake::Intake;
+use crate::util::imageio;
 
 /// The image files a `path` setting names, in replay order.
 pub fn list(path: &str) -> Result<Vec<PathBuf>, String> {
@@ -38,7 +37,7 @@ pub fn list(path: &str) -> Result<Vec<PathBuf>, String> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
-    out.extend(eval::image_files(dir).map_err(|e| e.to_string())?);
+    out.extend(imageio::image_files(dir).map_err(|e| e.to_string())?);
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut subdirs: Vec<PathBuf> = rd.flatten().map(|d| d.path()).filter(|p| p.is_dir()).collect();
     subdirs.sort();
@@ -71,7 +70,7 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, sink: FrameSink) -> SourceEnd {
+pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, sink: Intake) -> SourceEnd {
     let period = if fps > 0.0 { Some(Duration::from_secs_f64(1.0 / fps as f64)) } else { None };
     let start = Instant::now();
     let mut n = 0u64;

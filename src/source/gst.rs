@@ -12,8 +12,9 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 use image::RgbImage;
 
-use super::{SourceConfig, SourceEnd};
-use crate::daemon::frame::FrameSink;
+use super::SourceEnd;
+use crate::config::source::SourceConfig;
+use crate::source::intake::Intake;
 
 fn init() -> Result<(), String> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
@@ -90,11 +91,12 @@ fn sample_to_rgb(sample: &gst::Sample) -> Result<RgbImage, String> {
     let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).map_err(|e| e.to_string())?;
     let stride = frame.plane_stride()[0].max(0) as usize;
     let data = frame.plane_data(0).map_err(|e| e.to_string())?;
-    crate::imageio::rgb_from_strided(data, info.width() as usize, info.height() as usize, stride)
+    crate::util::imageio::rgb_from_strided(data, info.width() as usize, info.height() as usize, stride)
+        .map_err(|e| e.to_string())
 }
 
 /// Runs a pipeline until EOS, an error or the sink's stop flag; always leaves it in `Null`.
-pub fn run(description: &str, sink: FrameSink) -> SourceEnd {
+pub fn run(description: &str, sink: Intake) -> SourceEnd {
     let name = sink.camera.name.clone();
     let pipeline = match build(description, sink.clone()) {
         Ok(p) => p,
@@ -106,7 +108,7 @@ pub fn run(description: &str, sink: FrameSink) -> SourceEnd {
     end
 }
 
-fn build(description: &str, sink: FrameSink) -> Result<gst::Pipeline, String> {
+fn build(description: &str, sink: Intake) -> Result<gst::Pipeline, String> {
     let element = gst::parse::launch(description).map_err(|e| format!("pipeline {description:?}: {e}"))?;
     let pipeline = match element.downcast::<gst::Pipeline>() {
         Ok(p) => p,
@@ -138,7 +140,7 @@ fn build(description: &str, sink: FrameSink) -> Result<gst::Pipeline, String> {
     Ok(pipeline)
 }
 
-fn watch(pipeline: &gst::Pipeline, sink: &FrameSink) -> SourceEnd {
+fn watch(pipeline: &gst::Pipeline, sink: &Intake) -> SourceEnd {
     let Some(bus) = pipeline.bus() else { return SourceEnd::Failed("pipeline has no bus".into()) };
     loop {
         if sink.stopping() {

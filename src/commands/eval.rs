@@ -1,0 +1,302 @@
+//! `anomalyd eval`: few-shot evaluation on MVTec-layout folders, computed the way the papers do.
+//!
+//! For each category and seed, the shots are `train/good` sorted by name, `[seed*K, (seed+1)*K)`. Every
+//! test image is inspected with the enrolment's automatic thresholds; image AUROC, pixel AUROC, PRO
+//! (to 30% FPR), image F1-max and the threshold-free accuracy are computed per seed and averaged.
+//! Pixel metrics are taken at the anomaly map's resolution (the encoder input), with the ground truth
+//! resized to it (nearest) and binarised at > 127.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::detect::DetectConfig;
+
+use crate::detect::inspection::DetectError;
+
+use crate::detect::detector::Detector;
+
+use crate::commands::measures::{self, ProAccumulator};
+use crate::detect::enrolment::Enrolment;
+use crate::util::imageio;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(
+        "{0} is not an MVTec-layout folder: expected <category>/train/good and <category>/test, or a folder of such categories"
+    )]
+    NotDataset(PathBuf),
+    #[error("category {category}: train/good has {have} images, seed {seed} with {shots} shots needs {need}")]
+    NotEnoughShots { category: String, have: usize, seed: u64, shots: usize, need: usize },
+    #[error("category {category}: {cause}")]
+    Detect { category: String, cause: DetectError },
+    #[error("category {category}: cannot use shot: {cause}")]
+    Shot { category: String, cause: crate::util::imageio::ImageError },
+    #[error(transparent)]
+    List(#[from] imageio::ListError),
+}
+
+/// Metrics of one category (or their mean), all in 0..=1 except `ms_per_image`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Scores {
+    pub image_auroc: f64,
+    pub pixel_auroc: f64,
+    pub pro: f64,
+    pub f1_max: f64,
+    pub accuracy: f64,
+    pub ms_per_image: f64,
+}
+
+impl Scores {
+    fn mean(all: &[Scores]) -> Scores {
+        let n = all.len().max(1) as f64;
+        let avg = |f: fn(&Scores) -> f64| all.iter().map(f).sum::<f64>() / n;
+        Scores {
+            image_auroc: avg(|s| s.image_auroc),
+            pixel_auroc: avg(|s| s.pixel_auroc),
+            pro: avg(|s| s.pro),
+            f1_max: avg(|s| s.f1_max),
+            accuracy: avg(|s| s.accuracy),
+            ms_per_image: avg(|s| s.ms_per_image),
+        }
+    }
+}
+
+/// One seed's run of a category, with what calibration decided (for the record).
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub seed: u64,
+    pub shots: Vec<String>,
+    pub scores: Scores,
+    pub geometry: String,
+    pub stationarity: f32,
+    pub image_threshold: f32,
+    pub pixel_threshold: f32,
+    pub calibration_normal: Vec<f32>,
+    pub calibration_held_out: Vec<f32>,
+    pub calibration_anomaly: Vec<f32>,
+    pub images: Vec<ImageRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRecord {
+    pub file: String,
+    pub anomalous: bool,
+    pub score: f32,
+    pub verdict: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CategoryReport {
+    pub name: String,
+    pub mean: Scores,
+    pub runs: Vec<Run>,
+    /// Test files that could not be read, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Test images of a category: (path, defect type, mask path if any).
+struct TestItem {
+    path: PathBuf,
+    kind: String,
+    mask: Option<PathBuf>,
+}
+
+/// Categories under `dir`: `dir` itself if it has train/ and test/, else its subfolders that do.
+pub fn categories(dir: &Path) -> Result<Vec<(String, PathBuf)>, EvalError> {
+    let is_cat = |p: &Path| p.join("train/good").is_dir() && p.join("test").is_dir();
+    if is_cat(dir) {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "category".into());
+        return Ok(vec![(name, dir.to_path_buf())]);
+    }
+    let mut cats: Vec<(String, PathBuf)> = imageio::list_dir(dir)?
+        .into_iter()
+        .filter(|p| is_cat(p))
+        .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p))
+        .collect();
+    cats.sort();
+    if cats.is_empty() {
+        return Err(EvalError::NotDataset(dir.to_path_buf()));
+    }
+    Ok(cats)
+}
+
+fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {
+    let mut items = Vec::new();
+    for kind_dir in imageio::list_dir(&cat.join("test"))?.into_iter().filter(|p| p.is_dir()) {
+        let kind = kind_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        for path in imageio::image_files(&kind_dir)? {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let gt = cat.join("ground_truth").join(&kind);
+            let mask =
+                [gt.join(format!("{stem}_mask.png")), gt.join(format!("{stem}.png")), gt.join(&stem).join("000.png")]
+                    .into_iter()
+                    .find(|p| p.is_file());
+            items.push(TestItem { path, kind: kind.clone(), mask });
+        }
+    }
+    Ok(items)
+}
+
+/// Evaluates one category over the seeds. `on_image` is called after each test image (for progress).
+/// What to evaluate: shots per seed, the seeds, and the detector settings.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub shots: usize,
+    pub seeds: &'a [u64],
+    pub detect: &'a DetectConfig,
+}
+
+pub fn evaluate(
+    det: &mut Detector,
+    name: &str,
+    dir: &Path,
+    plan: &Plan,
+    on_image: &mut dyn FnMut(),
+    log: &mut dyn FnMut(&str),
+) -> Result<CategoryReport, EvalError> {
+    let Plan { shots, seeds, detect: cfg } = *plan;
+    let train = imageio::image_files(&dir.join("train/good"))?;
+    let items = test_items(dir)?;
+    let mut skipped = Vec::new();
+    // Decode every test image once; unreadable ones are reported and left out.
+    let mut tests = Vec::new();
+    for it in items {
+        match imageio::load_rgb(&it.path) {
+            Ok(img) => tests.push((it, img)),
+            Err(e) => {
+                log(&format!("skipping {e}"));
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    let mut runs = Vec::new();
+    for &seed in seeds {
+        let need = (seed as usize + 1) * shots;
+        if train.len() < need {
+            return Err(EvalError::NotEnoughShots { category: name.into(), have: train.len(), seed, shots, need });
+        }
+        let shot_paths = &train[seed as usize * shots..need];
+        let mut refs = Vec::new();
+        for p in shot_paths {
+            let img = imageio::load_rgb(p).map_err(|cause| EvalError::Shot { category: name.into(), cause })?;
+            refs.push((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), img));
+        }
+        let enrolment = det
+            .enroll(&refs, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}")))
+            .map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
+        runs.push(run_seed(det, &enrolment, seed, &refs, &tests, on_image, name)?);
+    }
+    let mean = Scores::mean(&runs.iter().map(|r| r.scores.clone()).collect::<Vec<_>>());
+    Ok(CategoryReport { name: name.into(), mean, runs, skipped })
+}
+
+fn run_seed(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    seed: u64,
+    refs: &[(String, image::RgbImage)],
+    tests: &[(TestItem, image::RgbImage)],
+    on_image: &mut dyn FnMut(),
+    name: &str,
+) -> Result<Run, EvalError> {
+    let mut scores = Vec::new();
+    let mut labels = Vec::new();
+    let mut verdicts = Vec::new();
+    let mut pixel_scores: Vec<f32> = Vec::new();
+    let mut pixel_labels: Vec<bool> = Vec::new();
+    let mut pro = ProAccumulator::default();
+    let mut records = Vec::new();
+    let mut total_ms = 0.0f64;
+    for (it, img) in tests {
+        let t = Instant::now();
+        let ins = det.inspect(enrolment, img).map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
+        total_ms += t.elapsed().as_secs_f64() * 1e3;
+        let anomalous = it.kind != "good";
+        scores.push(ins.verdict.score);
+        labels.push(anomalous);
+        verdicts.push(ins.verdict.anomalous);
+        records.push(ImageRecord {
+            file: format!("{}/{}", it.kind, it.path.file_name().unwrap_or_default().to_string_lossy()),
+            anomalous,
+            score: ins.verdict.score,
+            verdict: ins.verdict.anomalous,
+        });
+        // Pixel metrics: normal images count as all-normal; defects without a mask are left out.
+        let (mw, mh) = (ins.map.w, ins.map.h);
+        let mask: Option<Vec<bool>> = if !anomalous {
+            Some(vec![false; mw * mh])
+        } else {
+            it.mask.as_ref().and_then(|p| imageio::load_mask(p).ok()).map(|m| {
+                let m = image::imageops::resize(&m, mw as u32, mh as u32, image::imageops::FilterType::Nearest);
+                m.pixels().map(|p| p.0[0] > 127).collect()
+            })
+        };
+        if let Some(mask) = mask {
+            pixel_scores.extend_from_slice(&ins.map.data);
+            pixel_labels.extend_from_slice(&mask);
+            pro.add(&ins.map.data, &mask, mw);
+        }
+        on_image();
+    }
+    let m = &enrolment.meta;
+    Ok(Run {
+        seed,
+        shots: refs.iter().map(|(n, _)| n.clone()).collect(),
+        scores: Scores {
+            image_auroc: measures::auroc(&scores, &labels),
+            pixel_auroc: measures::auroc(&pixel_scores, &pixel_labels),
+            pro: pro.aupro(0.3, 300),
+            f1_max: measures::f1_max(&scores, &labels),
+            accuracy: measures::accuracy(&verdicts, &labels),
+            ms_per_image: total_ms / tests.len().max(1) as f64,
+        },
+        geometry: match m.geometry {
+            crate::detect::enrolment::Geometry::Aligned { width, height } => {
+                format!("aligned {width}x{height}")
+            }
+            crate::detect::enrolment::Geometry::Texture { scale, .. } => format!("texture x{scale:.3}"),
+            crate::detect::enrolment::Geometry::Fit { pixels } => format!("fit {pixels} px"),
+        },
+        stationarity: m.calibration.stationarity,
+        image_threshold: m.thresholds.image,
+        pixel_threshold: m.thresholds.pixel,
+        calibration_normal: m.calibration.normal.clone(),
+        calibration_held_out: m.calibration.held_out.clone(),
+        calibration_anomaly: m.calibration.anomaly.clone(),
+        images: records,
+    })
+}
+
+/// The `--json` report: `{"categories": {name: scores}, "mean": scores, "runs": {name: [...]}}`.
+pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
+    let mean = Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>());
+    serde_json::json!({
+        "categories": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.mean).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+        "mean": mean,
+        "runs": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.runs).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+        "skipped": reports.iter().flat_map(|r| r.skipped.clone()).collect::<Vec<_>>(),
+    })
+}
+
+/// The printed table.
+pub fn table(reports: &[CategoryReport]) -> String {
+    let mut s = format!(
+        "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9}\n",
+        "category", "img AUROC", "pix AUROC", "PRO", "F1-max", "accuracy", "ms/image"
+    );
+    let row = |name: &str, m: &Scores| {
+        format!(
+            "{:<20} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3} {:>9.1}\n",
+            name, m.image_auroc, m.pixel_auroc, m.pro, m.f1_max, m.accuracy, m.ms_per_image
+        )
+    };
+    for r in reports {
+        s += &row(&r.name, &r.mean);
+    }
+    if reports.len() > 1 {
+        s += &row("mean", &Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>()));
+    }
+    s
+}

@@ -1,0 +1,366 @@
+//! The daemon's sections of the configuration: `[daemon]`, `[mqtt]`, `[http]`, `[store]` and one
+//! `[[camera]]` per camera. Defaults are written once, here; `config/anomalyd.toml` documents each key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::source::SourceConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Name of this box in MQTT topics and frame ids' messages.
+    pub node: String,
+    /// Which verdicts are logged: "all", "ng" (NG, SKIPPED, ERROR) or "none".
+    pub log_verdicts: LogVerdicts,
+    /// Stop (drain and exit 0) when every camera's source has ended, as replayed files do.
+    pub exit_when_sources_end: bool,
+    /// Longest a clean shutdown waits for the broker to acknowledge the last verdicts.
+    pub drain_timeout_ms: u64,
+    /// An artificial pause after each inspection, for overload drills. Keep 0 in production.
+    pub inspect_delay_ms: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            node: "anomalyd".into(),
+            log_verdicts: LogVerdicts::All,
+            exit_when_sources_end: true,
+            drain_timeout_ms: 10_000,
+            inspect_delay_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogVerdicts {
+    All,
+    Ng,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// "embedded" (a broker inside anomalyd on 127.0.0.1:embedded_port) or "host:port".
+    pub broker: String,
+    pub embedded_port: u16,
+    /// Defaults to "anomalyd-<node>".
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// File holding the password (first line); never logged.
+    pub password_file: Option<PathBuf>,
+    /// TLS: the CA bundle that signs the broker's certificate; setting it turns TLS on.
+    pub ca_file: Option<PathBuf>,
+    /// TLS client certificate and key (PEM), for brokers that require them.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// QoS of verdicts and status: 0, 1 (default) or 2.
+    pub qos: u8,
+    pub keep_alive_s: u64,
+    /// Topic root: verdicts go to `<prefix>/<node>/<camera>/verdict`.
+    pub topic_prefix: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: "embedded".into(),
+            embedded_port: 1883,
+            client_id: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            qos: 1,
+            keep_alive_s: 15,
+            topic_prefix: "anomalyd".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of /metrics, /healthz, /readyz and /v1/frames; "" turns the server off.
+    pub listen: String,
+    /// Bearer token for the endpoints that change state (POST /v1/reload, /v1/trigger). Prefer
+    /// `token_file`; with neither set those endpoints answer 403.
+    pub token: Option<Secret>,
+    /// File holding the token (first line); it must not be readable by group or others (0600).
+    pub token_file: Option<PathBuf>,
+    /// Require the token for the read-only endpoints too (/metrics, /v1/frames); /healthz and
+    /// /readyz stay open for probes.
+    pub protect_reads: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".into(), token: None, token_file: None, protect_reads: false }
+    }
+}
+
+/// A secret from the configuration: never printed (Debug shows `***`).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Why the HTTP token file cannot be used; each names `http.token_file` and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(String);
+
+/// The HTTP token: from `token_file` (refused unless 0600) or `token`.
+pub fn http_token(h: &HttpConfig) -> Result<Option<Secret>, TokenError> {
+    if let Some(f) = &h.token_file {
+        let meta = std::fs::metadata(f).map_err(|e| TokenError(format!("http.token_file = {}: {e}", f.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(TokenError(format!(
+                    "http.token_file = {} has mode {mode:o}: others can read it; chmod 600 it",
+                    f.display()
+                )));
+            }
+        }
+        let _ = meta;
+        let token = read_secret(f).map_err(|e| TokenError(format!("http.token_file = {}: {e}", f.display())))?;
+        if token.len() < 16 {
+            return Err(TokenError(format!(
+                "http.token_file = {}: the token is shorter than 16 characters",
+                f.display()
+            )));
+        }
+        return Ok(Some(Secret(token)));
+    }
+    Ok(h.token.clone())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Folder of the flagged (NG) frames; "" keeps none.
+    pub dir: PathBuf,
+    /// Byte budget; the oldest frames are deleted first above it.
+    pub max_bytes: u64,
+    /// JPEG quality of the stored frame and overlay.
+    pub jpeg_quality: u8,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { dir: "anomalyd-state/flagged".into(), max_bytes: 512 << 20, jpeg_quality: 90 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The durable log of verdicts not yet acknowledged by the broker (a redb file).
+    pub path: PathBuf,
+    /// Byte bound; past it the oldest unpublished verdicts are evicted (counted and logged).
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { path: "anomalyd-state/outbox.redb".into(), max_bytes: 256 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// Inspect every frame the source delivers.
+    #[default]
+    EveryFrame,
+    /// Inspect the next frame after each PLC trigger on the command topic, tagged with its part id.
+    Triggered,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Letters, digits, `-` and `_`: it appears in topics, frame ids and metric labels.
+    pub name: String,
+    pub source: SourceConfig,
+    /// Enrolment file or folder of normal images of the product. Unset only for a `demo` source
+    /// (its built-in reference part).
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    #[serde(default)]
+    pub trigger: Trigger,
+    /// A trigger with no frame after this long gets an ERROR verdict carrying its part id.
+    #[serde(default = "default_trigger_timeout_ms")]
+    pub trigger_timeout_ms: u64,
+    /// Frames that may wait for inspection; a live camera's frame that finds the queue full is SKIPPED.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// A frame that waited longer than this is SKIPPED as stale instead of inspected late.
+    #[serde(default = "default_max_age_ms")]
+    pub max_age_ms: u64,
+    /// The product, in the operator's words, for the language model's prompt.
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+const fn default_trigger_timeout_ms() -> u64 {
+    2000
+}
+const fn default_queue() -> usize {
+    4
+}
+const fn default_max_age_ms() -> u64 {
+    5000
+}
+
+impl CameraConfig {
+    /// The built-in demo camera: generated parts, some defective, against the built-in reference.
+    pub fn demo() -> Self {
+        CameraConfig {
+            name: "demo".into(),
+            source: SourceConfig::demo_default(),
+            reference: None,
+            trigger: Trigger::EveryFrame,
+            trigger_timeout_ms: default_trigger_timeout_ms(),
+            queue: default_queue(),
+            max_age_ms: default_max_age_ms(),
+            product: Some("a machined steel plate with four bolt holes and a printed label".into()),
+        }
+    }
+}
+
+/// A name usable in topics, ids and labels.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Problems of the daemon sections, each naming its key and the fix.
+pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
+    let (d, m, h, s, cams) = (&cfg.daemon, &cfg.mqtt, &cfg.http, &cfg.store, &cfg.camera);
+    let mut p = Vec::new();
+    if cfg.outbox.path.as_os_str().is_empty() {
+        p.push("outbox.path is empty: verdicts must be logged before they are published; give a file path".into());
+    }
+    if cfg.outbox.max_bytes < 1 << 20 {
+        p.push(format!("outbox.max_bytes = {}: use at least 1048576 (1 MiB)", cfg.outbox.max_bytes));
+    }
+    if !valid_name(&d.node) {
+        p.push(format!("daemon.node = {:?}: use 1-64 letters, digits, '-' or '_' (it is part of MQTT topics)", d.node));
+    }
+    if m.broker != "embedded" && broker_addr(&m.broker).is_none() {
+        p.push(format!("mqtt.broker = {:?}: use \"embedded\" or \"host:port\" (e.g. \"127.0.0.1:1883\")", m.broker));
+    }
+    if m.qos > 2 {
+        p.push(format!("mqtt.qos = {}: use 0, 1 or 2", m.qos));
+    }
+    if m.keep_alive_s < 5 {
+        p.push(format!("mqtt.keep_alive_s = {}: use at least 5", m.keep_alive_s));
+    }
+    if m.topic_prefix.is_empty() || m.topic_prefix.contains(['+', '#']) || m.topic_prefix.ends_with('/') {
+        p.push(format!("mqtt.topic_prefix = {:?}: use a topic without wildcards or a trailing '/'", m.topic_prefix));
+    }
+    if m.cert_file.is_some() != m.key_file.is_some() {
+        p.push("mqtt.cert_file and mqtt.key_file go together: set both or neither".into());
+    }
+    if m.cert_file.is_some() && m.ca_file.is_none() {
+        p.push("mqtt.cert_file needs mqtt.ca_file (TLS is on only with a CA)".into());
+    }
+    if m.broker == "embedded" && (m.ca_file.is_some() || m.username.is_some()) {
+        p.push(
+            "the embedded broker is plain MQTT on 127.0.0.1: TLS and passwords need mqtt.broker = \"host:port\"".into(),
+        );
+    }
+    for (key, f) in [
+        ("mqtt.password_file", &m.password_file),
+        ("mqtt.ca_file", &m.ca_file),
+        ("mqtt.cert_file", &m.cert_file),
+        ("mqtt.key_file", &m.key_file),
+    ] {
+        if let Some(f) = f
+            && !f.is_file()
+        {
+            p.push(format!("{key} = {}: no such file", f.display()));
+        }
+    }
+    if m.password_file.is_some() && m.username.is_none() {
+        p.push("mqtt.password_file needs mqtt.username".into());
+    }
+    if let Err(e) = http_token(h) {
+        p.push(e.to_string());
+    }
+    if h.token.as_ref().is_some_and(|t| t.0.len() < 16) {
+        p.push("http.token is shorter than 16 characters: use a long random token (openssl rand -hex 32)".into());
+    }
+    if h.token.is_some() && h.token_file.is_some() {
+        p.push("http.token and http.token_file are both set: keep one (token_file is preferred)".into());
+    }
+    if !h.listen.is_empty() && h.listen.parse::<SocketAddr>().is_err() {
+        p.push(format!("http.listen = {:?}: use \"address:port\" (e.g. \"127.0.0.1:9464\") or \"\" for off", h.listen));
+    }
+    if !(1..=100).contains(&s.jpeg_quality) {
+        p.push(format!("store.jpeg_quality = {}: use 1..=100", s.jpeg_quality));
+    }
+    if !s.dir.as_os_str().is_empty() && s.max_bytes < 1 << 20 {
+        p.push(format!(
+            "store.max_bytes = {}: use at least 1048576 (1 MiB), or store.dir = \"\" to keep none",
+            s.max_bytes
+        ));
+    }
+    if cams.is_empty() {
+        p.push("no [[camera]] is configured: add one (see config/anomalyd.toml)".into());
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, c) in cams.iter().enumerate() {
+        let key = format!("camera[{i}]");
+        if !valid_name(&c.name) {
+            p.push(format!("{key}.name = {:?}: use 1-64 letters, digits, '-' or '_'", c.name));
+        } else if !names.insert(c.name.as_str()) {
+            p.push(format!("{key}.name = {:?} is used twice: camera names must be unique", c.name));
+        }
+        p.extend(c.source.validate(&format!("{key}.source")));
+        match &c.reference {
+            None if !c.source.is_demo() => {
+                p.push(format!("{key}.reference is missing: give an enrolment file or a folder of normal images"))
+            }
+            Some(r) if !r.exists() => p.push(format!("{key}.reference = {}: no such file or folder", r.display())),
+            _ => {}
+        }
+        if c.queue == 0 || c.queue > 1024 {
+            p.push(format!("{key}.queue = {}: use 1..=1024", c.queue));
+        }
+        if c.max_age_ms < 10 {
+            p.push(format!("{key}.max_age_ms = {}: use at least 10", c.max_age_ms));
+        }
+        if c.trigger == Trigger::Triggered && c.trigger_timeout_ms < 10 {
+            p.push(format!("{key}.trigger_timeout_ms = {}: use at least 10", c.trigger_timeout_ms));
+        }
+    }
+    p
+}
+
+/// `host:port` of a broker address.
+pub fn broker_addr(s: &str) -> Option<(String, u16)> {
+    let s = s.strip_prefix("mqtt://").or_else(|| s.strip_prefix("tcp://")).unwrap_or(s);
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then(|| (host.trim_matches(['[', ']']).to_string(), port))
+}
+
+/// Reads the first line of a secret file.
+pub fn read_secret(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.lines().next().unwrap_or("").to_string())
+}

@@ -1,0 +1,223 @@
+//! The HTTP API (axum), bound to 127.0.0.1 by default:
+//! - `GET /metrics`: Prometheus text;
+//! - `GET /healthz`: 200 while the process serves;
+//! - `GET /readyz`: 200 once every camera has its model and the broker is connected, else 503 with reasons;
+//! - `GET /v1/frames/{id}` (the stored verdict JSON), `/v1/frames/{id}/image` and `/v1/frames/{id}/overlay` (JPEG).
+//!   An id that is not a frame id gets 400; one that is not stored gets 404.
+//! - `POST /v1/frames/{id}/chat` (`{"question":"Where exactly?"}`) asks about an NG frame and answers
+//!   with the model's checked answer (or the template's), keeping the conversation;
+//!   `GET /v1/frames/{id}/chat` shows the conversation so far. Asking needs the token, as writes do.
+//! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
+//!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
+//!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::mpsc;
+
+use crate::config::daemon::Secret;
+use crate::describe::explainer::{ChatError, Explainer};
+use crate::sink::mqtt::Command;
+use crate::sink::store::{Part, Store};
+use crate::telemetry::Metrics;
+use crate::types::verdict::valid_frame_id;
+
+/// Readiness: `Ok(())` or the reasons for not being ready.
+pub type ReadyFn = Arc<dyn Fn() -> Result<(), Vec<String>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub store: Option<Arc<Store>>,
+    pub ready: ReadyFn,
+    /// Where reload and trigger requests go (the daemon's command channel).
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub token: Option<Secret>,
+    pub protect_reads: bool,
+    /// Answers questions about frames.
+    pub explainer: Arc<Explainer>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    let reads = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/frames/:id", get(|s, p| frame(s, p, Part::Verdict)))
+        .route("/v1/frames/:id/image", get(|s, p| frame(s, p, Part::Image)))
+        .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
+        .route("/v1/frames/:id/chat", get(transcript))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
+    let writes = Router::new()
+        .route("/v1/frames/:id/chat", post(chat))
+        .route("/v1/reload", post(reload))
+        .route("/v1/trigger", post(trigger))
+        .route_layer(middleware::from_fn_with_state(state.clone(), write_guard));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(reads)
+        .merge(writes)
+        .with_state(state)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `None` when the request carries the configured token; otherwise the refusal to send.
+fn refusal(s: &HttpState, req: &Request) -> Option<Response> {
+    let Some(token) = &s.token else {
+        return Some(
+            (StatusCode::FORBIDDEN, "this endpoint needs http.token_file (or http.token) to be configured\n")
+                .into_response(),
+        );
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if same(given.as_bytes(), token.0.as_bytes()) {
+        None
+    } else {
+        Some(
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "missing or wrong bearer token\n")
+                .into_response(),
+        )
+    }
+}
+
+async fn write_guard(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    match refusal(&s, &req) {
+        None => next.run(req).await,
+        Some(r) => r,
+    }
+}
+
+async fn read_guard(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    if !s.protect_reads {
+        return next.run(req).await;
+    }
+    match refusal(&s, &req) {
+        None => next.run(req).await,
+        Some(r) => r,
+    }
+}
+
+async fn reload(State(s): State<HttpState>) -> Response {
+    match s.commands.send(Command::Reload) {
+        Ok(()) => (StatusCode::ACCEPTED, "reload requested; the log says whether it applied\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    camera: String,
+    part_id: String,
+}
+
+async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Response {
+    let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
+        return (StatusCode::BAD_REQUEST, "expected {\"camera\":\"...\",\"part_id\":\"...\"}\n").into_response();
+    };
+    match s.commands.send(Command::Trigger { camera: t.camera, part_id: t.part_id }) {
+        Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatBody {
+    question: String,
+}
+
+fn not_a_frame_id() -> Response {
+    (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response()
+}
+
+fn json(status: StatusCode, v: &impl serde::Serialize) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_vec(v).unwrap_or_default()).into_response()
+}
+
+async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::body::Bytes) -> Response {
+    if !valid_frame_id(&id) {
+        return not_a_frame_id();
+    }
+    let Ok(q) = serde_json::from_slice::<ChatBody>(&body) else {
+        return (StatusCode::BAD_REQUEST, "expected {\"question\":\"...\"}\n").into_response();
+    };
+    let ex = s.explainer.clone();
+    match tokio::task::spawn_blocking(move || ex.chat(&id, &q.question)).await {
+        Ok(Ok(answer)) => json(StatusCode::OK, &answer),
+        Ok(Err(e @ ChatError::UnknownFrame(_))) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        Ok(Err(e @ ChatError::Stopping)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}\n")).into_response(),
+    }
+}
+
+async fn transcript(State(s): State<HttpState>, Path(id): Path<String>) -> Response {
+    if !valid_frame_id(&id) {
+        return not_a_frame_id();
+    }
+    let ex = s.explainer.clone();
+    match tokio::task::spawn_blocking(move || ex.transcript(&id)).await.ok().flatten() {
+        Some(t) => json(StatusCode::OK, &t),
+        None => (StatusCode::NOT_FOUND, "no conversation about this frame (only NG frames have one)\n").into_response(),
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode()).into_response()
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    match (s.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(reasons) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))).into_response()
+        }
+    }
+}
+
+async fn frame(State(s): State<HttpState>, Path(id): Path<String>, part: Part) -> Response {
+    if !valid_frame_id(&id) {
+        return not_a_frame_id();
+    }
+    let Some(store) = s.store.clone() else {
+        return (StatusCode::NOT_FOUND, "the flagged-frame store is off (store.dir = \"\")\n").into_response();
+    };
+    let found = tokio::task::spawn_blocking(move || store.get(&id, part)).await.ok().flatten();
+    match found {
+        Some(bytes) => ([(header::CONTENT_TYPE, part.content_type())], bytes).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such stored frame (only NG frames are kept, oldest deleted first)\n")
+            .into_response(),
+    }
+}
+
+/// Binds the listener; the error names the address.
+/// The HTTP address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on http.listen = {addr:?}: {cause}")]
+pub struct BindError {
+    pub addr: String,
+    pub cause: std::io::Error,
+}
+
+pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr), BindError> {
+    let err = |cause| BindError { addr: addr.into(), cause };
+    let l = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let a = l.local_addr().map_err(err)?;
+    Ok((l, a))
+}

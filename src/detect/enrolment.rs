@@ -1,0 +1,181 @@
+//! What an enrolment holds and the detector applies: how images reach the encoder ([`Geometry`]), the
+//! memory banks, the background model, the thresholds and the calibration evidence behind them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::detect::features::Distance;
+use crate::detect::map::quantile;
+use crate::engine::encoder::InputSpec;
+use crate::util::imageio;
+use crate::util::imageio::Dihedral;
+
+/// Alignment of the encoder input; the encoder's deepest stride.
+pub const ALIGN: u32 = 16;
+
+/// How query images are brought to the encoder.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Geometry {
+    /// Every image is resized to exactly this input.
+    Aligned { width: u32, height: u32 },
+    /// Each image keeps its aspect ratio and is scaled by `scale` (capped at 4x the pixel budget).
+    Texture { scale: f64, max_pixels: u32 },
+    /// Each image keeps its aspect ratio and is resized to about `pixels` pixels.
+    Fit { pixels: u32 },
+}
+
+impl Geometry {
+    pub fn input_size(&self, w: u32, h: u32) -> (u32, u32) {
+        match *self {
+            Geometry::Aligned { width, height } => (width, height),
+            Geometry::Fit { pixels } => imageio::fit_pixels(w, h, pixels, ALIGN),
+            Geometry::Texture { scale, max_pixels } => {
+                let s = scale.min((max_pixels as f64 / (w as f64 * h as f64)).sqrt());
+                imageio::scaled(w, h, s, ALIGN)
+            }
+        }
+    }
+}
+
+/// One layer of the memory bank: the patches of one group of encoder outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bank {
+    /// Stride of the grid the patches sit on (the finest output of the group).
+    pub stride: usize,
+    pub dim: usize,
+    pub rows: Vec<f32>,
+    /// Position of each row's patch in its reference (fractions of width and height).
+    pub pos: Vec<[f32; 2]>,
+}
+
+impl Bank {
+    pub fn len(&self) -> usize {
+        self.rows.len() / self.dim.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Plain-background model for foreground masking: the border colour and a distance that separates it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Background {
+    pub rgb: [f32; 3],
+    pub tolerance: f32,
+}
+
+/// Everything enrolment decided, stored in the enrolment file's header.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentMeta {
+    pub model_name: String,
+    pub model_sha256: String,
+    pub input: InputSpec,
+    pub geometry: Geometry,
+    pub augment: Vec<Dihedral>,
+    /// The views each bank layer holds (a subset of `augment`).
+    pub group_augment: Vec<Vec<Dihedral>>,
+    /// Encoder outputs of each bank layer (fused when a group has several).
+    pub groups: Vec<Vec<usize>>,
+    pub pool: usize,
+    /// Positional matching window actually used (1 for textures).
+    pub window: f32,
+    /// Bank layer whose distances give the image score (None: the map's).
+    pub score_group: Option<usize>,
+    /// Extra scales of each shot in the score layer's bank (textures).
+    #[serde(default)]
+    pub score_scales: Vec<f32>,
+    /// Patch distance of each bank layer.
+    #[serde(rename = "metrics")]
+    pub distances: Vec<Distance>,
+    pub top_fraction: f32,
+    pub sigma: f32,
+    pub min_region: f32,
+    pub background: Option<Background>,
+    pub thresholds: Thresholds,
+    pub calibration: Calibration,
+    pub references: Vec<String>,
+    pub created_unix: u64,
+}
+
+/// A product's enrolment: decisions plus the memory bank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrolment {
+    pub meta: EnrolmentMeta,
+    pub banks: Vec<Bank>,
+    /// Identity of this enrolment's bank in this process (a GPU uploads each bank once). Make a new
+    /// enrolment with [`Enrolment::new`] rather than editing `banks` in place.
+    pub bank_id: BankId,
+}
+
+impl Enrolment {
+    pub fn new(meta: EnrolmentMeta, banks: Vec<Bank>) -> Self {
+        Self { meta, banks, bank_id: BankId::fresh() }
+    }
+}
+
+/// A process-unique number per enrolment bank; clones share it (their banks are equal). It takes no
+/// part in equality, which compares content.
+#[derive(Debug, Clone, Copy)]
+pub struct BankId(pub u64);
+
+impl BankId {
+    pub fn fresh() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        BankId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl PartialEq for BankId {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// The thresholds stored with an enrolment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thresholds {
+    /// Image score at or above which the verdict is NG.
+    pub image: f32,
+    /// Map value at or above which a pixel belongs to a defect region.
+    pub pixel: f32,
+    /// How they were chosen: `auto` or `user`.
+    pub source: String,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self { image: f32::INFINITY, pixel: f32::INFINITY, source: "auto".into() }
+    }
+}
+
+/// What calibration measured, kept in the enrolment so that every threshold can be explained.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Calibration {
+    /// Scores of nuisance views of the shots.
+    pub normal: Vec<f32>,
+    /// Held-out normal scores: leave-one-out references, or the halves of a single texture shot.
+    pub held_out: Vec<f32>,
+    /// Scores of simulated anomalies.
+    pub anomaly: Vec<f32>,
+    /// Positional over anywhere matching distance of the circularly shifted first shot (low = texture).
+    pub stationarity: f32,
+    /// Whether `held_out` holds leave-one-out scores of whole references (one per reference).
+    pub leave_one_out: bool,
+}
+
+impl Calibration {
+    pub fn anomaly_median(&self) -> f32 {
+        quantile(&self.anomaly, 0.5)
+    }
+
+    /// A reference whose leave-one-out score is above the simulated-anomaly median.
+    pub fn outlier(&self) -> Option<(usize, f32)> {
+        if !self.leave_one_out {
+            return None;
+        }
+        let limit = self.anomaly_median();
+        self.held_out.iter().copied().enumerate().find(|&(_, s)| s > limit)
+    }
+}

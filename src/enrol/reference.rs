@@ -1,0 +1,84 @@
+//! A product's reference: an enrolment file, or a folder of normal images enrolled on the spot.
+//! `anomalyd enroll/inspect` and every daemon camera resolve references through here.
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::config::detect::DetectConfig;
+
+use crate::detect::inspection::DetectError;
+
+use crate::detect::detector::Detector;
+
+use crate::detect::enrolment::Enrolment;
+use crate::enrol::file::EnrolmentError;
+use crate::util::imageio::{self, ImageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("reference {0} does not exist: give an enrolment file or a folder of normal images")]
+    Missing(PathBuf),
+    #[error("{0} holds no images (png, jpg, bmp, tif, pgm, ppm): give a folder of normal images of the product")]
+    Empty(PathBuf),
+    #[error(transparent)]
+    List(#[from] imageio::ListError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Enrolment(#[from] EnrolmentError),
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+}
+
+/// Images of a folder (name, RGB), refusing an empty folder and reporting any unreadable file.
+pub fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>, ReferenceError> {
+    let files = imageio::image_files(dir)?;
+    if files.is_empty() {
+        return Err(ReferenceError::Empty(dir.into()));
+    }
+    load_files(&files)
+}
+
+pub fn load_files(files: &[PathBuf]) -> Result<Vec<(String, RgbImage)>, ReferenceError> {
+    files.iter().map(|p| Ok((p.display().to_string(), imageio::load_rgb(p)?))).collect()
+}
+
+/// Enrols the images of every folder or file in `reference`.
+pub fn enroll_from(
+    det: &mut Detector,
+    reference: &[PathBuf],
+    cfg: &DetectConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Enrolment, ReferenceError> {
+    let mut refs = Vec::new();
+    for r in reference {
+        if r.is_dir() {
+            refs.extend(load_dir(r)?);
+        } else if r.exists() {
+            refs.extend(load_files(std::slice::from_ref(r))?);
+        } else {
+            return Err(ReferenceError::Missing(r.clone()));
+        }
+    }
+    Ok(det.enroll(&refs, cfg, progress)?)
+}
+
+/// An enrolment file (checked against the detector's model), or an image or folder of images of
+/// normal parts, enrolled now.
+pub fn load(
+    det: &mut Detector,
+    reference: &Path,
+    cfg: &DetectConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Enrolment, ReferenceError> {
+    if reference.is_file() && !imageio::is_image(reference) {
+        let e = crate::enrol::file::load(reference)?;
+        det.check(&e)?;
+        return Ok(e);
+    }
+    if !reference.exists() {
+        return Err(ReferenceError::Missing(reference.into()));
+    }
+    enroll_from(det, &[reference.to_path_buf()], cfg, progress)
+}
