@@ -132,6 +132,20 @@ pub trait Notifier: Send + Sync {
 pub struct NoNotify;
 impl Notifier for NoNotify {}
 
+/// The running HTTP API: its task and the signal that stops it.
+struct HttpServer {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Where a detector runs: the execution provider, the device and whether its engine came from a cache.
+#[derive(Debug, Clone, Default)]
+struct Placement {
+    provider: String,
+    device: String,
+    engine_cache: String,
+}
+
 pub struct Daemon {
     cfg: Config,
     boot: String,
@@ -144,13 +158,12 @@ pub struct Daemon {
     cameras: BTreeMap<String, CameraRuntime>,
     store_tx: Option<crossbeam_channel::Sender<StoreJob>>,
     store_thread: Option<std::thread::JoinHandle<()>>,
-    http: Option<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
+    http: Option<HttpServer>,
     http_addr: Option<SocketAddr>,
     broker_addr: Option<SocketAddr>,
     loaded: Arc<AtomicBool>,
-    provider: String,
-    device: String,
-    engine_cache: String,
+    /// Where the last loaded detector runs, for `anomalyd_model_info`.
+    placement: Placement,
     /// The file reload commands read again (as SIGHUP does).
     config_path: Option<std::path::PathBuf>,
     model_labels: BTreeMap<String, ModelLabels>,
@@ -170,30 +183,15 @@ impl Daemon {
         }
         let metrics = Arc::new(Metrics::new());
         let boot = format!("{:x}", verdict::unix_ms(SystemTime::now()));
-        let (embedded, local_port) = if cfg.mqtt.broker == "embedded" {
-            let port = cfg.mqtt.embedded_port;
-            let started = tokio::task::spawn_blocking(move || crate::control::broker::start(port)).await?;
-            match started {
-                Ok(addr) => (Some(addr), Some(port)),
-                // A broker already serves this box (e.g. mosquitto): use it rather than fail.
-                Err(crate::control::broker::BrokerError::Bind { addr, cause })
-                    if cause.kind() == std::io::ErrorKind::AddrInUse =>
-                {
-                    tracing::warn!(
-                        "{addr} is already taken, presumably by an MQTT broker: publishing there instead of \
-                         starting the embedded one (set mqtt.broker to silence this)"
-                    );
-                    (None, Some(port))
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            (None, None)
-        };
+        let (embedded, local_port) = start_broker(&cfg).await?;
         let node = cfg.daemon.node.clone();
         let options = mqtt::options(&cfg.mqtt, &node, local_port)?;
         let topics = Topics { prefix: cfg.mqtt.topic_prefix.clone(), node: node.clone() };
         let mqtt_state = Arc::new(MqttState::default());
+        // Unbounded on purpose (docs/ARCHITECTURE.md, "Channels"): the frame path never waits for the
+        // network. Verdicts and notes are drained by the link on every turn, connected or not, into the
+        // byte-bounded outbox and the bounded note queue; commands and states come a few per operator
+        // action or camera event and are consumed as they come.
         let (cmd_tx, commands) = mpsc::unbounded_channel();
         let http_commands = cmd_tx.clone();
         let (retained_tx, retained_rx) = mpsc::unbounded_channel();
@@ -249,9 +247,7 @@ impl Daemon {
             http_addr: None,
             broker_addr: embedded,
             loaded: loaded.clone(),
-            provider: String::new(),
-            device: String::new(),
-            engine_cache: String::new(),
+            placement: Placement::default(),
             config_path: None,
             model_labels: BTreeMap::new(),
             explainer: explainer.clone(),
@@ -259,48 +255,7 @@ impl Daemon {
         };
 
         if !cfg.http.listen.is_empty() {
-            let (listener, addr) = http::bind(&cfg.http.listen).await?;
-            let ready_shared = shared.clone();
-            let ready: http::ReadyFn = Arc::new(move || {
-                let mut why = Vec::new();
-                if !loaded.load(Ordering::SeqCst) {
-                    why.push("cameras are still loading their enrolments".to_string());
-                }
-                if !mqtt_state.connected.load(Ordering::SeqCst) {
-                    why.push("not connected to the MQTT broker".into());
-                }
-                for (name, cam) in sync::lock(&ready_shared).iter() {
-                    let age = cam.worker_silent_ms();
-                    if age > intake::WORKER_STALL_MS {
-                        why.push(format!("camera {name}'s inspection worker has not responded for {age} ms"));
-                    }
-                }
-                if why.is_empty() { Ok(()) } else { Err(why) }
-            });
-            let token = sections::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
-            let router = http::router(HttpState {
-                metrics: metrics.clone(),
-                store,
-                ready,
-                commands: http_commands,
-                token,
-                protect_reads: cfg.http.protect_reads,
-                explainer: explainer.clone(),
-            });
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(async move {
-                let serve = axum::serve(listener, router).with_graceful_shutdown(async {
-                    let _ = stop_rx.await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!("HTTP API stopped: {e}");
-                }
-            });
-            tracing::info!(
-                "HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID, /v1/frames/ID/chat)"
-            );
-            daemon.http = Some((task, stop_tx));
-            daemon.http_addr = Some(addr);
+            daemon.start_http(&cfg, store, http_commands, mqtt_state, loaded).await?;
         }
 
         for cam in cfg.camera.clone() {
@@ -311,6 +266,59 @@ impl Daemon {
         }
         daemon.loaded.store(true, Ordering::SeqCst);
         Ok(daemon)
+    }
+
+    /// Starts the HTTP API on `http.listen`: metrics, health and readiness (cameras loaded, broker
+    /// connected, no stalled worker), frames, and the commands that need the token.
+    async fn start_http(
+        &mut self,
+        cfg: &Config,
+        store: Option<Arc<Store>>,
+        http_commands: mpsc::UnboundedSender<Command>,
+        mqtt_state: Arc<MqttState>,
+        loaded: Arc<AtomicBool>,
+    ) -> Result<(), DaemonError> {
+        let (listener, addr) = http::bind(&cfg.http.listen).await?;
+        let ready_shared = self.shared.clone();
+        let ready: http::ReadyFn = Arc::new(move || {
+            let mut why = Vec::new();
+            if !loaded.load(Ordering::SeqCst) {
+                why.push("cameras are still loading their enrolments".to_string());
+            }
+            if !mqtt_state.connected.load(Ordering::SeqCst) {
+                why.push("not connected to the MQTT broker".into());
+            }
+            for (name, cam) in sync::lock(&ready_shared).iter() {
+                let age = cam.worker_silent_ms();
+                if age > intake::WORKER_STALL_MS {
+                    why.push(format!("camera {name}'s inspection worker has not responded for {age} ms"));
+                }
+            }
+            if why.is_empty() { Ok(()) } else { Err(why) }
+        });
+        let token = sections::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
+        let router = http::router(HttpState {
+            metrics: self.metrics.clone(),
+            store,
+            ready,
+            commands: http_commands,
+            token,
+            protect_reads: cfg.http.protect_reads,
+            explainer: self.explainer.clone(),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("HTTP API stopped: {e}");
+            }
+        });
+        tracing::info!("HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID, /v1/frames/ID/chat)");
+        self.http = Some(HttpServer { task, stop: stop_tx });
+        self.http_addr = Some(addr);
+        Ok(())
     }
 
     /// The configuration file that reload commands (MQTT, HTTP) read again, as SIGHUP does.
@@ -352,9 +360,11 @@ impl Daemon {
         })
         .await
         .map_err(|_| DaemonError::LoadPanicked { camera: cam.name.clone() })??;
-        self.provider = detector.encoder().provider().to_string();
-        self.device = detector.device();
-        self.engine_cache = detector.engine_cache().to_string();
+        self.placement = Placement {
+            provider: detector.encoder().provider().to_string(),
+            device: detector.device(),
+            engine_cache: detector.engine_cache().to_string(),
+        };
         let model = Arc::new(model);
         self.model_metric(&cam.name, &model);
         let Some(verdict_tx) = self.verdict_tx.clone() else {
@@ -439,9 +449,9 @@ impl Daemon {
             camera: camera.into(),
             model: m.model.name.clone(),
             sha256: m.model.sha256.clone(),
-            provider: self.provider.clone(),
-            device: self.device.clone(),
-            engine_cache: self.engine_cache.clone(),
+            provider: self.placement.provider.clone(),
+            device: self.placement.device.clone(),
+            engine_cache: self.placement.engine_cache.clone(),
             enrolment: m.enrolment_ref.id.clone(),
         };
         let old = self.model_labels.insert(camera.into(), labels.clone());
@@ -758,7 +768,7 @@ impl Daemon {
 
     /// Stops the HTTP API, waiting up to `wait` for it to finish.
     async fn stop_http(&mut self, wait: Option<Duration>) {
-        if let Some((task, stop)) = self.http.take() {
+        if let Some(HttpServer { task, stop }) = self.http.take() {
             let _ = stop.send(());
             if let Some(w) = wait {
                 let _ = tokio::time::timeout(w, task).await;
@@ -779,6 +789,31 @@ impl StateReporter {
         self.metrics.camera_state(camera, state, &CAMERA_STATES);
         let _ = self.retained.send((self.topics.camera_state(camera), state.to_string()));
     }
+}
+
+/// Starts the embedded broker when `mqtt.broker = "embedded"`: its address (when it started) and the
+/// local port to publish to.
+async fn start_broker(cfg: &Config) -> Result<(Option<SocketAddr>, Option<u16>), DaemonError> {
+    Ok(if cfg.mqtt.broker == "embedded" {
+        let port = cfg.mqtt.embedded_port;
+        let started = tokio::task::spawn_blocking(move || crate::control::broker::start(port)).await?;
+        match started {
+            Ok(addr) => (Some(addr), Some(port)),
+            // A broker already serves this box (e.g. mosquitto): use it rather than fail.
+            Err(crate::control::broker::BrokerError::Bind { addr, cause })
+                if cause.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                tracing::warn!(
+                    "{addr} is already taken, presumably by an MQTT broker: publishing there instead of \
+                     starting the embedded one (set mqtt.broker to silence this)"
+                );
+                (None, Some(port))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        (None, None)
+    })
 }
 
 /// Opens the `[llm]` backend (off the async threads: a model takes seconds to load) and starts the

@@ -425,6 +425,47 @@ impl Pipeline {
         self.ensure_bank(uid, banks, &meta.distances)?;
         let t0 = self.gpu.mark()?;
 
+        let prepared = self.preprocess(enc, frames, (iw, ih))?;
+        let t1 = self.gpu.mark()?;
+        let feats = self.run_encoder(enc, n, h, w)?;
+        let t2 = self.gpu.mark()?;
+
+        let pooled = self.pool(meta, &feats, n)?;
+        let grids = self.layer_distances(meta, &pooled, prepared, n, (w, h))?;
+        let (patch_grid, pgw, pgh) = self.patch_grid(meta, &grids, n)?;
+        let scores = self.image_scores(meta, &grids, (patch_grid, pgw, pgh), n)?;
+        let map_ptr = self.smoothed_map(meta, (patch_grid, pgw, pgh), n, (w, h))?;
+        let t3 = self.gpu.mark()?;
+
+        // Back to the host: the maps, the patch grids and the scores.
+        let mut maps = vec![0.0f32; n * w * h];
+        let mut pgrids = vec![0.0f32; n * pgw * pgh];
+        let mut s = vec![0.0f32; n];
+        let stream = self.gpu.stream.cu_stream();
+        // SAFETY: each source holds at least the destination's bytes; synchronised below.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut maps, map_ptr, stream)?;
+            cudarc::driver::result::memcpy_dtoh_async(&mut pgrids, patch_grid, stream)?;
+            cudarc::driver::result::memcpy_dtoh_async(&mut s, scores, stream)?;
+        }
+        self.gpu.sync()?;
+        let ms = |a: &cudarc::driver::CudaEvent, b: &cudarc::driver::CudaEvent| a.elapsed_ms(b).unwrap_or(f32::NAN);
+        let timings = Timings { preprocess_ms: ms(&t0, &t1), encoder_ms: ms(&t1, &t2), decoder_ms: ms(&t2, &t3) };
+        Ok((0..n)
+            .map(|i| Scored {
+                patch_grid: Grid::new(pgw, pgh, pgrids[i * pgw * pgh..(i + 1) * pgw * pgh].to_vec()),
+                map: Grid::new(w, h, maps[i * w * h..(i + 1) * w * h].to_vec()),
+                score: s[i],
+                timings,
+            })
+            .collect())
+    }
+
+    /// Uploads each frame, resizes it to the encoder input (the CPU's triangle filter) and normalises it
+    /// into the encoder's input. Returns the resized RGB8 frames (the background mask reads them).
+    fn preprocess(&mut self, enc: &mut Encoder, frames: &[&RgbImage], (iw, ih): (u32, u32)) -> Result<u64, GpuError> {
+        let n = frames.len();
+        let (w, h) = (iw as usize, ih as usize);
         // Preprocessing: upload, resize (image's triangle filter), normalise into slot 0.
         let prepared = self.buf("prepared", n * w * h * 3)?;
         let input = self.input_buffer(enc, n, h, w)?;
@@ -489,10 +530,17 @@ impl Pipeline {
                 ],
             )?;
         }
-        let t1 = self.gpu.mark()?;
-        let feats = self.run_encoder(enc, n, h, w)?;
-        let t2 = self.gpu.mark()?;
+        Ok(prepared)
+    }
 
+    /// Pools each encoder output the enrolment's layers need, once: raw for L2 layers, unit rows for
+    /// cosine ones.
+    fn pool(
+        &mut self,
+        meta: &EnrolmentMeta,
+        feats: &[Part],
+        n: usize,
+    ) -> Result<HashMap<(usize, bool), Part>, GpuError> {
         // Patches: each needed output pooled once (raw for L2 layers, unit rows for cosine ones).
         let mut outputs: Vec<usize> = meta.groups.iter().flatten().copied().collect();
         outputs.sort_unstable();
@@ -536,8 +584,19 @@ impl Pipeline {
                 pooled.insert((o, true), (unit, (c, ph, pw)));
             }
         }
+        Ok(pooled)
+    }
 
-        // Per bank layer: the query matrix, its nearest neighbours, the distance grid.
+    /// Per bank layer: the query matrix, its nearest neighbours in the bank, and the distance grid
+    /// (masked to the foreground on a plain backdrop). Returns each layer's grid and its size.
+    fn layer_distances(
+        &mut self,
+        meta: &EnrolmentMeta,
+        pooled: &HashMap<(usize, bool), Part>,
+        prepared: u64,
+        n: usize,
+        (w, h): (usize, usize),
+    ) -> Result<Vec<(u64, usize, usize)>, GpuError> {
         let groups = meta.groups.len();
         while self.qt_bufs.len() < groups {
             self.qt_bufs.push(DevBuf::empty(&self.gpu));
@@ -545,161 +604,180 @@ impl Pipeline {
         }
         let mut grids: Vec<(u64, usize, usize)> = Vec::new();
         for g in 0..groups {
-            let cosine = meta.distances[g] == Distance::Cosine;
-            let parts: Vec<Part> = meta.groups[g]
-                .iter()
-                .map(|o| pooled.get(&(*o, cosine)).copied().ok_or_else(|| GpuError::Unsupported("missing part".into())))
-                .collect::<Result<_, _>>()?;
-            // The layer's grid is its finest part's (the last of equal size, as max_by_key).
-            let (_, (_, gh, gw)) =
-                *parts.iter().rev().max_by_key(|(_, (_, ph, pw))| ph * pw).expect("a group has parts");
-            let dim: usize = parts.iter().map(|(_, (c, _, _))| c).sum();
-            let nq = n * gh * gw;
-            self.qt_bufs[g].ensure(&self.gpu, dim * nq * 4)?;
-            let qt = self.qt_bufs[g].ptr();
-            let mut offset = 0usize;
-            let mut seg = vec![0i32];
-            for &(p, (c, ph, pw)) in &parts {
-                let [y0, y1, ty] = self.bilinear(gh, ph)?;
-                let [x0, x1, tx] = self.bilinear(gw, pw)?;
-                self.gpu.launch_n(
-                    "gather_part",
-                    n * c * gh * gw,
-                    &[
-                        Arg::P(p),
-                        Arg::I(c as i32),
-                        Arg::I(ph as i32),
-                        Arg::I(pw as i32),
-                        Arg::P(qt),
-                        Arg::L(nq as i64),
-                        Arg::I(offset as i32),
-                        Arg::I(gh as i32),
-                        Arg::I(gw as i32),
-                        Arg::I(n as i32),
-                        Arg::P(y0),
-                        Arg::P(y1),
-                        Arg::P(ty),
-                        Arg::P(x0),
-                        Arg::P(x1),
-                        Arg::P(tx),
-                    ],
-                )?;
-                offset += c;
-                seg.push(offset as i32);
-            }
-            if cosine && parts.len() > 1 {
-                let segs = self.table(format!("seg-{seg:?}"), || seg.clone())?;
-                self.gpu.launch_n(
-                    "normalize_segments",
-                    nq,
-                    &[Arg::P(qt), Arg::L(nq as i64), Arg::P(segs), Arg::I(parts.len() as i32)],
-                )?;
-            }
-            let (bank_rows, bank_pos, bank_sq, nb, bdim) = {
-                let (_, dev) = self.bank.as_ref().expect("bank uploaded above");
-                let b = &dev[g];
-                (b.rows.ptr(), b.pos.ptr(), b.sq.as_ref().map(|s| s.ptr()), b.len, b.dim)
-            };
-            if bdim != dim {
-                return Err(GpuError::Unsupported(format!("bank layer {g} has {bdim} dims, the patches {dim}")));
-            }
-            let qsq = match bank_sq {
-                Some(_) => {
-                    let q = self.buf("qsq", nq * 4)?;
-                    self.gpu.launch_n(
-                        "column_sq",
-                        nq,
-                        &[Arg::P(qt), Arg::L(nq as i64), Arg::I(dim as i32), Arg::P(q)],
-                    )?;
-                    Some(q)
-                }
-                None => None,
-            };
-            let chunk = nb.min((SIM_FLOATS / nq.max(1)).max(256));
-            let nsplit = chunk.div_ceil(128).clamp(1, 32);
-            let per_split = chunk.div_ceil(nsplit);
-            let sims = self.buf("sims", chunk * nq * 4)?;
-            let pbest = self.buf("pbest", 2 * nsplit * nq * 4)?;
-            let parg = self.buf("parg", 2 * nsplit * nq * 4)?;
-            let best = self.buf("best", 2 * nq * 4)?;
-            let arg = self.buf("arg", 2 * nq * 4)?;
-            let nearest = self.buf("nearest", nq * 4)?;
-            let use_window = i32::from(meta.window < 1.0);
-            for (ci, b0) in (0..nb).step_by(chunk).enumerate() {
-                let nbc = chunk.min(nb - b0);
-                self.gpu.matmul(bank_rows + (b0 * dim * 4) as u64, qt, sims, nbc, nq, dim)?;
-                let splits = nbc.div_ceil(per_split) as u32;
-                self.gpu.launch(
-                    "knn_partial",
-                    (nq.div_ceil(256) as u32, splits, 1),
-                    256,
-                    &[
-                        Arg::P(sims),
-                        Arg::L(nq as i64),
-                        Arg::I(nbc as i32),
-                        Arg::I(b0 as i32),
-                        Arg::I(per_split as i32),
-                        Arg::P(bank_sq.unwrap_or(0)),
-                        Arg::P(bank_pos),
-                        Arg::I(gw as i32),
-                        Arg::I(gh as i32),
-                        Arg::I(use_window),
-                        Arg::F(meta.window),
-                        Arg::P(pbest),
-                        Arg::P(parg),
-                    ],
-                )?;
-                self.gpu.launch_n(
-                    "knn_merge",
-                    nq,
-                    &[
-                        Arg::P(pbest),
-                        Arg::P(parg),
-                        Arg::I(splits as i32),
-                        Arg::L(nq as i64),
-                        Arg::P(best),
-                        Arg::P(arg),
-                        Arg::I(i32::from(ci == 0)),
-                    ],
-                )?;
-            }
-            self.dist_bufs[g].ensure(&self.gpu, nq * 4)?;
-            let dist = self.dist_bufs[g].ptr();
+            grids.push(self.layer_distance(meta, g, pooled, prepared, n, (w, h))?);
+        }
+        Ok(grids)
+    }
+
+    /// Bank layer `g`: its query matrix from the pooled parts (bilinear to the layer's grid), the
+    /// nearest bank row of each query (GEMM in chunks, fused row-min, positional window), and the
+    /// distance grid, masked to the foreground on a plain backdrop.
+    fn layer_distance(
+        &mut self,
+        meta: &EnrolmentMeta,
+        g: usize,
+        pooled: &HashMap<(usize, bool), Part>,
+        prepared: u64,
+        n: usize,
+        (w, h): (usize, usize),
+    ) -> Result<(u64, usize, usize), GpuError> {
+        let cosine = meta.distances[g] == Distance::Cosine;
+        let parts: Vec<Part> = meta.groups[g]
+            .iter()
+            .map(|o| pooled.get(&(*o, cosine)).copied().ok_or_else(|| GpuError::Unsupported("missing part".into())))
+            .collect::<Result<_, _>>()?;
+        // The layer's grid is its finest part's (the last of equal size, as max_by_key).
+        let (_, (_, gh, gw)) = *parts.iter().rev().max_by_key(|(_, (_, ph, pw))| ph * pw).expect("a group has parts");
+        let dim: usize = parts.iter().map(|(_, (c, _, _))| c).sum();
+        let nq = n * gh * gw;
+        self.qt_bufs[g].ensure(&self.gpu, dim * nq * 4)?;
+        let qt = self.qt_bufs[g].ptr();
+        let mut offset = 0usize;
+        let mut seg = vec![0i32];
+        for &(p, (c, ph, pw)) in &parts {
+            let [y0, y1, ty] = self.bilinear(gh, ph)?;
+            let [x0, x1, tx] = self.bilinear(gw, pw)?;
             self.gpu.launch_n(
-                "knn_finish",
-                nq,
+                "gather_part",
+                n * c * gh * gw,
                 &[
-                    Arg::P(best),
-                    Arg::P(arg),
-                    Arg::P(qsq.unwrap_or(0)),
+                    Arg::P(p),
+                    Arg::I(c as i32),
+                    Arg::I(ph as i32),
+                    Arg::I(pw as i32),
+                    Arg::P(qt),
                     Arg::L(nq as i64),
-                    Arg::I(use_window),
-                    Arg::P(dist),
-                    Arg::P(nearest),
+                    Arg::I(offset as i32),
+                    Arg::I(gh as i32),
+                    Arg::I(gw as i32),
+                    Arg::I(n as i32),
+                    Arg::P(y0),
+                    Arg::P(y1),
+                    Arg::P(ty),
+                    Arg::P(x0),
+                    Arg::P(x1),
+                    Arg::P(tx),
                 ],
             )?;
-            if let Some(bg) = &meta.background {
-                self.gpu.launch_n(
-                    "mask_background",
-                    nq,
-                    &[
-                        Arg::P(dist),
-                        Arg::I(gw as i32),
-                        Arg::I(gh as i32),
-                        Arg::I(n as i32),
-                        Arg::P(prepared),
-                        Arg::I(w as i32),
-                        Arg::I(h as i32),
-                        Arg::F(bg.rgb[0]),
-                        Arg::F(bg.rgb[1]),
-                        Arg::F(bg.rgb[2]),
-                        Arg::F(bg.tolerance),
-                    ],
-                )?;
-            }
-            grids.push((dist, gw, gh));
+            offset += c;
+            seg.push(offset as i32);
         }
+        if cosine && parts.len() > 1 {
+            let segs = self.table(format!("seg-{seg:?}"), || seg.clone())?;
+            self.gpu.launch_n(
+                "normalize_segments",
+                nq,
+                &[Arg::P(qt), Arg::L(nq as i64), Arg::P(segs), Arg::I(parts.len() as i32)],
+            )?;
+        }
+        let (bank_rows, bank_pos, bank_sq, nb, bdim) = {
+            let (_, dev) = self.bank.as_ref().expect("bank uploaded above");
+            let b = &dev[g];
+            (b.rows.ptr(), b.pos.ptr(), b.sq.as_ref().map(|s| s.ptr()), b.len, b.dim)
+        };
+        if bdim != dim {
+            return Err(GpuError::Unsupported(format!("bank layer {g} has {bdim} dims, the patches {dim}")));
+        }
+        let qsq = match bank_sq {
+            Some(_) => {
+                let q = self.buf("qsq", nq * 4)?;
+                self.gpu.launch_n("column_sq", nq, &[Arg::P(qt), Arg::L(nq as i64), Arg::I(dim as i32), Arg::P(q)])?;
+                Some(q)
+            }
+            None => None,
+        };
+        let chunk = nb.min((SIM_FLOATS / nq.max(1)).max(256));
+        let nsplit = chunk.div_ceil(128).clamp(1, 32);
+        let per_split = chunk.div_ceil(nsplit);
+        let sims = self.buf("sims", chunk * nq * 4)?;
+        let pbest = self.buf("pbest", 2 * nsplit * nq * 4)?;
+        let parg = self.buf("parg", 2 * nsplit * nq * 4)?;
+        let best = self.buf("best", 2 * nq * 4)?;
+        let arg = self.buf("arg", 2 * nq * 4)?;
+        let nearest = self.buf("nearest", nq * 4)?;
+        let use_window = i32::from(meta.window < 1.0);
+        for (ci, b0) in (0..nb).step_by(chunk).enumerate() {
+            let nbc = chunk.min(nb - b0);
+            self.gpu.matmul(bank_rows + (b0 * dim * 4) as u64, qt, sims, nbc, nq, dim)?;
+            let splits = nbc.div_ceil(per_split) as u32;
+            self.gpu.launch(
+                "knn_partial",
+                (nq.div_ceil(256) as u32, splits, 1),
+                256,
+                &[
+                    Arg::P(sims),
+                    Arg::L(nq as i64),
+                    Arg::I(nbc as i32),
+                    Arg::I(b0 as i32),
+                    Arg::I(per_split as i32),
+                    Arg::P(bank_sq.unwrap_or(0)),
+                    Arg::P(bank_pos),
+                    Arg::I(gw as i32),
+                    Arg::I(gh as i32),
+                    Arg::I(use_window),
+                    Arg::F(meta.window),
+                    Arg::P(pbest),
+                    Arg::P(parg),
+                ],
+            )?;
+            self.gpu.launch_n(
+                "knn_merge",
+                nq,
+                &[
+                    Arg::P(pbest),
+                    Arg::P(parg),
+                    Arg::I(splits as i32),
+                    Arg::L(nq as i64),
+                    Arg::P(best),
+                    Arg::P(arg),
+                    Arg::I(i32::from(ci == 0)),
+                ],
+            )?;
+        }
+        self.dist_bufs[g].ensure(&self.gpu, nq * 4)?;
+        let dist = self.dist_bufs[g].ptr();
+        self.gpu.launch_n(
+            "knn_finish",
+            nq,
+            &[
+                Arg::P(best),
+                Arg::P(arg),
+                Arg::P(qsq.unwrap_or(0)),
+                Arg::L(nq as i64),
+                Arg::I(use_window),
+                Arg::P(dist),
+                Arg::P(nearest),
+            ],
+        )?;
+        if let Some(bg) = &meta.background {
+            self.gpu.launch_n(
+                "mask_background",
+                nq,
+                &[
+                    Arg::P(dist),
+                    Arg::I(gw as i32),
+                    Arg::I(gh as i32),
+                    Arg::I(n as i32),
+                    Arg::P(prepared),
+                    Arg::I(w as i32),
+                    Arg::I(h as i32),
+                    Arg::F(bg.rgb[0]),
+                    Arg::F(bg.rgb[1]),
+                    Arg::F(bg.rgb[2]),
+                    Arg::F(bg.tolerance),
+                ],
+            )?;
+        }
+        Ok((dist, gw, gh))
+    }
 
+    /// The map's patch grid: the mean of the non-score layers on the finest of them.
+    fn patch_grid(
+        &mut self,
+        meta: &EnrolmentMeta,
+        grids: &[(u64, usize, usize)],
+        n: usize,
+    ) -> Result<(u64, usize, usize), GpuError> {
         // The map's grid: the mean of the non-score layers on the finest of them.
         let map_layers: Vec<(u64, usize, usize)> =
             grids.iter().enumerate().filter(|(i, _)| Some(*i) != meta.score_group).map(|(_, g)| *g).collect();
@@ -722,7 +800,17 @@ impl Pipeline {
             )?;
             acc
         };
+        Ok((patch_grid, pgw, pgh))
+    }
 
+    /// Each image's score: the mean of the top fraction of the score layer's (or the map's) patch scores.
+    fn image_scores(
+        &mut self,
+        meta: &EnrolmentMeta,
+        grids: &[(u64, usize, usize)],
+        (patch_grid, pgw, pgh): (u64, usize, usize),
+        n: usize,
+    ) -> Result<u64, GpuError> {
         // Image score: the top fraction of the score layer's (or the map's) patch scores.
         let (score_src, sgw, sgh) = match meta.score_group {
             Some(s) => grids[s],
@@ -737,7 +825,18 @@ impl Pipeline {
             256,
             &[Arg::P(score_src), Arg::I(len as i32), Arg::I(k as i32), Arg::P(scores)],
         )?;
+        Ok(scores)
+    }
 
+    /// The anomaly map: the patch grid bilinear to the input size, then the Gaussian (sigma scaled with
+    /// the input).
+    fn smoothed_map(
+        &mut self,
+        meta: &EnrolmentMeta,
+        (patch_grid, pgw, pgh): (u64, usize, usize),
+        n: usize,
+        (w, h): (usize, usize),
+    ) -> Result<u64, GpuError> {
         // The map: bilinear to the input size, then the Gaussian (sigma scaled with the input).
         let up = self.buf("map_up", n * w * h * 4)?;
         self.resize_grid(n, patch_grid, (pgw, pgh), up, (w, h), false)?;
@@ -768,30 +867,7 @@ impl Pipeline {
         } else {
             up
         };
-        let t3 = self.gpu.mark()?;
-
-        // Back to the host: the maps, the patch grids and the scores.
-        let mut maps = vec![0.0f32; n * w * h];
-        let mut pgrids = vec![0.0f32; n * pgw * pgh];
-        let mut s = vec![0.0f32; n];
-        let stream = self.gpu.stream.cu_stream();
-        // SAFETY: each source holds at least the destination's bytes; synchronised below.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut maps, map_ptr, stream)?;
-            cudarc::driver::result::memcpy_dtoh_async(&mut pgrids, patch_grid, stream)?;
-            cudarc::driver::result::memcpy_dtoh_async(&mut s, scores, stream)?;
-        }
-        self.gpu.sync()?;
-        let ms = |a: &cudarc::driver::CudaEvent, b: &cudarc::driver::CudaEvent| a.elapsed_ms(b).unwrap_or(f32::NAN);
-        let timings = Timings { preprocess_ms: ms(&t0, &t1), encoder_ms: ms(&t1, &t2), decoder_ms: ms(&t2, &t3) };
-        Ok((0..n)
-            .map(|i| Scored {
-                patch_grid: Grid::new(pgw, pgh, pgrids[i * pgw * pgh..(i + 1) * pgw * pgh].to_vec()),
-                map: Grid::new(w, h, maps[i * w * h..(i + 1) * w * h].to_vec()),
-                score: s[i],
-                timings,
-            })
-            .collect())
+        Ok(map_ptr)
     }
 }
 
