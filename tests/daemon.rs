@@ -132,11 +132,11 @@ impl Sub {
             .unwrap();
         let out = child.stdout.take().unwrap();
         let lines: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let sink = lines.clone();
+        let intake = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let (topic, payload) = line.split_once(' ').unwrap_or((&line, ""));
-                sink.lock().unwrap().push((topic.to_string(), payload.to_string()));
+                intake.lock().unwrap().push((topic.to_string(), payload.to_string()));
             }
         });
         std::thread::sleep(Duration::from_millis(300));
@@ -614,12 +614,12 @@ fn frames_from(
 ) -> (Vec<image::RgbImage>, anomalyd::source::SourceEnd) {
     use anomalyd::source::intake::Intake;
     let t = Intake::new_test("gst", 64, true, anomalyd::config::daemon::Trigger::EveryFrame);
-    let h = source.start(t.sink.clone()).unwrap();
+    let h = source.start(t.intake.clone()).unwrap();
     let t0 = Instant::now();
     while !h.thread.is_finished() && t0.elapsed() < timeout {
         std::thread::sleep(Duration::from_millis(20));
     }
-    t.sink.stop_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+    t.intake.stop_flag().store(true, std::sync::atomic::Ordering::SeqCst);
     let end = h.thread.join().unwrap();
     let frames = t.queue.try_iter().map(|f| f.image.unwrap()).collect();
     (frames, end)

@@ -434,8 +434,8 @@ impl Daemon {
     }
 
     fn start_source(&self, rt: &mut CameraRuntime, shared: &Arc<CameraShared>) -> Result<(), DaemonError> {
-        let sink = Intake::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
-        let handle = rt.cfg.source.start(sink)?;
+        let intake = Intake::new(shared.clone(), rt.queue_tx.clone(), rt.cfg.source.is_live(), rt.stop.clone());
+        let handle = rt.cfg.source.start(intake)?;
         self.metrics.camera_up(&rt.cfg.name, true);
         rt.source = Some(handle);
         rt.ended = None;

@@ -6,7 +6,7 @@
 //!   daemon vanishes; `stopped` after a clean exit.
 //! - `<prefix>/<node>/cmd`: commands, e.g. `{"cmd":"trigger","camera":"cam1","part_id":"P-1"}`.
 //! - `<prefix>/<node>/<camera>/description`: the words for each NG frame, after its verdict, keyed by
-//!   frame id (`llm::service::Description`).
+//!   frame id (`describe::explainer::Description`).
 //! - `<prefix>/<node>/chat/request` → `<prefix>/<node>/chat/response`: questions about a frame,
 //!   `{"frame_id":"…","question":"…","request_id":"…"}`, answered with the same `request_id`.
 

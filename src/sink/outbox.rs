@@ -195,7 +195,7 @@ mod tests {
 
     fn msg(seq: u64) -> VerdictMessage {
         let t = Intake::new_test("c", 1, true, crate::config::daemon::Trigger::EveryFrame);
-        t.sink.camera.skeleton(seq, format!("c-0-{seq}"), None, std::time::SystemTime::now())
+        t.intake.camera.skeleton(seq, format!("c-0-{seq}"), None, std::time::SystemTime::now())
     }
 
     #[test]

@@ -86,21 +86,21 @@ pub fn part(variant: u64, defect: Defect) -> RgbImage {
 /// Distinct parts before the sequence repeats.
 pub const CYCLE: u64 = 24;
 
-pub fn run(fps: f32, frames: u64, defect_every: u64, sink: Intake) -> SourceEnd {
+pub fn run(fps: f32, frames: u64, defect_every: u64, intake: Intake) -> SourceEnd {
     let mut drawn: Vec<Option<image::RgbImage>> = vec![None; CYCLE as usize];
     let period = if fps > 0.0 { Some(Duration::from_secs_f64(1.0 / fps as f64)) } else { None };
     let start = Instant::now();
     let mut n = 0u64;
     while frames == 0 || n < frames {
         if let Some(p) = period
-            && !pace(start + p.mul_f64(n as f64), &sink)
+            && !pace(start + p.mul_f64(n as f64), &intake)
         {
             return SourceEnd::Stopped;
         }
-        if sink.stopping() {
+        if intake.stopping() {
             return SourceEnd::Stopped;
         }
-        if period.is_none() && !sink.wants_frame() {
+        if period.is_none() && !intake.wants_frame() {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
@@ -117,7 +117,7 @@ pub fn run(fps: f32, frames: u64, defect_every: u64, sink: Intake) -> SourceEnd 
                 part(k, defect)
             })
             .clone();
-        sink.offer(Ok(img), SystemTime::now(), Instant::now());
+        intake.offer(Ok(img), SystemTime::now(), Instant::now());
     }
     SourceEnd::Eos
 }

@@ -70,26 +70,26 @@ fn wildcard(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, sink: Intake) -> SourceEnd {
+pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, intake: Intake) -> SourceEnd {
     let period = if fps > 0.0 { Some(Duration::from_secs_f64(1.0 / fps as f64)) } else { None };
     let start = Instant::now();
     let mut n = 0u64;
     loop {
         for path in &files {
             if let Some(p) = period {
-                if !pace(start + p.mul_f64(n as f64), &sink) {
+                if !pace(start + p.mul_f64(n as f64), &intake) {
                     return SourceEnd::Stopped;
                 }
             } else {
                 // Replay as fast as inspected; a triggered camera waits for its trigger.
-                while !sink.wants_frame() {
-                    if sink.stopping() {
+                while !intake.wants_frame() {
+                    if intake.stopping() {
                         return SourceEnd::Stopped;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
-            if sink.stopping() {
+            if intake.stopping() {
                 return SourceEnd::Stopped;
             }
             // A replay folder on a share that vanished is an unplugged camera: fail, and be restarted.
@@ -102,9 +102,9 @@ pub fn run(files: Vec<PathBuf>, fps: f32, repeat: bool, sink: Intake) -> SourceE
             let (captured, at) = (SystemTime::now(), Instant::now());
             let image = imageio::load_rgb(path).map_err(|e| e.to_string());
             if let Err(e) = &image {
-                tracing::warn!(camera = %sink.camera.name, "{e}");
+                tracing::warn!(camera = %intake.camera.name, "{e}");
             }
-            sink.offer(image, captured, at);
+            intake.offer(image, captured, at);
         }
         if !repeat {
             return SourceEnd::Eos;

@@ -1,6 +1,6 @@
 //! GStreamer sources: a pipeline description per kind, ending in an appsink that anomalyd asks for
 //! RGB. The appsink holds at most one buffer and never drops: each sample is copied (row by row, by
-//! stride) into the camera's sink at once, which SKIPs it explicitly when the queue is full.
+//! stride) into the camera's intake at once, which SKIPs it explicitly when the queue is full.
 
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
@@ -95,20 +95,20 @@ fn sample_to_rgb(sample: &gst::Sample) -> Result<RgbImage, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Runs a pipeline until EOS, an error or the sink's stop flag; always leaves it in `Null`.
-pub fn run(description: &str, sink: Intake) -> SourceEnd {
-    let name = sink.camera.name.clone();
-    let pipeline = match build(description, sink.clone()) {
+/// Runs a pipeline until EOS, an error or the intake's stop flag; always leaves it in `Null`.
+pub fn run(description: &str, intake: Intake) -> SourceEnd {
+    let name = intake.camera.name.clone();
+    let pipeline = match build(description, intake.clone()) {
         Ok(p) => p,
         Err(e) => return SourceEnd::Failed(e),
     };
-    let end = watch(&pipeline, &sink);
+    let end = watch(&pipeline, &intake);
     let _ = pipeline.set_state(gst::State::Null);
     tracing::info!(camera = %name, "source ended: {end:?}");
     end
 }
 
-fn build(description: &str, sink: Intake) -> Result<gst::Pipeline, String> {
+fn build(description: &str, intake: Intake) -> Result<gst::Pipeline, String> {
     let element = gst::parse::launch(description).map_err(|e| format!("pipeline {description:?}: {e}"))?;
     let pipeline = match element.downcast::<gst::Pipeline>() {
         Ok(p) => p,
@@ -131,8 +131,8 @@ fn build(description: &str, sink: Intake) -> Result<gst::Pipeline, String> {
             .new_sample(move |appsink| {
                 let (captured, at) = (SystemTime::now(), Instant::now());
                 let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                sink.offer(sample_to_rgb(&sample), captured, at);
-                if sink.stopping() { Err(gst::FlowError::Flushing) } else { Ok(gst::FlowSuccess::Ok) }
+                intake.offer(sample_to_rgb(&sample), captured, at);
+                if intake.stopping() { Err(gst::FlowError::Flushing) } else { Ok(gst::FlowSuccess::Ok) }
             })
             .build(),
     );
@@ -140,10 +140,10 @@ fn build(description: &str, sink: Intake) -> Result<gst::Pipeline, String> {
     Ok(pipeline)
 }
 
-fn watch(pipeline: &gst::Pipeline, sink: &Intake) -> SourceEnd {
+fn watch(pipeline: &gst::Pipeline, intake: &Intake) -> SourceEnd {
     let Some(bus) = pipeline.bus() else { return SourceEnd::Failed("pipeline has no bus".into()) };
     loop {
-        if sink.stopping() {
+        if intake.stopping() {
             break SourceEnd::Stopped;
         }
         let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };

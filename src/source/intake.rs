@@ -311,7 +311,7 @@ impl Intake {
 /// A camera with no detector behind it, for tests of sources and sinks: its frames are read from the
 /// returned queue and its verdicts from the returned receiver.
 pub struct TestCamera {
-    pub sink: Intake,
+    pub intake: Intake,
     pub queue: crossbeam_channel::Receiver<Frame>,
     pub verdicts: tokio::sync::mpsc::UnboundedReceiver<Outgoing>,
 }
@@ -328,7 +328,7 @@ impl Intake {
         let cam = CameraShared::new(name, "node", "0", model, vtx, Arc::new(Metrics::new()));
         cam.set_trigger(trigger, Duration::from_millis(50));
         let (tx, queue) = crossbeam_channel::bounded(queue);
-        TestCamera { sink: Intake::new(Arc::new(cam), tx, live, Arc::new(AtomicBool::new(false))), queue, verdicts }
+        TestCamera { intake: Intake::new(Arc::new(cam), tx, live, Arc::new(AtomicBool::new(false))), queue, verdicts }
     }
 }
 
@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn a_live_frame_finding_the_queue_full_leaves_as_skipped() {
         let mut t = Intake::new_test("c", 2, true, Trigger::EveryFrame);
-        let offers: Vec<Offer> = (0..5).map(|_| t.sink.offer(frame(), SystemTime::now(), Instant::now())).collect();
+        let offers: Vec<Offer> = (0..5).map(|_| t.intake.offer(frame(), SystemTime::now(), Instant::now())).collect();
         assert_eq!(offers, [Offer::Queued, Offer::Queued, Offer::Skipped, Offer::Skipped, Offer::Skipped]);
         let mut skipped = Vec::new();
         while let Ok(o) = t.verdicts.try_recv() {
@@ -356,16 +356,16 @@ mod tests {
                 .all(|m| m.verdict == Outcome::Skipped && m.reason.as_deref().unwrap().contains("queue full"))
         );
         assert_eq!(t.queue.len(), 2);
-        let m = &t.sink.camera.metrics;
+        let m = &t.intake.camera.metrics;
         assert_eq!(m.sample(r#"anomalyd_skipped_total{camera="c",reason="queue_full"}"#), Some(3.0));
     }
 
     #[test]
     fn replay_waits_for_room_and_gives_the_frame_back_on_shutdown() {
         let t = Intake::new_test("c", 1, false, Trigger::EveryFrame);
-        assert_eq!(t.sink.offer(frame(), SystemTime::now(), Instant::now()), Offer::Queued);
-        let sink = t.sink.clone();
-        let h = std::thread::spawn(move || sink.offer(frame(), SystemTime::now(), Instant::now()));
+        assert_eq!(t.intake.offer(frame(), SystemTime::now(), Instant::now()), Offer::Queued);
+        let intake = t.intake.clone();
+        let h = std::thread::spawn(move || intake.offer(frame(), SystemTime::now(), Instant::now()));
         std::thread::sleep(Duration::from_millis(100));
         assert!(t.queue.recv().is_ok(), "first frame");
         assert_eq!(h.join().unwrap(), Offer::Queued, "the second waited for room instead of being skipped");
@@ -375,15 +375,15 @@ mod tests {
     #[test]
     fn triggers_tag_the_next_frame_and_expire_as_errors() {
         let mut t = Intake::new_test("c", 4, true, Trigger::Triggered);
-        assert_eq!(t.sink.offer(frame(), SystemTime::now(), Instant::now()), Offer::Idle, "no trigger: not a part");
-        t.sink.camera.push_trigger("P-9".into());
-        assert_eq!(t.sink.offer(frame(), SystemTime::now(), Instant::now()), Offer::Queued);
+        assert_eq!(t.intake.offer(frame(), SystemTime::now(), Instant::now()), Offer::Idle, "no trigger: not a part");
+        t.intake.camera.push_trigger("P-9".into());
+        assert_eq!(t.intake.offer(frame(), SystemTime::now(), Instant::now()), Offer::Queued);
         assert_eq!(t.queue.recv().unwrap().part_id.as_deref(), Some("P-9"));
-        t.sink.camera.push_trigger("P-10".into());
+        t.intake.camera.push_trigger("P-10".into());
         std::thread::sleep(Duration::from_millis(80));
-        t.sink.camera.expire_triggers();
+        t.intake.camera.expire_triggers();
         let m = t.verdicts.try_recv().unwrap().msg;
         assert_eq!((m.verdict, m.part_id.as_deref()), (Outcome::Error, Some("P-10")));
-        assert!(!t.sink.camera.trigger_pending());
+        assert!(!t.intake.camera.trigger_pending());
     }
 }

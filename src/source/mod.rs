@@ -1,5 +1,5 @@
 //! Camera sources. Each kind is one file; every source runs on its own thread, pushes frames into
-//! its camera's [`Intake`] and returns how it ended. Stopping is a flag passed in (the sink's).
+//! its camera's [`Intake`] and returns how it ended. Stopping is a flag passed in (the intake's).
 //!
 //! - `files` and `demo` decode and generate in Rust: replay then decodes exactly as `anomalyd
 //!   inspect` does, so the daemon's verdicts match it image for image.
@@ -41,8 +41,8 @@ pub struct SourceHandle {
 
 impl SourceConfig {
     /// Starts the source on its own thread.
-    pub fn start(&self, sink: Intake) -> Result<SourceHandle, SourceError> {
-        let camera = sink.camera.name.clone();
+    pub fn start(&self, intake: Intake) -> Result<SourceHandle, SourceError> {
+        let camera = intake.camera.name.clone();
         let spawn = |name: &str, f: Box<dyn FnOnce() -> SourceEnd + Send>| {
             std::thread::Builder::new()
                 .name(format!("src-{name}"))
@@ -57,17 +57,17 @@ impl SourceConfig {
                 if files.is_empty() {
                     return Err(SourceError::Start { camera, reason: format!("{path:?} matches no image files") });
                 }
-                spawn(&camera.clone(), Box::new(move || files::run(files, fps, repeat, sink)))
+                spawn(&camera.clone(), Box::new(move || files::run(files, fps, repeat, intake)))
             }
             SourceConfig::Demo { fps, frames, defect_every } => {
-                spawn(&camera.clone(), Box::new(move || demo::run(fps, frames, defect_every, sink)))
+                spawn(&camera.clone(), Box::new(move || demo::run(fps, frames, defect_every, intake)))
             }
             #[cfg(feature = "gstreamer")]
             other => {
                 let description = gst::description(&other);
                 gst::check_element(other.required_element().unwrap_or("appsink"))
                     .map_err(|reason| SourceError::Start { camera: camera.clone(), reason })?;
-                spawn(&camera.clone(), Box::new(move || gst::run(&description, sink)))
+                spawn(&camera.clone(), Box::new(move || gst::run(&description, intake)))
             }
             #[cfg(not(feature = "gstreamer"))]
             other => Err(SourceError::Start {
@@ -111,9 +111,9 @@ fn gst_element_available(element: &str) -> Result<(), String> {
 }
 
 /// Sleeps until `deadline` in short steps so that a stop request is noticed; false when stopped.
-pub(crate) fn pace(deadline: std::time::Instant, sink: &Intake) -> bool {
+pub(crate) fn pace(deadline: std::time::Instant, intake: &Intake) -> bool {
     loop {
-        if sink.stopping() {
+        if intake.stopping() {
             return false;
         }
         let now = std::time::Instant::now();
