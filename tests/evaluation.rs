@@ -52,10 +52,27 @@ fn eval_on_a_generated_category() {
     // 9 images a seed; thin scratches can fall under the automatic threshold (see the detection tests).
     assert!(m.accuracy >= 7.0 / 9.0 - 1e-9, "{m:?}");
     let json = eval::report_json(&[report]);
-    for key in ["image_auroc", "pixel_auroc", "pro", "f1_max", "accuracy", "ms_per_image"] {
+    assert_eq!(json["false_reject_target"], eval::FALSE_REJECT_TARGET);
+    for key in
+        ["image_auroc", "pixel_auroc", "pro", "f1_max", "accuracy", "frr", "escape", "best_escape", "ms_per_image"]
+    {
         assert!(json["categories"]["parts"][key].is_number(), "{key}: {json}");
         assert!(json["mean"][key].is_number(), "{key}");
     }
+}
+
+#[test]
+fn a_folder_of_datasets_is_walked_to_every_category() {
+    let dir = tempfile::tempdir().unwrap();
+    for cat in ["mvtec/bottle", "mvtec/cable", "kolektorsdd/kos", "deep/a/b/c"] {
+        std::fs::create_dir_all(dir.path().join(cat).join("train/good")).unwrap();
+        std::fs::create_dir_all(dir.path().join(cat).join("test/good")).unwrap();
+    }
+    // A category's own test folders are not searched for more categories, nor are folders too deep.
+    std::fs::create_dir_all(dir.path().join("too/deep/to/be/found/train/good")).unwrap();
+    std::fs::create_dir_all(dir.path().join("too/deep/to/be/found/test")).unwrap();
+    let names: Vec<String> = eval::categories(dir.path()).unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["deep/a/b/c", "kolektorsdd/kos", "mvtec/bottle", "mvtec/cable"]);
 }
 
 #[test]

@@ -37,6 +37,10 @@ pub enum EvalError {
     List(#[from] imageio::ListError),
 }
 
+/// The share of good parts a plant may reject, at which `eval` reports the best escape rate in
+/// hindsight (`best_escape`) and which it writes into the JSON as `false_reject_target`.
+pub const FALSE_REJECT_TARGET: f64 = 0.05;
+
 /// Metrics of one category (or their mean), all in 0..=1 except `ms_per_image`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
@@ -45,6 +49,14 @@ pub struct Scores {
     pub pro: f64,
     pub f1_max: f64,
     pub accuracy: f64,
+    /// Share of good images judged NG by the automatic threshold.
+    pub frr: f64,
+    /// Share of defective images judged OK by the automatic threshold.
+    pub escape: f64,
+    /// Escape rate of the best threshold in hindsight that rejects at most [`FALSE_REJECT_TARGET`] of the good images.
+    pub best_escape: f64,
+    /// Accuracy of the best threshold in hindsight.
+    pub hindsight_accuracy: f64,
     pub ms_per_image: f64,
 }
 
@@ -58,6 +70,10 @@ impl Scores {
             pro: avg(|s| s.pro),
             f1_max: avg(|s| s.f1_max),
             accuracy: avg(|s| s.accuracy),
+            frr: avg(|s| s.frr),
+            escape: avg(|s| s.escape),
+            best_escape: avg(|s| s.best_escape),
+            hindsight_accuracy: avg(|s| s.hindsight_accuracy),
             ms_per_image: avg(|s| s.ms_per_image),
         }
     }
@@ -103,23 +119,40 @@ struct TestItem {
     mask: Option<PathBuf>,
 }
 
-/// Categories under `dir`: `dir` itself if it has train/ and test/, else its subfolders that do.
+/// Categories under `dir`: `dir` itself if it has train/good and test/, else every folder below it that
+/// does (a folder of datasets, e.g. `../shared/datasets`, down to [`MAX_DEPTH`] levels), named by their
+/// path below `dir` (`kolektorsdd/kos`).
 pub fn categories(dir: &Path) -> Result<Vec<(String, PathBuf)>, EvalError> {
-    let is_cat = |p: &Path| p.join("train/good").is_dir() && p.join("test").is_dir();
-    if is_cat(dir) {
+    if is_category(dir) {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "category".into());
         return Ok(vec![(name, dir.to_path_buf())]);
     }
-    let mut cats: Vec<(String, PathBuf)> = imageio::list_dir(dir)?
-        .into_iter()
-        .filter(|p| is_cat(p))
-        .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p))
-        .collect();
+    let mut cats = Vec::new();
+    find_categories(dir, dir, 1, &mut cats)?;
     cats.sort();
     if cats.is_empty() {
         return Err(EvalError::NotDataset(dir.to_path_buf()));
     }
     Ok(cats)
+}
+
+/// How deep below the given folder `eval` looks for categories.
+pub const MAX_DEPTH: usize = 4;
+
+fn is_category(p: &Path) -> bool {
+    p.join("train/good").is_dir() && p.join("test").is_dir()
+}
+
+fn find_categories(root: &Path, dir: &Path, depth: usize, out: &mut Vec<(String, PathBuf)>) -> Result<(), EvalError> {
+    for p in imageio::list_dir(dir)?.into_iter().filter(|p| p.is_dir()) {
+        if is_category(&p) {
+            let name = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+            out.push((name, p));
+        } else if depth < MAX_DEPTH {
+            find_categories(root, &p, depth + 1, out)?;
+        }
+    }
+    Ok(())
 }
 
 fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {
@@ -241,6 +274,7 @@ fn run_seed(
         on_image();
     }
     let m = &enrolment.meta;
+    let op = measures::operating_point(&scores, &verdicts, &labels, FALSE_REJECT_TARGET);
     Ok(Run {
         seed,
         shots: refs.iter().map(|(n, _)| n.clone()).collect(),
@@ -250,6 +284,10 @@ fn run_seed(
             pro: pro.aupro(0.3, 300),
             f1_max: measures::f1_max(&scores, &labels),
             accuracy: measures::accuracy(&verdicts, &labels),
+            frr: op.frr,
+            escape: op.escape,
+            best_escape: op.best_escape,
+            hindsight_accuracy: op.hindsight_accuracy,
             ms_per_image: total_ms / tests.len().max(1) as f64,
         },
         geometry: match m.geometry {
@@ -269,10 +307,12 @@ fn run_seed(
     })
 }
 
-/// The `--json` report: `{"categories": {name: scores}, "mean": scores, "runs": {name: [...]}}`.
+/// The `--json` report: `{"false_reject_target": f, "categories": {name: scores}, "mean": scores,
+/// "runs": {name: [...]}}`; each run keeps its per-image records (`images`: file, anomalous, score, verdict).
 pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
     let mean = Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>());
     serde_json::json!({
+        "false_reject_target": FALSE_REJECT_TARGET,
         "categories": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.mean).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
         "mean": mean,
         "runs": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.runs).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
@@ -282,14 +322,35 @@ pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
 
 /// The printed table.
 pub fn table(reports: &[CategoryReport]) -> String {
+    let target = format!("best@{:.0}%", FALSE_REJECT_TARGET * 100.0);
     let mut s = format!(
-        "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9}\n",
-        "category", "img AUROC", "pix AUROC", "PRO", "F1-max", "accuracy", "ms/image"
+        "{:<24} {:>9} {:>9} {:>7} {:>7} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9}\n",
+        "category",
+        "img AUROC",
+        "pix AUROC",
+        "PRO",
+        "F1-max",
+        "accuracy",
+        "FRR",
+        "escape",
+        target,
+        "hindsight",
+        "ms/image"
     );
     let row = |name: &str, m: &Scores| {
         format!(
-            "{:<20} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3} {:>9.1}\n",
-            name, m.image_auroc, m.pixel_auroc, m.pro, m.f1_max, m.accuracy, m.ms_per_image
+            "{:<24} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3} {:>6.2} {:>6.2} {:>8.2} {:>9.3} {:>9.1}\n",
+            name,
+            m.image_auroc,
+            m.pixel_auroc,
+            m.pro,
+            m.f1_max,
+            m.accuracy,
+            m.frr,
+            m.escape,
+            m.best_escape,
+            m.hindsight_accuracy,
+            m.ms_per_image
         )
     };
     for r in reports {

@@ -64,6 +64,50 @@ pub fn accuracy(verdicts: &[bool], labels: &[bool]) -> f64 {
     verdicts.iter().zip(labels).filter(|(v, l)| v == l).count() as f64 / verdicts.len() as f64
 }
 
+/// How a verdict rule does at the operating point a plant cares about, from per-image scores, verdicts
+/// and labels (anomalous = true). The same definitions as `shared/tools/calib-check.py`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OperatingPoint {
+    /// Share of good images judged NG.
+    pub frr: f64,
+    /// Share of defective images judged OK.
+    pub escape: f64,
+    /// The escape rate of the best threshold in hindsight that flags at most `target` of the good images
+    /// (an image is flagged when its score is above the threshold).
+    pub best_escape: f64,
+    /// The accuracy of the best threshold in hindsight.
+    pub hindsight_accuracy: f64,
+}
+
+/// The [`OperatingPoint`] of `verdicts` at a false-reject target; NaN where a class is missing.
+pub fn operating_point(scores: &[f32], verdicts: &[bool], labels: &[bool], target: f64) -> OperatingPoint {
+    let share = |want: bool, verdict: bool| {
+        let of: Vec<bool> = verdicts.iter().zip(labels).filter(|(_, l)| **l == want).map(|(v, _)| *v).collect();
+        if of.is_empty() { f64::NAN } else { of.iter().filter(|v| **v == verdict).count() as f64 / of.len() as f64 }
+    };
+    let mut good: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| !**l).map(|(s, _)| *s).collect();
+    let bad: Vec<f32> = scores.iter().zip(labels).filter(|(_, l)| **l).map(|(s, _)| *s).collect();
+    good.sort_by(f32::total_cmp);
+    // Good images allowed above the threshold; the threshold sits on the next highest good score.
+    let k = (target * good.len() as f64 + 1e-9).floor() as usize;
+    let t = if k < good.len() { good[good.len() - 1 - k] } else { f32::NEG_INFINITY };
+    let best_escape =
+        if bad.is_empty() { f64::NAN } else { bad.iter().filter(|s| **s <= t).count() as f64 / bad.len() as f64 };
+    let mut cuts: Vec<f32> = scores.to_vec();
+    cuts.sort_by(f32::total_cmp);
+    cuts.dedup();
+    let below = cuts.first().map(|c| c - 1.0);
+    let hindsight_accuracy = below
+        .into_iter()
+        .chain(cuts.iter().copied())
+        .map(|c| {
+            let right = scores.iter().zip(labels).filter(|(s, l)| (**s > c) == **l).count();
+            right as f64 / scores.len() as f64
+        })
+        .fold(f64::NAN, f64::max);
+    OperatingPoint { frr: share(false, true), escape: share(true, false), best_escape, hindsight_accuracy }
+}
+
 /// Accumulates pixel scores for PRO: the scores of every normal pixel, and per ground-truth region
 /// (8-connected component of one image's mask) the scores of its pixels.
 #[derive(Debug, Default)]
@@ -176,6 +220,24 @@ mod tests {
         let f = f1_max(&[0.9, 0.8, 0.7, 0.1], &[true, false, true, false]);
         assert!((f - 0.8).abs() < 1e-12, "{f}");
         assert_eq!(f1_max(&[0.9, 0.1], &[true, false]), 1.0);
+    }
+
+    #[test]
+    fn operating_point_hand_computed() {
+        // Good 0.1 0.2 0.3 0.4 0.9, defective 0.5 0.8 0.35; threshold 0.6 flags 0.9 (good) and 0.8.
+        let scores = [0.1, 0.2, 0.3, 0.4, 0.9, 0.5, 0.8, 0.35];
+        let labels = [false, false, false, false, false, true, true, true];
+        let verdicts: Vec<bool> = scores.iter().map(|s| *s >= 0.6).collect();
+        let p = operating_point(&scores, &verdicts, &labels, 0.2);
+        assert_eq!(p.frr, 0.2);
+        assert!((p.escape - 2.0 / 3.0).abs() < 1e-12);
+        // One good image in five may be flagged: the threshold is the next highest good score, 0.4,
+        // so 0.35 escapes and 0.5 and 0.8 are caught.
+        assert!((p.best_escape - 1.0 / 3.0).abs() < 1e-12);
+        // Best cut in hindsight: above 0.4 catches 0.5 and 0.8 and flags 0.9: 6 of 8 right; above 0.3 the same.
+        assert_eq!(p.hindsight_accuracy, 0.75);
+        // With no good image allowed above it, the threshold is the highest good score, 0.9: every defect escapes.
+        assert_eq!(operating_point(&scores, &verdicts, &labels, 0.0).best_escape, 1.0);
     }
 
     #[test]
