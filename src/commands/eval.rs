@@ -323,8 +323,9 @@ pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
 /// The printed table.
 pub fn table(reports: &[CategoryReport]) -> String {
     let target = format!("best@{:.0}%", FALSE_REJECT_TARGET * 100.0);
+    let w = reports.iter().map(|r| r.name.len()).max().unwrap_or(0).max(20);
     let mut s = format!(
-        "{:<24} {:>9} {:>9} {:>7} {:>7} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9}\n",
+        "{:<w$} {:>9} {:>9} {:>7} {:>7} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9}\n",
         "category",
         "img AUROC",
         "pix AUROC",
@@ -339,7 +340,7 @@ pub fn table(reports: &[CategoryReport]) -> String {
     );
     let row = |name: &str, m: &Scores| {
         format!(
-            "{:<24} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3} {:>6.2} {:>6.2} {:>8.2} {:>9.3} {:>9.1}\n",
+            "{:<w$} {:>9.3} {:>9.3} {:>7.3} {:>7.3} {:>9.3} {:>6.2} {:>6.2} {:>8.2} {:>9.3} {:>9.1}\n",
             name,
             m.image_auroc,
             m.pixel_auroc,
