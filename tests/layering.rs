@@ -165,3 +165,39 @@ fn the_path_reader_sees_grouped_and_inline_uses_but_not_comments() {
     let paths: Vec<String> = crate_paths(text).iter().map(|p| p.join("::")).collect();
     assert_eq!(paths, ["detect", "detect::map", "detect::regions::find", "sink::store::Store::new"]);
 }
+
+/// The code (not comments) of every file under `src/`, with its path.
+fn sources() -> Vec<(PathBuf, String)> {
+    let mut files = Vec::new();
+    rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect();
+            (f, code.join("\n"))
+        })
+        .collect()
+}
+
+#[test]
+fn anyhow_is_used_only_by_the_app() {
+    let users: Vec<String> = sources()
+        .into_iter()
+        .filter(|(f, code)| code.contains("anyhow") && !f.ends_with("src/app.rs"))
+        .map(|(f, _)| f.display().to_string())
+        .collect();
+    assert!(users.is_empty(), "library code must return thiserror types, not anyhow: {users:?}");
+}
+
+#[test]
+fn metrics_move_only_through_telemetry_methods() {
+    let raw = [".get_or_create(", ".inc()", ".inc_by(", ".dec_by(", ".observe("];
+    let users: Vec<String> = sources()
+        .into_iter()
+        .filter(|(f, code)| !f.ends_with("src/telemetry.rs") && raw.iter().any(|r| code.contains(r)))
+        .map(|(f, _)| f.display().to_string())
+        .collect();
+    assert!(users.is_empty(), "each metric event is one method in src/telemetry.rs: {users:?}");
+}
