@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::types::verdict::Outcome;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CameraLabel {
     pub camera: String,
@@ -358,13 +360,13 @@ impl Metrics {
     }
 
     /// A verdict left the frame path for the publisher; `reason` labels a SKIPPED or ERROR one.
-    pub fn verdict_emitted(&self, cam: &str, verdict: &str, reason: &str) {
-        self.frames.get_or_create(&VerdictLabels { camera: cam.into(), verdict: verdict.into() }).inc();
+    pub fn verdict_emitted(&self, cam: &str, verdict: Outcome, reason: &str) {
+        self.frames.get_or_create(&VerdictLabels { camera: cam.into(), verdict: verdict.as_str().into() }).inc();
         let labels = ReasonLabels { camera: cam.into(), reason: reason.into() };
         match verdict {
-            "SKIPPED" => self.skipped.get_or_create(&labels).inc(),
-            "ERROR" => self.errors.get_or_create(&labels).inc(),
-            _ => 0,
+            Outcome::Skipped => self.skipped.get_or_create(&labels).inc(),
+            Outcome::Error => self.errors.get_or_create(&labels).inc(),
+            Outcome::Ok | Outcome::Ng => 0,
         };
         self.publish_backlog.inc();
     }

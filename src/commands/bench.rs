@@ -4,11 +4,9 @@
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::detect::inspection::DetectError;
-
 use crate::detect::detector::Detector;
-
 use crate::detect::enrolment::Enrolment;
+use crate::detect::inspection::DetectError;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {

@@ -11,14 +11,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::config::detect::DetectConfig;
-
-use crate::detect::inspection::DetectError;
-
-use crate::detect::detector::Detector;
-
 use crate::commands::measures::{self, ProAccumulator};
+use crate::config::detect::DetectConfig;
+use crate::detect::detector::Detector;
 use crate::detect::enrolment::Enrolment;
+use crate::detect::inspection::DetectError;
 use crate::util::imageio;
 
 #[derive(Debug, thiserror::Error)]

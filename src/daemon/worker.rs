@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use crate::source::intake::CameraShared;
-
 use crate::describe::explainer::{Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::sink::store::StoreJob;
+use crate::source::intake::CameraShared;
 use crate::types::frame::Frame;
 use crate::types::verdict::{self, Outcome};
 

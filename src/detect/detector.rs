@@ -20,17 +20,9 @@ use image::RgbImage;
 
 use crate::config::engine::EngineConfig;
 use crate::detect::background;
-use crate::detect::enrolment::ALIGN;
-use crate::detect::enrolment::Bank;
-use crate::detect::enrolment::Enrolment;
-use crate::detect::enrolment::EnrolmentMeta;
-use crate::detect::inspection::DetectError;
-use crate::detect::inspection::Inspection;
-use crate::detect::inspection::Scored;
-use crate::detect::inspection::Timings;
-use crate::detect::inspection::verdict;
-
+use crate::detect::enrolment::{ALIGN, Bank, Enrolment, EnrolmentMeta};
 use crate::detect::features::{self, Distance, Patches};
+use crate::detect::inspection::{DetectError, Inspection, Scored, Timings, verdict};
 use crate::detect::map::{self, Grid};
 use crate::engine::encoder::Encoder;
 use crate::util::imageio::{self, Dihedral};

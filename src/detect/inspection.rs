@@ -7,8 +7,7 @@ use crate::detect::enrolment::Thresholds;
 use crate::detect::map::Grid;
 use crate::detect::regions;
 use crate::engine::encoder::EngineError;
-use crate::types::findings::Findings;
-use crate::types::findings::Region;
+use crate::types::findings::{Findings, Region};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {

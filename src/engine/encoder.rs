@@ -16,9 +16,7 @@ use ort::value::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::engine::DeviceChoice;
-use crate::config::engine::EngineConfig;
-use crate::config::engine::Provider;
+use crate::config::engine::{DeviceChoice, EngineConfig, Provider};
 
 /// The default encoder, compiled into the binary so that a fresh clone needs no model download.
 const DEFAULT_MODEL: &[u8] = include_bytes!("../../models/efficientnet_lite0_s16.onnx");

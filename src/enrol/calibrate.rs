@@ -11,19 +11,13 @@
 
 use image::RgbImage;
 
-use crate::detect::detector::Detector;
-use crate::detect::enrolment::Calibration;
-use crate::detect::enrolment::Thresholds;
-use crate::detect::map::quantile;
-use crate::enrol::bank;
-
-use crate::detect::enrolment::{Bank, EnrolmentMeta};
-
 use crate::config::detect::DetectConfig;
-
+use crate::detect::detector::Detector;
+use crate::detect::enrolment::{Bank, Calibration, EnrolmentMeta, Thresholds};
 use crate::detect::features::{self, Patches};
 use crate::detect::inspection::DetectError;
-use crate::detect::map::Grid;
+use crate::detect::map::{Grid, quantile};
+use crate::enrol::bank;
 use crate::enrol::synth::{self, Kind};
 use crate::util::imageio::{self, Dihedral};
 use crate::util::rng::Rng;

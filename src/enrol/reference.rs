@@ -6,12 +6,9 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 
 use crate::config::detect::DetectConfig;
-
-use crate::detect::inspection::DetectError;
-
 use crate::detect::detector::Detector;
-
 use crate::detect::enrolment::Enrolment;
+use crate::detect::inspection::DetectError;
 use crate::enrol::file::EnrolmentError;
 use crate::util::imageio::{self, ImageError};
 

@@ -22,8 +22,7 @@ use tokio::sync::mpsc;
 use crate::config::daemon::{LogVerdicts, MqttConfig, broker_addr, read_secret};
 use crate::sink::outbox::Outbox;
 use crate::telemetry::Metrics;
-use crate::types::verdict::Outgoing;
-use crate::types::verdict::{self, Outcome, VerdictMessage};
+use crate::types::verdict::{self, Outcome, Outgoing, VerdictMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {

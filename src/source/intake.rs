@@ -11,11 +11,11 @@ use image::RgbImage;
 
 use crate::config::daemon::Trigger;
 use crate::detect::enrolment::Enrolment;
-use crate::telemetry::{Metrics, ReasonLabels};
+use crate::telemetry::Metrics;
 use crate::types::frame::Frame;
-use crate::types::verdict::Outgoing;
-use crate::types::verdict::VerdictTx;
-use crate::types::verdict::{self, EnrolmentRef, Latency, ModelRef, Outcome, SCHEMA, VerdictMessage};
+use crate::types::verdict::{
+    self, EnrolmentRef, Latency, ModelRef, Outcome, Outgoing, SCHEMA, VerdictMessage, VerdictTx,
+};
 use crate::util::sync;
 
 /// The product model a camera inspects against; swapped whole on reload.
@@ -149,10 +149,6 @@ impl CameraShared {
         }
     }
 
-    pub fn reason(&self, reason: &str) -> ReasonLabels {
-        ReasonLabels { camera: self.name.clone(), reason: reason.into() }
-    }
-
     /// A verdict message with identity and model filled in, verdict ERROR until set.
     pub fn skeleton(
         &self,
@@ -192,7 +188,7 @@ impl CameraShared {
     /// Counts a verdict and hands it to the publisher. `reason_label` names the SKIPPED/ERROR cause.
     pub fn emit(&self, mut msg: VerdictMessage, captured_at: Instant, reason_label: &str) {
         msg.latency_ms.total = captured_at.elapsed().as_secs_f32() * 1e3;
-        self.metrics.verdict_emitted(&self.name, msg.verdict.as_str(), reason_label);
+        self.metrics.verdict_emitted(&self.name, msg.verdict, reason_label);
         if self.verdicts.send(Outgoing { msg, captured_at }).is_err() {
             // Only after the publisher has finished, which happens after every camera has stopped.
             tracing::error!(camera = %self.name, "verdict produced after the publisher stopped");

@@ -22,8 +22,7 @@ use image::RgbImage;
 
 use serde::Serialize;
 
-use crate::config::llm::BackendChoice;
-use crate::config::llm::LlmConfig;
+use crate::config::llm::{BackendChoice, LlmConfig};
 use crate::describe::template::Message;
 
 pub mod http;

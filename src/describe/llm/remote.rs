@@ -12,9 +12,8 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::config::llm::LlmConfig;
-use crate::describe::llm::http;
 use crate::describe::llm::http::HttpError;
-use crate::describe::llm::{Attachment, Backend, Completion, GenOptions, LlmError, Session};
+use crate::describe::llm::{Attachment, Backend, Completion, GenOptions, LlmError, Session, http};
 use crate::describe::template::Message;
 use crate::util::url::Url;
 
