@@ -47,6 +47,9 @@ pub struct DetectConfig {
     /// Mask patches of the plain background out of the score: `auto` does so for an aligned object
     /// whose shot has a plain border; `on` or `off` force it.
     pub foreground: Switch,
+    /// The share of good parts the line may reject: the automatic threshold is the score good parts
+    /// exceed this often under the product's normal-variation model (docs/CALIBRATION.md).
+    pub false_reject_target: f64,
     /// Calibration: how many nuisance views and simulated anomalies enrolment scores.
     pub normal_views: usize,
     pub anomaly_views: usize,
@@ -73,6 +76,7 @@ impl Default for DetectConfig {
             max_bank: 16_384,
             min_region: 0.0005,
             foreground: Switch::Auto,
+            false_reject_target: 0.05,
             normal_views: 12,
             anomaly_views: 24,
             seed: 0,

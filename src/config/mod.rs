@@ -138,6 +138,12 @@ impl Config {
         if !(0.0..0.5).contains(&d.min_region) {
             p.push(format!("detect.min_region = {}: use a fraction below 0.5", d.min_region));
         }
+        if !(d.false_reject_target > 0.0 && d.false_reject_target <= 0.2) {
+            p.push(format!(
+                "detect.false_reject_target = {}: use the share of good parts the line may reject, in (0, 0.2] (e.g. 0.05)",
+                d.false_reject_target
+            ));
+        }
         if d.normal_views == 0 || d.anomaly_views < 3 {
             p.push("detect.normal_views must be at least 1 and detect.anomaly_views at least 3".into());
         }
@@ -217,5 +223,14 @@ mod tests {
         .to_string();
         assert!(e.contains("detect.pool") && e.contains("detect.strides") && e.contains("detect.top_fraction"), "{e}");
         assert!(e.contains("detect.scale_augment"), "{e}");
+    }
+
+    #[test]
+    fn the_false_reject_target_and_the_warm_up_are_checked() {
+        let e = Config::parse("[detect]\nfalse_reject_target = 0.5\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("detect.false_reject_target = 0.5"), "{e}");
+        let toml = "[[camera]]\nname = \"c\"\nlearn_parts = 3\n[camera.source]\nkind = \"demo\"\n";
+        let problems = Config::parse(toml, Path::new("c.toml")).map(|c| c.validate_all());
+        assert!(format!("{problems:?}").contains("camera[0].learn_parts = 3"), "{problems:?}");
     }
 }

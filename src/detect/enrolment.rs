@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::features::Distance;
 use crate::detect::map::quantile;
+use crate::detect::normal::NormalModel;
 use crate::engine::encoder::InputSpec;
 use crate::util::imageio;
 use crate::util::imageio::Dihedral;
@@ -163,19 +164,30 @@ pub struct Calibration {
     pub stationarity: f32,
     /// Whether `held_out` holds leave-one-out scores of whole references (one per reference).
     pub leave_one_out: bool,
+    /// The share of good parts the threshold was chosen to reject.
+    #[serde(default)]
+    pub false_reject_target: f64,
+    /// The normal-variation model the image threshold came from, and what it was fitted on.
+    #[serde(default)]
+    pub model: Option<NormalModel>,
+    #[serde(default)]
+    pub evidence: String,
+    /// Share of the simulated anomalies the image threshold passes as good.
+    #[serde(default)]
+    pub simulated_escape: f32,
+    /// What enrolment or learning found worth a look (a reference unlike the others, a high expected
+    /// escape rate), each with its evidence.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Line mode: parts the thresholds and bank learned from, and parts the guard refused.
+    #[serde(default)]
+    pub learned_parts: usize,
+    #[serde(default)]
+    pub refused_parts: usize,
 }
 
 impl Calibration {
     pub fn anomaly_median(&self) -> f32 {
         quantile(&self.anomaly, 0.5)
-    }
-
-    /// A reference whose leave-one-out score is above the simulated-anomaly median.
-    pub fn outlier(&self) -> Option<(usize, f32)> {
-        if !self.leave_one_out {
-            return None;
-        }
-        let limit = self.anomaly_median();
-        self.held_out.iter().copied().enumerate().find(|&(_, s)| s > limit)
     }
 }

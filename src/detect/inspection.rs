@@ -24,11 +24,6 @@ pub enum DetectError {
          size and framing (use geometry = \"texture\" for surfaces that vary in size)"
     )]
     SizeMismatch { name: String, w: u32, h: u32, first: String, fw: u32, fh: u32 },
-    #[error(
-        "reference {name} does not look like the other references (its score {score:.3} is above the \
-         simulated-defect median {limit:.3}): is it the same product, framed the same way?"
-    )]
-    Outlier { name: String, score: f32, limit: f32 },
     #[error("enrolment was made with model {enrolled} but the encoder is {running}; enrol again with this model")]
     ModelMismatch { enrolled: String, running: String },
     #[error(transparent)]

@@ -16,7 +16,8 @@ use crate::detect::detector::Detector;
 use crate::detect::enrolment::{Bank, Calibration, EnrolmentMeta, Thresholds};
 use crate::detect::features::{self, Patches};
 use crate::detect::inspection::DetectError;
-use crate::detect::map::{Grid, quantile};
+use crate::detect::map::Grid;
+use crate::detect::normal::NormalModel;
 use crate::enrol::bank;
 use crate::enrol::synth::{self, Kind};
 use crate::util::imageio::{self, Dihedral};
@@ -105,27 +106,65 @@ pub(crate) fn calibrate(
         cal.held_out = leave_one_out(det, meta, banks, &half_patches, &halves, cfg.max_bank)?;
     }
 
-    for a in 0..cfg.anomaly_views {
+    cal.anomaly = simulate_anomalies(det, meta, banks, prepared, cfg.anomaly_views, &mut rng, &mut pixel_samples)?;
+
+    let choice = choose_image_threshold(&cal, cfg.false_reject_target);
+    let image = choice.threshold;
+    let pixel = choose_pixel_threshold(&pixel_samples, image);
+    cal.false_reject_target = cfg.false_reject_target;
+    cal.model = Some(choice.model);
+    cal.evidence = choice.evidence.clone();
+    cal.simulated_escape = simulated_escape(&cal.anomaly, image);
+    if cal.leave_one_out {
+        cal.warnings.extend(unlike_references(&cal, &meta.references));
+    }
+    if cal.simulated_escape > HIGH_ESCAPE {
+        cal.warnings.push(format!(
+            "{:.0}% of simulated defects score below the threshold: this product's defects may pass; add shots, \
+             or let it learn on the line (camera.learn_parts)",
+            100.0 * cal.simulated_escape
+        ));
+    }
+    progress(&format!(
+        "thresholds: image {image:.4} ({}: median {:.4}, spread {:.3}, target {:.1}% of good parts), pixel {pixel:.4}; \
+         simulated defects passed {:.0}%",
+        choice.evidence,
+        choice.model.median(),
+        choice.model.scale,
+        100.0 * cfg.false_reject_target,
+        100.0 * cal.simulated_escape
+    ));
+    for w in &cal.warnings {
+        progress(&format!("warning: {w}"));
+    }
+    Ok((Thresholds { image, pixel, source: "auto".into() }, cal))
+}
+
+/// Scores `n` simulated anomalies made from the normal images `bases` (each taking foreign material
+/// from the next) against `banks`; their maps and masks join `pixel_samples`.
+pub(crate) fn simulate_anomalies(
+    det: &mut Detector,
+    meta: &EnrolmentMeta,
+    banks: &[Bank],
+    bases: &[RgbImage],
+    n: usize,
+    rng: &mut Rng,
+    pixel_samples: &mut Vec<(Grid, Option<image::GrayImage>)>,
+) -> Result<Vec<f32>, DetectError> {
+    let k = bases.len();
+    let mut scores = Vec::with_capacity(n);
+    for a in 0..n {
         let i = a % k;
-        let base = synth::nuisance(&random_view(&prepared[i], &meta.augment, &mut rng), &mut rng, 0.03);
-        let donor = &prepared[(i + 1) % k];
+        let base = synth::nuisance(&random_view(&bases[i], &meta.augment, rng), rng, 0.03);
+        let donor = &bases[(i + 1) % k];
         let donor = imageio::resize(donor, base.width().min(donor.width()), base.height().min(donor.height()));
         let kind = Kind::ALL[a % Kind::ALL.len()];
-        let (img, mask) = synth::anomaly(&base, &donor, kind, &mut rng);
+        let (img, mask) = synth::anomaly(&base, &donor, kind, rng);
         let s = det.score_prepared(meta, banks, &img)?;
-        cal.anomaly.push(s.score);
+        scores.push(s.score);
         pixel_samples.push((s.map, Some(mask)));
     }
-
-    let image = choose_image_threshold(&cal);
-    let pixel = choose_pixel_threshold(&pixel_samples, image);
-    progress(&format!(
-        "thresholds: image {image:.4} (normal max {:.4}, held-out {:?}, anomaly median {:.4}), pixel {pixel:.4}",
-        quantile(&cal.normal, 1.0),
-        cal.held_out.iter().map(|v| (v * 1e4).round() / 1e4).collect::<Vec<_>>(),
-        cal.anomaly_median()
-    ));
-    Ok((Thresholds { image, pixel, source: "auto".into() }, cal))
+    Ok(scores)
 }
 
 /// Scores each part (a reference, or half of one) against a bank built from the other parts.
@@ -151,20 +190,80 @@ fn random_view(img: &RgbImage, augment: &[Dihedral], rng: &mut Rng) -> RgbImage 
     d.apply(img)
 }
 
-/// The image threshold rule.
+/// Above this share of simulated defects passed, enrolment warns that real defects may pass too.
+pub const HIGH_ESCAPE: f32 = 0.25;
+
+/// The image threshold and the evidence behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub threshold: f32,
+    pub model: NormalModel,
+    /// Which scores the model was fitted on, in words.
+    pub evidence: String,
+}
+
+/// The image threshold rule: the `1 - target` quantile of a [`NormalModel`] of good parts' scores.
 ///
-/// `n_hi` is the highest normal evidence: the largest nuisance-view score, raised to the largest
-/// held-out score where one exists (held-out references see real part-to-part variation that nuisance
-/// views of one shot cannot). `a_lo` is the 25th percentile of the simulated-anomaly scores. The
-/// threshold is the midpoint of the two when they are ordered; when simulated anomalies score below
-/// normal evidence the shots cannot separate them, and the threshold sits just above the normal evidence.
-pub fn choose_image_threshold(cal: &Calibration) -> f32 {
-    let mut n_hi = quantile(&cal.normal, 1.0);
-    if let Some(h) = cal.held_out.iter().copied().reduce(f32::max) {
-        n_hi = n_hi.max(h);
+/// Held-out scores (each reference against a bank of the others, or a single texture shot's halves
+/// against each other) are real part-to-part variation, so wherever there are two or more they alone
+/// place the model. Its spread needs [`MIN_HELD_OUT_FOR_SPREAD`] of them: with fewer (two halves, two or
+/// three shots) the nuisance views' spread stands in. Without held-out scores (one aligned shot) the
+/// model is the nuisance views' own. docs/CALIBRATION.md gives the measurements: nuisance views score far
+/// below real parts and spread more than they do, so they never place a model that held-out scores can.
+pub fn choose_image_threshold(cal: &Calibration, target: f64) -> Choice {
+    let n = cal.held_out.len();
+    let (model, evidence) = if n >= MIN_HELD_OUT_FOR_SPREAD {
+        (NormalModel::fit(&cal.held_out, MIN_SPREAD), format!("{n} held-out scores"))
+    } else if n >= 2 {
+        let spread = nuisance_spread(&cal.normal);
+        (NormalModel::fit(&cal.held_out, spread), format!("{n} held-out scores, spread of the nuisance views"))
+    } else {
+        let all: Vec<f32> = cal.normal.iter().chain(&cal.held_out).copied().collect();
+        (NormalModel::fit(&all, MIN_SPREAD), format!("{} nuisance views", all.len()))
+    };
+    let model = model.unwrap_or(NormalModel { location: 0.0, scale: MIN_SPREAD, samples: 0, inliers: 0 });
+    Choice { threshold: model.threshold(target), model, evidence }
+}
+
+/// Fewer held-out scores than this cannot estimate a spread (the MAD of two or three values is one gap).
+pub const MIN_HELD_OUT_FOR_SPREAD: usize = 4;
+
+/// The spread (log units) of nuisance views' scores: the least two good parts can differ.
+fn nuisance_spread(normal: &[f32]) -> f64 {
+    NormalModel::fit(normal, MIN_SPREAD).map_or(MIN_SPREAD, |m| m.scale)
+}
+
+/// No model is narrower than this (1% of the score), so identical scores still leave room.
+pub const MIN_SPREAD: f64 = 0.01;
+
+/// Share of simulated-anomaly scores below `threshold`.
+pub fn simulated_escape(anomaly: &[f32], threshold: f32) -> f32 {
+    if anomaly.is_empty() {
+        return f32::NAN;
     }
-    let a_lo = quantile(&cal.anomaly, 0.25);
-    if a_lo > n_hi { 0.5 * (n_hi + a_lo) } else { n_hi * 1.05 }
+    anomaly.iter().filter(|&&s| s < threshold).count() as f32 / anomaly.len() as f32
+}
+
+/// References whose leave-one-out score is an outlier of the model of the others' scores: a warning
+/// each, with its evidence. A reference is the user's word that a part is good, so it stays. The others
+/// are too few to estimate a spread, so the nuisance views' stands in.
+pub fn unlike_references(cal: &Calibration, names: &[String]) -> Vec<String> {
+    let floor = nuisance_spread(&cal.normal);
+    let mut out = Vec::new();
+    for (i, &s) in cal.held_out.iter().enumerate() {
+        let others: Vec<f32> = cal.held_out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, v)| *v).collect();
+        let Some(m) = NormalModel::fit(&others, floor) else { continue };
+        if m.is_outlier(s) {
+            out.push(format!(
+                "reference {} does not look like the others: scored against them it gets {s:.4}, {:.1} spreads \
+                 above their median {:.4}; is it the same product, framed the same way?",
+                names.get(i).map_or("?", |n| n.as_str()),
+                m.sigmas(s),
+                m.median()
+            ));
+        }
+    }
+    out
 }
 
 /// The mask threshold: the value that maximises pixel F1 on the simulated anomalies (their masks are
@@ -211,6 +310,7 @@ pub fn choose_pixel_threshold(samples: &[(Grid, Option<image::GrayImage>)], imag
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::map::quantile;
 
     #[test]
     fn quantiles_interpolate() {
@@ -222,19 +322,33 @@ mod tests {
     }
 
     #[test]
-    fn image_threshold_sits_between_separated_sets() {
-        let cal = Calibration { normal: vec![0.1, 0.2], anomaly: vec![0.5, 0.6, 0.7, 0.8], ..Default::default() };
-        let t = choose_image_threshold(&cal);
-        assert!(t > 0.2 && t < 0.575, "{t}");
-        // Held-out evidence raises the normal side.
-        let cal = Calibration { held_out: vec![0.4], ..cal };
-        assert!(choose_image_threshold(&cal) > 0.4);
+    fn held_out_scores_give_the_threshold_when_there_are_two_or_more() {
+        // Nuisance views sit low and tight; held-out references spread more and decide.
+        let cal = Calibration {
+            normal: vec![0.10, 0.11, 0.12, 0.10],
+            held_out: vec![0.30, 0.40, 0.35, 0.32],
+            anomaly: vec![0.2, 0.9],
+            ..Default::default()
+        };
+        let c = choose_image_threshold(&cal, 0.05);
+        assert!(c.threshold > 0.40, "{c:?}");
+        assert!(c.evidence.contains("held-out"), "{c:?}");
+        // A stricter target (fewer good parts rejected) raises it.
+        assert!(choose_image_threshold(&cal, 0.01).threshold > c.threshold);
     }
 
     #[test]
-    fn image_threshold_above_normal_when_sets_overlap() {
-        let cal = Calibration { normal: vec![0.3, 0.5], anomaly: vec![0.2, 0.25, 0.3, 0.9], ..Default::default() };
-        assert!(choose_image_threshold(&cal) > 0.5);
+    fn nuisance_views_give_the_threshold_without_held_out_evidence() {
+        let cal = Calibration { normal: vec![0.10, 0.12, 0.11, 0.13, 0.09], ..Default::default() };
+        let c = choose_image_threshold(&cal, 0.05);
+        assert!(c.threshold > 0.12 && c.threshold < 0.2, "{c:?}");
+        assert!(c.evidence.contains("nuisance"), "{c:?}");
+    }
+
+    #[test]
+    fn simulated_escape_counts_anomalies_below_the_threshold() {
+        assert_eq!(simulated_escape(&[0.1, 0.5, 0.9, 1.0], 0.6), 0.5);
+        assert!(simulated_escape(&[], 0.6).is_nan());
     }
 
     #[test]
@@ -248,15 +362,16 @@ mod tests {
     }
 
     #[test]
-    fn outlier_reference_is_found_only_with_leave_one_out() {
+    fn a_reference_unlike_the_others_is_a_warning_with_its_evidence() {
         let cal = Calibration {
-            held_out: vec![0.1, 0.9],
-            anomaly: vec![0.5, 0.6],
+            normal: vec![0.10, 0.11, 0.12],
+            held_out: vec![0.30, 0.31, 0.29, 0.90],
             leave_one_out: true,
             ..Default::default()
         };
-        assert_eq!(cal.outlier(), Some((1, 0.9)));
-        let cal = Calibration { leave_one_out: false, ..cal };
-        assert_eq!(cal.outlier(), None);
+        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let w = unlike_references(&cal, &names);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("reference d") && w[0].contains("0.9000"), "{w:?}");
     }
 }

@@ -173,13 +173,6 @@ impl Detector {
         let (thresholds, mut calibration) =
             calibrate::calibrate(self, &meta, &banks, &per_ref, &prepared, cfg, progress)?;
         calibration.stationarity = stationarity;
-        if let Some((i, score)) = calibration.outlier() {
-            return Err(DetectError::Outlier {
-                name: references[i].0.clone(),
-                score,
-                limit: calibration.anomaly_median(),
-            });
-        }
         meta.thresholds = thresholds;
         meta.calibration = calibration;
         Ok(Enrolment::new(meta, banks))
