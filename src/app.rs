@@ -34,10 +34,22 @@ pub fn run() -> Result<ExitCode> {
         Command::Validate { .. } => unreachable!("handled above"),
         Command::Run { duration } => run_cmd(base, cli.config.clone(), duration),
         Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
-        Command::Enroll { reference, out, opts } => {
+        Command::Enroll { reference, out, refine, opts } => {
             let cfg = configure(base, &opts)?;
             let mut det = detector(&cfg)?;
-            let e = enroll_from(&mut det, &reference, &cfg)?;
+            let e = match (&refine, reference.as_slice()) {
+                (None, _) => enroll_from(&mut det, &reference, &cfg)?,
+                (Some(dir), [one]) => {
+                    let base = load_reference(&mut det, one, &cfg)?;
+                    let (e, r) = reference::refine(&mut det, &base, dir, &cfg.detect, &mut log_progress)?;
+                    println!(
+                        "learned from {} of {} line images ({} refused by the guard)",
+                        r.entered, r.parts, r.refused
+                    );
+                    e
+                }
+                (Some(_), _) => bail!("--refine takes one --reference: an enrolment file or a folder of shots"),
+            };
             enrolment::save(&e, &out)?;
             println!(
                 "enrolled {} reference(s) into {} (image threshold {:.4}, pixel threshold {:.4})",
@@ -62,8 +74,38 @@ pub fn run() -> Result<ExitCode> {
             }
             inspect_cmd(&mut det, &e, &images, &out)
         }
-        Command::Eval { dir, shots, seeds, json, opts } => {
-            eval_cmd(&configure(base, &opts)?, &dir, shots, &seeds, json.as_deref())
+        Command::Enrolments { camera, rollback, to } => {
+            let root = &base.daemon.enrolments;
+            if root.as_os_str().is_empty() {
+                bail!("daemon.enrolments is \"\": this configuration keeps no learned versions");
+            }
+            let v = crate::enrol::versions::Versions::existing(root, &camera)?;
+            if rollback {
+                let active = v.rollback(to)?;
+                println!(
+                    "camera {camera}: version {active} is active now{}; reload the daemon to apply it (SIGHUP or POST /v1/reload)",
+                    if active == 0 { " (the base enrolment)" } else { "" }
+                );
+            }
+            println!("versions: {:?}, active: {:?}", v.list()?, v.active()?);
+            for c in v.history()? {
+                println!(
+                    "{}  {:<8} -> version {}  threshold {}  {}",
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.unix)),
+                    c.action,
+                    c.version,
+                    c.image_threshold.map_or("base".into(), |t| format!("{t:.4}")),
+                    c.note
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval { dir, shots, seeds, json, line, learn_parts, contamination, baseline, opts } => {
+            if !(0.0..0.5).contains(&contamination) {
+                bail!("--contamination {contamination}: use a share of defective parts in [0, 0.5)");
+            }
+            let line = line.then_some(eval::Line { parts: learn_parts, contamination });
+            eval_cmd(&configure(base, &opts)?, &dir, &shots, &seeds, line, baseline, json.as_deref())
         }
         Command::Chat { frame_id, url, token_file, image, reference, questions, llm_model, product, opts } => {
             let mut cfg = configure(base, &opts)?;
@@ -250,6 +292,9 @@ fn configure(mut cfg: Config, a: &DetectArgs) -> Result<Config> {
     if let Some(v) = a.device {
         cfg.engine.device = v;
     }
+    if let Some(v) = a.false_reject_target {
+        cfg.detect.false_reject_target = v;
+    }
     let problems = cfg.validate();
     if !problems.is_empty() {
         bail!("invalid settings:\n  {}", problems.join("\n  "));
@@ -327,13 +372,24 @@ fn demo_cmd(cfg: &Config, out: &Path) -> Result<ExitCode> {
     inspect_cmd(&mut det, &e, &queries, &out.join("overlays"))
 }
 
-fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<&Path>) -> Result<ExitCode> {
-    if shots == 0 {
+fn eval_cmd(
+    cfg: &Config,
+    dir: &Path,
+    shots: &[usize],
+    seeds: &[u64],
+    line: Option<eval::Line>,
+    baseline: Option<crate::cli::Baseline>,
+    json: Option<&Path>,
+) -> Result<ExitCode> {
+    if shots.is_empty() || shots.contains(&0) {
         bail!("--shots must be at least 1");
+    }
+    if line.is_some_and(|l| l.parts < crate::enrol::learn::MIN_PARTS) {
+        bail!("--learn-parts must be at least {}", crate::enrol::learn::MIN_PARTS);
     }
     let cats = eval::categories(dir)?;
     let mut det = detector(cfg)?;
-    let total: u64 = cats
+    let tests: u64 = cats
         .iter()
         .map(|(_, p)| {
             std::fs::read_dir(p.join("test"))
@@ -345,9 +401,9 @@ fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<
                 })
                 .unwrap_or(0)
         })
-        .sum::<u64>()
-        * seeds.len() as u64;
-    let bar = indicatif::ProgressBar::new(total);
+        .sum::<u64>();
+    let passes = 1 + line.is_some() as u64 + baseline.is_some() as u64;
+    let bar = indicatif::ProgressBar::new(tests * seeds.len() as u64 * shots.len() as u64 * passes);
     if std::io::stderr().is_terminal() {
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images  {elapsed} (eta {eta}) {msg}")
@@ -356,36 +412,50 @@ fn eval_cmd(cfg: &Config, dir: &Path, shots: usize, seeds: &[u64], json: Option<
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut reports = Vec::new();
-    for (name, path) in &cats {
-        bar.set_message(name.clone());
-        let mut done = 0u64;
-        let report = eval::evaluate(
-            &mut det,
-            name,
-            path,
-            &eval::Plan { shots, seeds, detect: &cfg.detect },
-            &mut || {
+    let patchcore = eval::patchcore(&cfg.detect);
+    let (mut reports, mut baselines) = (Vec::new(), Vec::new());
+    for &k in shots {
+        for (name, path) in &cats {
+            let name = if shots.len() > 1 { format!("{name}@{k}shot") } else { name.clone() };
+            bar.set_message(name.clone());
+            let mut done = 0u64;
+            let mut on_image = || {
                 bar.inc(1);
                 done += 1;
-                if !bar.is_hidden() || !done.is_multiple_of(100) {
-                    return;
+                if bar.is_hidden() && done.is_multiple_of(100) {
+                    tracing::info!("{name}: {done} images inspected");
                 }
-                tracing::info!("{name}: {done} images inspected");
-            },
-            &mut |m| bar.suspend(|| tracing::info!("{m}")),
-        )?;
-        reports.push(report);
+            };
+            let mut log = |m: &str| bar.suspend(|| tracing::info!("{m}"));
+            let plan = eval::Plan { shots: k, seeds, detect: &cfg.detect, line };
+            let e = eval::evaluate(&mut det, &name, path, &plan, &mut on_image, &mut log)?;
+            reports.push(e.enrolment);
+            reports.extend(e.line);
+            if baseline.is_some() {
+                let plan = eval::Plan { shots: k, seeds, detect: &patchcore, line: None };
+                let mut b = eval::evaluate(&mut det, &name, path, &plan, &mut on_image, &mut log)?.enrolment;
+                b.name = format!("{name}@patchcore");
+                baselines.push(b);
+            }
+        }
     }
     bar.finish_and_clear();
     print!("{}", eval::table(&reports));
+    if !baselines.is_empty() {
+        println!("\nbaseline (image/pixel AUROC only; its verdicts use anomalyd's calibration):");
+        print!("{}", eval::table(&baselines));
+    }
     for r in &reports {
         for s in &r.skipped {
             println!("skipped: {s}");
         }
     }
     if let Some(p) = json {
-        std::fs::write(p, serde_json::to_string_pretty(&eval::report_json(&reports))?)
+        let mut report = eval::report_json(&reports);
+        if !baselines.is_empty() {
+            report["baseline"] = eval::report_json(&baselines);
+        }
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
         println!("wrote {}", p.display());
     }

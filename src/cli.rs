@@ -46,12 +46,16 @@ pub enum Command {
     },
     /// Enrol normal reference images of a product into an enrolment file.
     Enroll {
-        /// Folder of normal images (or image files).
+        /// Folder of normal images (or image files); with --refine, an enrolment file.
         #[arg(long, required = true, num_args = 1..)]
         reference: Vec<PathBuf>,
         /// Enrolment file to write.
         #[arg(long)]
         out: PathBuf,
+        /// Learn offline from a folder of unlabelled line images, as line mode does on the line: the
+        /// guard sets defects aside, the rest grow the bank and refine the thresholds.
+        #[arg(long)]
+        refine: Option<PathBuf>,
         #[command(flatten)]
         opts: DetectArgs,
     },
@@ -75,19 +79,46 @@ pub enum Command {
         #[command(flatten)]
         opts: DetectArgs,
     },
+    /// What line mode learned for a camera (daemon.enrolments of --config): its enrolment versions and
+    /// history. With --rollback, make an earlier version active; a running daemon applies it at its next
+    /// reload (SIGHUP or POST /v1/reload), or use POST /v1/cameras/CAMERA/rollback, which reloads.
+    Enrolments {
+        /// The camera, as named in the config.
+        camera: String,
+        /// Make the version before the active one active.
+        #[arg(long)]
+        rollback: bool,
+        /// With --rollback: this version instead (0 = the base enrolment).
+        #[arg(long, requires = "rollback")]
+        to: Option<u32>,
+    },
     /// Few-shot evaluation on MVTec-layout folders: image/pixel AUROC, PRO, F1-max, accuracy.
     Eval {
         /// A category folder (train/good, test/<type>, ground_truth/<type>) or a folder of them.
         dir: PathBuf,
-        /// Normal shots per category.
-        #[arg(long, default_value_t = 1)]
-        shots: usize,
+        /// Normal shots per category; several (1,4) run each in turn.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        shots: Vec<usize>,
         /// Seeds: seed s uses train/good (sorted) [s*K, (s+1)*K).
         #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
         seeds: Vec<u64>,
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also run line mode: after enrolment, learn from a warm-up stream of unused train/good images
+        /// (with --contamination defective test images mixed in, no labels), then judge the rest.
+        #[arg(long)]
+        line: bool,
+        /// Warm-up parts in line mode (fewer if train/good has fewer left).
+        #[arg(long, default_value_t = 50)]
+        learn_parts: usize,
+        /// Share of defective parts in the line-mode warm-up stream.
+        #[arg(long, default_value_t = 0.05)]
+        contamination: f64,
+        /// Also run a reference recipe on every category: `patchcore` (same encoder, shots and input;
+        /// L2 nearest neighbour anywhere, image score = largest patch distance).
+        #[arg(long)]
+        baseline: Option<Baseline>,
         #[command(flatten)]
         opts: DetectArgs,
     },
@@ -183,4 +214,13 @@ pub struct DetectArgs {
     /// Where inspection runs: auto | cpu | cuda:N.
     #[arg(long)]
     pub device: Option<crate::config::engine::DeviceChoice>,
+    /// Share of good parts the automatic threshold may reject (detect.false_reject_target).
+    #[arg(long)]
+    pub false_reject_target: Option<f64>,
+}
+
+/// Reference recipes `eval --baseline` runs beside anomalyd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    Patchcore,
 }

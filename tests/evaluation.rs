@@ -11,7 +11,8 @@ fn write_category(root: &Path) {
     for d in ["train/good", "test/good", "test/scratch", "test/blob", "ground_truth/scratch", "ground_truth/blob"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    for i in 0..2 {
+    // Shots for two seeds, and the rest for line mode's warm-up.
+    for i in 0..10 {
         demo::part(i, Defect::None).save(root.join(format!("train/good/{i:03}.png"))).unwrap();
     }
     for i in 0..3u64 {
@@ -41,8 +42,10 @@ fn eval_on_a_generated_category() {
     let mut det = crate::common::detector();
     let mut seen = 0;
     let detect = DetectConfig::default();
-    let plan = eval::Plan { shots: 1, seeds: &[0, 1], detect: &detect };
+    let plan = eval::Plan { shots: 1, seeds: &[0, 1], detect: &detect, line: None };
     let report = eval::evaluate(&mut det, "parts", &cat, &plan, &mut || seen += 1, &mut |_| {}).unwrap();
+    assert!(report.line.is_none());
+    let report = report.enrolment;
     assert_eq!(seen, 2 * 9);
     assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
     let m = &report.mean;
@@ -52,13 +55,39 @@ fn eval_on_a_generated_category() {
     // 9 images a seed; thin scratches can fall under the automatic threshold (see the detection tests).
     assert!(m.accuracy >= 7.0 / 9.0 - 1e-9, "{m:?}");
     let json = eval::report_json(&[report]);
-    assert_eq!(json["false_reject_target"], eval::FALSE_REJECT_TARGET);
+    assert_eq!(json["false_reject_target"], detect.false_reject_target);
     for key in
         ["image_auroc", "pixel_auroc", "pro", "f1_max", "accuracy", "frr", "escape", "best_escape", "ms_per_image"]
     {
         assert!(json["categories"]["parts"][key].is_number(), "{key}: {json}");
         assert!(json["mean"][key].is_number(), "{key}");
     }
+}
+
+#[test]
+fn eval_runs_line_mode_on_a_contaminated_warm_up_and_judges_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = dir.path().join("parts");
+    write_category(&cat);
+    let mut det = crate::common::detector();
+    let detect = DetectConfig::default();
+    // 9 unused good parts and, at 20% contamination, 2 defective ones from the test split.
+    let line = eval::Line { parts: 50, contamination: 0.2 };
+    let plan = eval::Plan { shots: 1, seeds: &[0], detect: &detect, line: Some(line) };
+    let mut seen = 0;
+    let e = eval::evaluate(&mut det, "parts", &cat, &plan, &mut || seen += 1, &mut |_| {}).unwrap();
+    let line = e.line.expect("a line-mode report");
+    assert_eq!(line.name, "parts@line");
+    let run = &line.runs[0];
+    let rec = run.line.as_ref().unwrap();
+    assert_eq!((rec.parts, rec.defective), (11, 2), "{rec:?}");
+    assert_eq!(rec.entered + rec.refused, rec.parts);
+    // The two defects that went into the warm-up are not judged again.
+    assert_eq!(run.images.len(), e.enrolment.runs[0].images.len() - 2);
+    assert_eq!(seen, 2 * 9 - 2);
+    let json = eval::report_json(&[e.enrolment, line]);
+    assert!(json["runs"]["parts@line"][0]["line"]["entered"].is_number(), "{json}");
+    assert!(json["categories"]["parts@line"]["frr"].is_number());
 }
 
 #[test]

@@ -7,4 +7,5 @@ mod detection;
 mod evaluation;
 mod gpu;
 mod layering;
+mod line;
 mod llm;

@@ -12,11 +12,13 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::commands::measures::{self, ProAccumulator};
-use crate::config::detect::DetectConfig;
+use crate::config::detect::{DetectConfig, GeometryChoice, MetricChoice, Switch};
 use crate::detect::detector::Detector;
 use crate::detect::enrolment::Enrolment;
 use crate::detect::inspection::DetectError;
+use crate::enrol::learn::Learner;
 use crate::util::imageio;
+use crate::util::rng::Rng;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -34,10 +36,6 @@ pub enum EvalError {
     List(#[from] imageio::ListError),
 }
 
-/// The share of good parts a plant may reject, at which `eval` reports the best escape rate in
-/// hindsight (`best_escape`) and which it writes into the JSON as `false_reject_target`.
-pub const FALSE_REJECT_TARGET: f64 = 0.05;
-
 /// Metrics of one category (or their mean), all in 0..=1 except `ms_per_image`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
@@ -50,7 +48,7 @@ pub struct Scores {
     pub frr: f64,
     /// Share of defective images judged OK by the automatic threshold.
     pub escape: f64,
-    /// Escape rate of the best threshold in hindsight that rejects at most [`FALSE_REJECT_TARGET`] of the good images.
+    /// Escape rate of the best threshold in hindsight that rejects at most the false-reject target's share of the good images.
     pub best_escape: f64,
     /// Accuracy of the best threshold in hindsight.
     pub hindsight_accuracy: f64,
@@ -89,7 +87,30 @@ pub struct Run {
     pub calibration_normal: Vec<f32>,
     pub calibration_held_out: Vec<f32>,
     pub calibration_anomaly: Vec<f32>,
+    /// What the image threshold was fitted on, and enrolment's warnings.
+    pub evidence: String,
+    pub warnings: Vec<String>,
+    /// Line mode: what the warm-up held and what learning did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<LineRecord>,
     pub images: Vec<ImageRecord>,
+}
+
+/// What one seed's warm-up held and what learning did with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineRecord {
+    /// Warm-up parts, and how many of them were defective.
+    pub parts: usize,
+    pub defective: usize,
+    /// Parts that entered the model and the bank, parts the guard refused, and defective parts that entered.
+    pub entered: usize,
+    pub refused: usize,
+    pub defective_entered: usize,
+    /// The enrolment's image threshold before learning (the learned one is `image_threshold`).
+    pub threshold_before: f32,
+    /// Rows of the first bank layer before and after learning.
+    pub bank_before: usize,
+    pub bank_after: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +126,8 @@ pub struct CategoryReport {
     pub name: String,
     pub mean: Scores,
     pub runs: Vec<Run>,
+    /// The false-reject target the thresholds were chosen for.
+    pub false_reject_target: f64,
     /// Test files that could not be read, with the reason.
     pub skipped: Vec<String>,
 }
@@ -169,15 +192,34 @@ fn test_items(cat: &Path) -> Result<Vec<TestItem>, EvalError> {
     Ok(items)
 }
 
-/// Evaluates one category over the seeds. `on_image` is called after each test image (for progress).
-/// What to evaluate: shots per seed, the seeds, and the detector settings.
+/// What to evaluate: shots per seed, the seeds, the detector settings, and line mode.
 #[derive(Debug, Clone)]
 pub struct Plan<'a> {
     pub shots: usize,
     pub seeds: &'a [u64],
     pub detect: &'a DetectConfig,
+    /// Also run line mode after each enrolment.
+    pub line: Option<Line>,
 }
 
+/// Line mode as `eval` simulates it: after enrolment, a warm-up stream of `parts` good parts from
+/// `train/good` (those not used as shots, in a seeded order) with `contamination` of defective parts
+/// taken out of the test split and mixed in; the learner sees no labels. The rest of the test split is
+/// then judged with the learned enrolment.
+#[derive(Debug, Clone, Copy)]
+pub struct Line {
+    pub parts: usize,
+    pub contamination: f64,
+}
+
+/// A category's reports: enrolment only, and line mode when the plan asks for it (named `<name>@line`).
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    pub enrolment: CategoryReport,
+    pub line: Option<CategoryReport>,
+}
+
+/// Evaluates one category over the seeds. `on_image` is called after each test image (for progress).
 pub fn evaluate(
     det: &mut Detector,
     name: &str,
@@ -185,8 +227,8 @@ pub fn evaluate(
     plan: &Plan,
     on_image: &mut dyn FnMut(),
     log: &mut dyn FnMut(&str),
-) -> Result<CategoryReport, EvalError> {
-    let Plan { shots, seeds, detect: cfg } = *plan;
+) -> Result<Evaluated, EvalError> {
+    let Plan { shots, seeds, detect: cfg, line } = *plan;
     let train = imageio::image_files(&dir.join("train/good"))?;
     let items = test_items(dir)?;
     let mut skipped = Vec::new();
@@ -201,25 +243,126 @@ pub fn evaluate(
             }
         }
     }
+    let detect_err = |cause| EvalError::Detect { category: name.into(), cause };
     let mut runs = Vec::new();
+    let mut line_runs = Vec::new();
     for &seed in seeds {
         let need = (seed as usize + 1) * shots;
         if train.len() < need {
             return Err(EvalError::NotEnoughShots { category: name.into(), have: train.len(), seed, shots, need });
         }
-        let shot_paths = &train[seed as usize * shots..need];
+        let shot_range = seed as usize * shots..need;
         let mut refs = Vec::new();
-        for p in shot_paths {
+        for p in &train[shot_range.clone()] {
             let img = imageio::load_rgb(p).map_err(|cause| EvalError::Shot { category: name.into(), cause })?;
             refs.push((p.file_name().unwrap_or_default().to_string_lossy().into_owned(), img));
         }
-        let enrolment = det
-            .enroll(&refs, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}")))
-            .map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
-        runs.push(run_seed(det, &enrolment, seed, &refs, &tests, on_image, name)?);
+        let enrolment =
+            det.enroll(&refs, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}"))).map_err(detect_err)?;
+        runs.push(run_seed(det, &enrolment, seed, &refs, &tests.iter().collect::<Vec<_>>(), on_image, name)?);
+        if let Some(line) = line {
+            let others: Vec<&PathBuf> =
+                train.iter().enumerate().filter(|(i, _)| !shot_range.contains(i)).map(|(_, p)| p).collect();
+            line_runs.push(line_seed(det, &enrolment, seed, &refs, &others, &tests, line, cfg, on_image, name, log)?);
+        }
     }
-    let mean = Scores::mean(&runs.iter().map(|r| r.scores.clone()).collect::<Vec<_>>());
-    Ok(CategoryReport { name: name.into(), mean, runs, skipped })
+    let report = |name: String, runs: Vec<Run>| {
+        let mean = Scores::mean(&runs.iter().map(|r| r.scores.clone()).collect::<Vec<_>>());
+        CategoryReport { name, mean, runs, false_reject_target: cfg.false_reject_target, skipped: skipped.clone() }
+    };
+    Ok(Evaluated {
+        line: line.map(|_| report(format!("{name}@line"), line_runs)),
+        enrolment: report(name.into(), runs),
+    })
+}
+
+/// The plain PatchCore recipe on anomalyd's encoder, shots and pixel budget: every image squashed to
+/// the first shot's input, strides 8+16 pooled 3x3 and concatenated, L2 nearest neighbour anywhere in
+/// the bank, no background mask, image score = the largest patch distance.
+pub fn patchcore(cfg: &DetectConfig) -> DetectConfig {
+    DetectConfig {
+        metric: MetricChoice::L2,
+        window: 1.0,
+        geometry: GeometryChoice::Aligned,
+        foreground: Switch::Off,
+        score_strides: Some(Vec::new()),
+        top_fraction: 1e-9,
+        scale_augment: Vec::new(),
+        ..cfg.clone()
+    }
+}
+
+/// One seed of line mode: the warm-up stream is learned from, then the test split less the defects
+/// that went into the stream is judged with the learned enrolment.
+#[allow(clippy::too_many_arguments)]
+fn line_seed(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    seed: u64,
+    refs: &[(String, image::RgbImage)],
+    others: &[&PathBuf],
+    tests: &[(TestItem, image::RgbImage)],
+    line: Line,
+    cfg: &DetectConfig,
+    on_image: &mut dyn FnMut(),
+    name: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<Run, EvalError> {
+    let detect_err = |cause| EvalError::Detect { category: name.into(), cause };
+    let mut rng = Rng::new(seed ^ 0x11AE);
+    let mut goods: Vec<&PathBuf> = others.to_vec();
+    shuffle(&mut goods, &mut rng);
+    goods.truncate(line.parts);
+    let defects: Vec<usize> = {
+        let mut d: Vec<usize> = (0..tests.len()).filter(|&i| tests[i].0.kind != "good").collect();
+        shuffle(&mut d, &mut rng);
+        let want = (goods.len() as f64 * line.contamination / (1.0 - line.contamination)).round() as usize;
+        d.truncate(want);
+        d
+    };
+    // The stream, in a seeded order: (image, defective).
+    let mut stream: Vec<(image::RgbImage, bool)> = Vec::new();
+    for p in &goods {
+        let img = imageio::load_rgb(p).map_err(|cause| EvalError::Shot { category: name.into(), cause })?;
+        stream.push((img, false));
+    }
+    stream.extend(defects.iter().map(|&i| (tests[i].1.clone(), true)));
+    shuffle(&mut stream, &mut rng);
+    log(&format!(
+        "{name} seed {seed}: line mode: {} warm-up parts ({} good, {} defective)",
+        stream.len(),
+        goods.len(),
+        defects.len()
+    ));
+    let mut learner = Learner::new(stream.len());
+    for (img, _) in &stream {
+        let score = det.inspect(enrolment, img).map_err(detect_err)?.verdict.score;
+        learner.add(enrolment, img, score);
+    }
+    let (learned, report) =
+        learner.finish(det, enrolment, cfg, &mut |m| log(&format!("{name} seed {seed}: {m}"))).map_err(detect_err)?;
+    let judged: Vec<&(TestItem, image::RgbImage)> =
+        tests.iter().enumerate().filter(|(i, _)| !defects.contains(i)).map(|(_, t)| t).collect();
+    let mut run = run_seed(det, &learned, seed, refs, &judged, on_image, name)?;
+    let defective_entered = stream.iter().zip(&report.kept).filter(|((_, bad), kept)| *bad && **kept).count();
+    run.line = Some(LineRecord {
+        parts: report.parts,
+        defective: defects.len(),
+        entered: report.entered,
+        refused: report.refused,
+        defective_entered,
+        threshold_before: report.threshold_before,
+        bank_before: report.bank_before,
+        bank_after: report.bank_after,
+    });
+    Ok(run)
+}
+
+/// Fisher-Yates with the project's seeded generator.
+fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u32 + 1) as usize);
+    }
 }
 
 fn run_seed(
@@ -227,7 +370,7 @@ fn run_seed(
     enrolment: &Enrolment,
     seed: u64,
     refs: &[(String, image::RgbImage)],
-    tests: &[(TestItem, image::RgbImage)],
+    tests: &[&(TestItem, image::RgbImage)],
     on_image: &mut dyn FnMut(),
     name: &str,
 ) -> Result<Run, EvalError> {
@@ -239,7 +382,7 @@ fn run_seed(
     let mut pro = ProAccumulator::default();
     let mut records = Vec::new();
     let mut total_ms = 0.0f64;
-    for (it, img) in tests {
+    for (it, img) in tests.iter().map(|t| (&t.0, &t.1)) {
         let t = Instant::now();
         let ins = det.inspect(enrolment, img).map_err(|cause| EvalError::Detect { category: name.into(), cause })?;
         total_ms += t.elapsed().as_secs_f64() * 1e3;
@@ -271,7 +414,7 @@ fn run_seed(
         on_image();
     }
     let m = &enrolment.meta;
-    let op = measures::operating_point(&scores, &verdicts, &labels, FALSE_REJECT_TARGET);
+    let op = measures::operating_point(&scores, &verdicts, &labels, m.calibration.false_reject_target);
     Ok(Run {
         seed,
         shots: refs.iter().map(|(n, _)| n.clone()).collect(),
@@ -300,6 +443,9 @@ fn run_seed(
         calibration_normal: m.calibration.normal.clone(),
         calibration_held_out: m.calibration.held_out.clone(),
         calibration_anomaly: m.calibration.anomaly.clone(),
+        evidence: m.calibration.evidence.clone(),
+        warnings: m.calibration.warnings.clone(),
+        line: None,
         images: records,
     })
 }
@@ -309,7 +455,7 @@ fn run_seed(
 pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
     let mean = Scores::mean(&reports.iter().map(|r| r.mean.clone()).collect::<Vec<_>>());
     serde_json::json!({
-        "false_reject_target": FALSE_REJECT_TARGET,
+        "false_reject_target": reports.first().map(|r| r.false_reject_target),
         "categories": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.mean).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
         "mean": mean,
         "runs": reports.iter().map(|r| (r.name.clone(), serde_json::to_value(&r.runs).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
@@ -319,7 +465,7 @@ pub fn report_json(reports: &[CategoryReport]) -> serde_json::Value {
 
 /// The printed table.
 pub fn table(reports: &[CategoryReport]) -> String {
-    let target = format!("best@{:.0}%", FALSE_REJECT_TARGET * 100.0);
+    let target = format!("best@{:.0}%", reports.first().map_or(0.0, |r| r.false_reject_target) * 100.0);
     let w = reports.iter().map(|r| r.name.len()).max().unwrap_or(0).max(20);
     let mut s = format!(
         "{:<w$} {:>9} {:>9} {:>7} {:>7} {:>9} {:>6} {:>6} {:>8} {:>9} {:>9}\n",

@@ -10,6 +10,7 @@ use crate::detect::detector::Detector;
 use crate::detect::enrolment::Enrolment;
 use crate::detect::inspection::DetectError;
 use crate::enrol::file::EnrolmentError;
+use crate::enrol::learn::{LearnReport, Learner};
 use crate::util::imageio::{self, ImageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,4 +79,34 @@ pub fn load(
         return Err(ReferenceError::Missing(reference.into()));
     }
     enroll_from(det, &[reference.to_path_buf()], cfg, progress)
+}
+
+/// `anomalyd enroll --refine DIR`: line mode offline. Every image of `dir` (unlabelled line images) is
+/// inspected with `enrolment` and learned from as the daemon's first parts would be; an unreadable
+/// image is reported and left out.
+pub fn refine(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    dir: &Path,
+    cfg: &DetectConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Enrolment, LearnReport), ReferenceError> {
+    let files = imageio::image_files(dir)?;
+    if files.is_empty() {
+        return Err(ReferenceError::Empty(dir.into()));
+    }
+    let mut learner = Learner::new(files.len());
+    for (i, p) in files.iter().enumerate() {
+        match imageio::load_rgb(p) {
+            Ok(img) => {
+                let score = det.inspect(enrolment, &img)?.verdict.score;
+                learner.add(enrolment, &img, score);
+            }
+            Err(e) => progress(&format!("skipping {e}")),
+        }
+        if (i + 1) % 10 == 0 || i + 1 == files.len() {
+            progress(&format!("refine: {}/{} line images inspected", i + 1, files.len()));
+        }
+    }
+    Ok(learner.finish(det, enrolment, cfg, progress)?)
 }
