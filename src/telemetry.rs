@@ -130,6 +130,11 @@ pub struct Metrics {
     llm_conversations: Gauge,
     llm_chats: Family<LlmKindLabels, Counter>,
     notes_dropped: Counter,
+    drift: Family<CameraLabel, Gauge>,
+    drift_shift: Family<CameraLabel, Gauge<f64, AtomicU64>>,
+    learning: Family<CameraLabel, Gauge>,
+    learned_parts: Family<ReasonLabels, Counter>,
+    learn_runs: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,6 +193,11 @@ impl Metrics {
             llm_conversations: Gauge::default(),
             llm_chats: Family::default(),
             notes_dropped: Counter::default(),
+            drift: Family::default(),
+            drift_shift: Family::default(),
+            learning: Family::default(),
+            learned_parts: Family::default(),
+            learn_runs: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -294,6 +304,27 @@ impl Metrics {
             "Descriptions and chat answers not published because the broker was away and the memory queue was full",
             m.notes_dropped.clone(),
         );
+        r.register(
+            "drift",
+            "1 while the camera's scores have moved away from their baseline (docs/CALIBRATION.md), else 0",
+            m.drift.clone(),
+        );
+        r.register(
+            "drift_shift",
+            "Shift of the camera's moving median score from its baseline, in spreads of the baseline",
+            m.drift_shift.clone(),
+        );
+        r.register("learning", "1 while line mode learns from the camera's first parts", m.learning.clone());
+        r.register(
+            "learned_parts",
+            "Line-mode parts by camera and reason: entered (learned from) or refused (by the poisoning guard)",
+            m.learned_parts.clone(),
+        );
+        r.register(
+            "learn_runs",
+            "Line-mode learning runs by camera and reason: applied, unchanged (too few parts passed) or failed",
+            m.learn_runs.clone(),
+        );
         m
     }
 
@@ -386,6 +417,25 @@ impl Metrics {
                 .get_or_create(&StateLabels { camera: cam.into(), state: (*s).into() })
                 .set(i64::from(*s == state));
         }
+    }
+
+    /// A camera's drift watch: whether it alarms, and the shift it measured.
+    pub fn drift(&self, cam: &str, drifting: bool, shift: f64) {
+        self.drift.get_or_create(&camera(cam)).set(i64::from(drifting));
+        self.drift_shift.get_or_create(&camera(cam)).set(shift);
+    }
+
+    /// A camera started (true) or stopped (false) learning from its first parts.
+    pub fn learning(&self, cam: &str, on: bool) {
+        self.learning.get_or_create(&camera(cam)).set(i64::from(on));
+    }
+
+    /// A learning run ended (`applied`, `unchanged`, `failed`) with parts entered and refused.
+    pub fn learned(&self, cam: &str, outcome: &str, entered: usize, refused: usize) {
+        let label = |reason: &str| ReasonLabels { camera: cam.into(), reason: reason.into() };
+        self.learn_runs.get_or_create(&label(outcome)).inc();
+        self.learned_parts.get_or_create(&label("entered")).inc_by(entered as u64);
+        self.learned_parts.get_or_create(&label("refused")).inc_by(refused as u64);
     }
 
     /// A camera now inspects with `labels`' model; `old` is what it used before.

@@ -294,8 +294,9 @@ fn scene(dir: &Path) -> (PathBuf, PathBuf) {
 /// test config.
 fn base_config(dir: &Path, broker: u16, http: &str, node: &str, daemon: &str) -> String {
     format!(
-        "[engine]\nproviders = [\"cpu\"]\n[daemon]\nnode = \"{node}\"\n{daemon}[mqtt]\nbroker = \"127.0.0.1:{broker}\"\n\
-         [http]\nlisten = \"{http}\"\n[outbox]\npath = \"{}\"\n",
+        "[engine]\nproviders = [\"cpu\"]\n[daemon]\nnode = \"{node}\"\nenrolments = \"{}\"\n{daemon}[mqtt]\n\
+         broker = \"127.0.0.1:{broker}\"\n[http]\nlisten = \"{http}\"\n[outbox]\npath = \"{}\"\n",
+        dir.join("enrolments").display(),
         dir.join("outbox.redb").display()
     )
 }
@@ -1100,4 +1101,59 @@ fn ng_frames_get_a_description_after_their_verdict_and_chat_works_over_http_and_
     assert!(m.contains("anomalyd_llm_info{model="), "{m}");
     daemon.signal("TERM");
     daemon.wait(Duration::from_secs(60));
+}
+
+#[test]
+fn line_mode_learns_from_the_first_parts_keeps_the_version_watches_drift_and_rolls_back() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let http_port = free_port();
+    // A demo line, every third part defective, learning from its first 18 parts.
+    let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "t9", "")
+        .replace("[outbox]", &format!("token_file = \"{}\"\n[outbox]", token_file.display()))
+        + "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\nlearn_parts = 18\n[camera.source]\nkind = \"demo\"\nfps = 0\nframes = 0\n";
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &config);
+    let drift = |s: &Sub| s.lines.lock().unwrap().iter().any(|(t, _)| t == "anomalyd/t9/cam/drift");
+    // Baseline and first window of the drift watch: 128 parts after learning.
+    sub.wait_for("the drift state", Duration::from_secs(240), drift);
+    let verdicts = sub.verdicts();
+    assert!(verdicts[..18].iter().all(|v| v.learning), "the first 18 parts are learning verdicts");
+    let first = &verdicts[0].enrolment.as_ref().unwrap().id;
+    let last = verdicts.last().unwrap();
+    assert!(!last.learning);
+    assert_ne!(&last.enrolment.as_ref().unwrap().id, first, "the learned enrolment is in use");
+    assert!(last.enrolment.as_ref().unwrap().source.contains("learned version 1"), "{last:?}");
+    let lines = sub.lines.lock().unwrap().clone();
+    let (_, payload) = lines.iter().find(|(t, _)| t == "anomalyd/t9/cam/drift").unwrap();
+    let d: Value = serde_json::from_str(payload).unwrap();
+    assert_eq!(d["drifting"], false, "{d}");
+    let (_, metrics) = http_get(http_port, "/metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(metrics.contains("anomalyd_learn_runs_total{camera=\"cam\",reason=\"applied\"} 1"), "{metrics}");
+    assert!(metrics.contains("anomalyd_drift{camera=\"cam\"} 0"), "{metrics}");
+
+    // The version is kept and listed; rolling back needs the token, then the base enrolment is used again.
+    let (code, body) = http_get(http_port, "/v1/cameras/cam/enrolments");
+    assert_eq!(code, 200);
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((listed["versions"].clone(), listed["active"].clone()), (serde_json::json!([1]), serde_json::json!(1)));
+    assert_eq!(http(http_port, "POST", "/v1/cameras/cam/rollback", None, "").0, 401);
+    assert_eq!(http(http_port, "POST", "/v1/cameras/..%2Fx/rollback", Some(token), "").0, 400);
+    assert_eq!(http(http_port, "POST", "/v1/cameras/cam/rollback", Some(token), "{\"version\":7}").0, 409);
+    assert_eq!(http(http_port, "POST", "/v1/cameras/cam/rollback", Some(token), "").0, 200);
+    let seen = sub.verdicts().len();
+    sub.wait_for("a verdict with the base enrolment", Duration::from_secs(120), |s| {
+        s.verdicts()[seen..].iter().any(|v| &v.enrolment.as_ref().unwrap().id == first && !v.learning)
+    });
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(60));
+    let history = std::fs::read_to_string(dir.path().join("enrolments/cam/history.jsonl")).unwrap();
+    assert_eq!(history.lines().count(), 2, "{history}");
+    assert!(history.contains("\"learned\"") && history.contains("\"rollback\""), "{history}");
 }

@@ -303,7 +303,7 @@ pub fn llm(cfg: &crate::config::Config, frames: usize, seconds: f64) -> Result<L
     let (described_before, full_before) = (count(described), count(full));
     std::thread::scope(|s| -> Result<(), BenchError> {
         s.spawn(|| -> Result<(), BenchError> {
-            crate::daemon::worker::yield_to_io();
+            crate::util::priority::yield_to_io();
             for busy in [false, true, false, true] {
                 let f = run(&mut det, busy, &mut n)?;
                 if busy {

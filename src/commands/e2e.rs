@@ -157,10 +157,13 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
     cfg.outbox.path = outbox_dir.join("outbox.redb");
     cfg.daemon.log_verdicts = LogVerdicts::None;
     cfg.daemon.exit_when_sources_end = false;
+    cfg.daemon.enrolments = "".into();
     cfg.camera = (0..cameras)
         .map(|i| CameraConfig {
             name: format!("cam{i}"),
             source: SourceConfig::Demo { fps, frames: 0, defect_every: 3 },
+            // Steady state: no learning in the background while measuring.
+            learn_parts: 0,
             ..CameraConfig::demo()
         })
         .collect();

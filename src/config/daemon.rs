@@ -21,6 +21,9 @@ pub struct DaemonConfig {
     pub drain_timeout_ms: u64,
     /// An artificial pause after each inspection, for overload drills. Keep 0 in production.
     pub inspect_delay_ms: u64,
+    /// Folder of what line mode learned: one subfolder per camera with its enrolment versions and
+    /// history ("" keeps none: a restart learns again).
+    pub enrolments: PathBuf,
 }
 
 impl Default for DaemonConfig {
@@ -31,6 +34,7 @@ impl Default for DaemonConfig {
             exit_when_sources_end: true,
             drain_timeout_ms: 10_000,
             inspect_delay_ms: 0,
+            enrolments: "anomalyd-state/enrolments".into(),
         }
     }
 }
@@ -215,6 +219,11 @@ pub struct CameraConfig {
     /// The product, in the operator's words, for the language model's prompt.
     #[serde(default)]
     pub product: Option<String>,
+    /// Line mode: the first this many parts after enrolment refine the thresholds and grow the bank
+    /// (docs/CALIBRATION.md); 0 turns learning off. Their verdicts use the enrolment's threshold and
+    /// carry `"learning": true`.
+    #[serde(default = "default_learn_parts")]
+    pub learn_parts: usize,
 }
 
 const fn default_trigger_timeout_ms() -> u64 {
@@ -226,6 +235,12 @@ const fn default_queue() -> usize {
 const fn default_max_age_ms() -> u64 {
     5000
 }
+const fn default_learn_parts() -> usize {
+    50
+}
+
+/// Line mode learns from no fewer parts than this (fewer accepted parts leave the enrolment unchanged).
+pub const MIN_LEARN_PARTS: usize = 6;
 
 impl CameraConfig {
     /// The built-in demo camera: generated parts, some defective, against the built-in reference.
@@ -239,6 +254,7 @@ impl CameraConfig {
             queue: default_queue(),
             max_age_ms: default_max_age_ms(),
             product: Some("a machined steel plate with four bolt holes and a printed label".into()),
+            learn_parts: default_learn_parts(),
         }
     }
 }
@@ -330,6 +346,10 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
             p.push(format!("{key}.name = {:?}: use 1-64 letters, digits, '-' or '_'", c.name));
         } else if !names.insert(c.name.as_str()) {
             p.push(format!("{key}.name = {:?} is used twice: camera names must be unique", c.name));
+        }
+        let min = MIN_LEARN_PARTS;
+        if c.learn_parts != 0 && !(min..=1000).contains(&c.learn_parts) {
+            p.push(format!("{key}.learn_parts = {}: use 0 (off) or {min} to 1000 parts", c.learn_parts));
         }
         p.extend(c.source.validate(&format!("{key}.source")));
         match &c.reference {

@@ -7,6 +7,9 @@
 //! - `POST /v1/frames/{id}/chat` (`{"question":"Where exactly?"}`) asks about an NG frame and answers
 //!   with the model's checked answer (or the template's), keeping the conversation;
 //!   `GET /v1/frames/{id}/chat` shows the conversation so far. Asking needs the token, as writes do.
+//! - `GET /v1/cameras/{camera}/enrolments`: what line mode learned (versions, the active one, history);
+//!   `POST /v1/cameras/{camera}/rollback` (`{"version": n}`, or no body for the version before the active
+//!   one; 0 is the base enrolment) makes another version active and reloads.
 //! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
 //!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
 //!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
@@ -24,6 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::config::daemon::Secret;
 use crate::describe::explainer::{ChatError, Explainer};
+use crate::enrol::versions::{VersionError, Versions};
 use crate::sink::mqtt::Command;
 use crate::sink::store::{Part, Store};
 use crate::telemetry::Metrics;
@@ -43,6 +47,8 @@ pub struct HttpState {
     pub protect_reads: bool,
     /// Answers questions about frames.
     pub explainer: Arc<Explainer>,
+    /// `daemon.enrolments`: the cameras' learned versions ("" keeps none).
+    pub enrolments: std::path::PathBuf,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -52,11 +58,13 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/frames/:id/image", get(|s, p| frame(s, p, Part::Image)))
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
         .route("/v1/frames/:id/chat", get(transcript))
+        .route("/v1/cameras/:camera/enrolments", get(enrolments))
         .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
     let writes = Router::new()
         .route("/v1/frames/:id/chat", post(chat))
         .route("/v1/reload", post(reload))
         .route("/v1/trigger", post(trigger))
+        .route("/v1/cameras/:camera/rollback", post(rollback))
         .route_layer(middleware::from_fn_with_state(state.clone(), write_guard));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -133,6 +141,75 @@ async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Respons
     match s.commands.send(Command::Trigger { camera: t.camera, part_id: t.part_id }) {
         Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
+    }
+}
+
+/// The camera's version folder, or the response that says why there is none.
+fn versions(s: &HttpState, camera: &str) -> Result<Versions, Box<Response>> {
+    if !crate::config::daemon::valid_name(camera) {
+        return Err(Box::new((StatusCode::BAD_REQUEST, "not a camera name\n").into_response()));
+    }
+    if s.enrolments.as_os_str().is_empty() {
+        let why = "daemon.enrolments is \"\": learned versions are not kept\n";
+        return Err(Box::new((StatusCode::NOT_FOUND, why).into_response()));
+    }
+    Versions::existing(&s.enrolments, camera)
+        .map_err(|e| Box::new((StatusCode::NOT_FOUND, format!("{e}\n")).into_response()))
+}
+
+async fn enrolments(State(s): State<HttpState>, Path(camera): Path<String>) -> Response {
+    let v = match versions(&s, &camera) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let listed = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, VersionError> {
+        Ok(serde_json::json!({
+            "camera": camera,
+            "versions": v.list()?,
+            "active": v.active()?,
+            "history": v.history()?,
+        }))
+    })
+    .await;
+    match listed {
+        Ok(Ok(body)) => json(StatusCode::OK, &body),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: Option<u32>,
+}
+
+async fn rollback(State(s): State<HttpState>, Path(camera): Path<String>, body: axum::body::Bytes) -> Response {
+    let to = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        RollbackBody::default()
+    } else {
+        match serde_json::from_slice::<RollbackBody>(&body) {
+            Ok(b) => b,
+            Err(_) => return (StatusCode::BAD_REQUEST, "expected {\"version\": n} or no body\n").into_response(),
+        }
+    };
+    let v = match versions(&s, &camera) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    match tokio::task::spawn_blocking(move || v.rollback(to.version)).await {
+        Ok(Ok(active)) => {
+            tracing::warn!(camera, "enrolment rolled back over HTTP: version {active} is active; reloading");
+            if s.commands.send(Command::Reload).is_err() {
+                return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response();
+            }
+            json(StatusCode::OK, &serde_json::json!({"camera": camera, "active": active, "reload": "requested"}))
+        }
+        Ok(Err(e @ (VersionError::NoSuchVersion { .. } | VersionError::AtBase { .. }))) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +23,7 @@ use crate::control::http::{self, HttpState};
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::enrol::reference::{self, ReferenceError};
+use crate::enrol::versions::Versions;
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
 use crate::sink::outbox::Outbox;
 use crate::sink::store::{Store, StoreJob};
@@ -32,6 +34,7 @@ use crate::util::sync;
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
 pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
 
+pub mod line;
 pub mod systemd;
 pub mod worker;
 
@@ -305,6 +308,7 @@ impl Daemon {
             token,
             protect_reads: cfg.http.protect_reads,
             explainer: self.explainer.clone(),
+            enrolments: cfg.daemon.enrolments.clone(),
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -346,14 +350,15 @@ impl Daemon {
         existing: Option<Arc<CameraShared>>,
     ) -> Result<(), DaemonError> {
         let (engine, detect) = (self.cfg.engine.clone(), self.cfg.detect.clone());
+        let enrolments = self.cfg.daemon.enrolments.clone();
         let cam2 = cam.clone();
         // On a thread of its own at inspection priority: the encoder threads it starts inherit it.
         let (detector, model) = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
             let name = cam2.name.clone();
             let loader = std::thread::Builder::new().name(format!("load-{name}")).spawn(move || {
-                worker::yield_to_io();
+                crate::util::priority::yield_to_io();
                 let mut det = load_detector(&engine, &cam2.name)?;
-                let model = build_model(&mut det, &cam2, &detect)?;
+                let model = build_model(&mut det, &cam2, &detect, &enrolments)?;
                 Ok((det, model))
             })?;
             loader.join().map_err(|_| DaemonError::LoadPanicked { camera: name })?
@@ -397,6 +402,13 @@ impl Daemon {
             store: self.store_tx.clone(),
             explainer: self.explainer.clone(),
             product: cam.product.clone(),
+            line: line::LineWatch::new(
+                shared.clone(),
+                self.cfg.engine.clone(),
+                self.cfg.detect.clone(),
+                self.states.retained.clone(),
+                self.states.topics.drift(&cam.name),
+            ),
         }
         .spawn()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -458,6 +470,17 @@ impl Daemon {
         self.metrics.model_in_use(&labels, old.as_ref());
     }
 
+    /// Line mode swaps a camera's model by itself when learning ends: the model metric follows.
+    fn follow_learned_models(&mut self) {
+        let cams: Vec<(String, Arc<CameraModel>)> =
+            sync::lock(&self.shared).iter().map(|(n, c)| (n.clone(), c.model())).collect();
+        for (name, model) in cams {
+            if self.model_labels.get(&name).is_some_and(|l| l.enrolment != model.enrolment_ref.id) {
+                self.model_metric(&name, &model);
+            }
+        }
+    }
+
     /// Serves until `shutdown` resolves or (with `daemon.exit_when_sources_end`) every source has
     /// ended; each message on `reloads` (SIGHUP) reads the configuration file again and applies it, as
     /// a reload command does. Then drains and returns.
@@ -484,6 +507,7 @@ impl Daemon {
                     if self.healthy() {
                         notifier.watchdog();
                     }
+                    self.follow_learned_models();
                     if self.poll_sources() {
                         tracing::info!("every source has ended; draining and stopping");
                         break StopReason::SourcesEnded;
@@ -640,6 +664,7 @@ impl Daemon {
         }
         // Build every model that stays on a running camera first; refuse the reload on any failure.
         let (engine, detect) = (self.cfg.engine.clone(), new.detect.clone());
+        let enrolments = new.daemon.enrolments.clone();
         let keep: Vec<CameraConfig> = new
             .camera
             .iter()
@@ -654,7 +679,7 @@ impl Daemon {
                     det = Some(load_detector(&engine, &c.name)?);
                 }
                 if let Some(d) = det.as_mut() {
-                    out.push((c.name.clone(), build_model(d, c, &detect)?));
+                    out.push((c.name.clone(), build_model(d, c, &detect, &enrolments)?));
                 }
             }
             Ok(out)
@@ -899,8 +924,14 @@ pub(crate) fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detec
     Detector::load(engine).map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
 }
 
-/// The camera's enrolment: its reference (file or folder), or the built-in demo part.
-fn build_model(det: &mut Detector, cam: &CameraConfig, detect: &DetectConfig) -> Result<CameraModel, DaemonError> {
+/// The camera's enrolment: its reference (file or folder), or the built-in demo part; then, where line
+/// mode has learned from this reference before, the active learned version (`daemon.enrolments`).
+fn build_model(
+    det: &mut Detector,
+    cam: &CameraConfig,
+    detect: &DetectConfig,
+    enrolments: &Path,
+) -> Result<CameraModel, DaemonError> {
     let err = |cause| DaemonError::Reference { camera: cam.name.clone(), cause };
     let name = cam.name.clone();
     let mut progress = move |m: &str| tracing::info!(camera = %name, "{m}");
@@ -913,12 +944,58 @@ fn build_model(det: &mut Detector, cam: &CameraConfig, detect: &DetectConfig) ->
             (e, "built-in demo part".into())
         }
     };
-    let digest = Sha256::digest(crate::enrol::file::to_bytes(&enrolment));
-    let id: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let base_id = enrolment_id(&enrolment);
     let enc = det.encoder();
-    Ok(CameraModel {
+    let mut model = CameraModel {
         enrolment,
         model: ModelRef { name: enc.manifest().name.clone(), sha256: enc.model_sha256().to_string() },
-        enrolment_ref: EnrolmentRef { id, source },
-    })
+        enrolment_ref: EnrolmentRef { id: base_id.clone(), source },
+        learn_parts: (cam.learn_parts > 0).then_some(cam.learn_parts),
+        versions: None,
+    };
+    if enrolments.as_os_str().is_empty() {
+        return Ok(model);
+    }
+    let versions = match Versions::open(enrolments, &cam.name, &base_id) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(camera = %cam.name, "{e}: what this camera learns will not be kept");
+            return Ok(model);
+        }
+    };
+    match versions.active() {
+        Ok(None) => {}
+        Ok(Some(0)) => {
+            tracing::info!(camera = %cam.name, "the base enrolment is active (rolled back): not learning");
+            model.learn_parts = None;
+        }
+        Ok(Some(n)) => match versions.load(n) {
+            Ok(e) => {
+                det.check(&e).map_err(|e| err(ReferenceError::Detect(e)))?;
+                tracing::info!(camera = %cam.name, "learned enrolment version {n} in use");
+                model.enrolment_ref = EnrolmentRef {
+                    id: enrolment_id(&e),
+                    source: format!("{} (learned version {n})", model.enrolment_ref.source),
+                };
+                model.enrolment = e;
+                model.learn_parts = None;
+            }
+            Err(e) => {
+                tracing::error!(camera = %cam.name, "{e}: inspecting with the base enrolment, not learning");
+                model.learn_parts = None;
+            }
+        },
+        Err(e) => {
+            tracing::error!(camera = %cam.name, "{e}: inspecting with the base enrolment, not learning");
+            model.learn_parts = None;
+        }
+    }
+    model.versions = Some(versions);
+    Ok(model)
+}
+
+/// First 16 hex digits of an enrolment's sha256: changes whenever the enrolment does.
+pub fn enrolment_id(e: &crate::detect::enrolment::Enrolment) -> String {
+    let digest = Sha256::digest(crate::enrol::file::to_bytes(e));
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use crate::daemon::line::LineWatch;
 use crate::describe::explainer::{Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::sink::store::StoreJob;
 use crate::source::intake::CameraShared;
 use crate::types::frame::Frame;
 use crate::types::verdict::{self, Outcome};
+use crate::util::priority;
 
 pub struct Worker {
     pub cam: Arc<CameraShared>,
@@ -25,12 +27,14 @@ pub struct Worker {
     pub explainer: Arc<Explainer>,
     /// The product, for the language model's prompt.
     pub product: Option<String>,
+    /// Line mode: learning from the first parts, then the drift watch.
+    pub line: LineWatch,
 }
 
 impl Worker {
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name(format!("inspect-{}", self.cam.name)).spawn(move || {
-            yield_to_io();
+            priority::yield_to_io();
             self.run()
         })
     }
@@ -118,6 +122,7 @@ impl Worker {
         msg.verdict = if v.anomalous { Outcome::Ng } else { Outcome::Ok };
         msg.score = Some(v.score);
         msg.threshold = Some(v.threshold);
+        msg.learning = self.line.after(&model, &img, v.score);
         msg.regions = v.regions.clone();
         let findings = crate::types::findings::Findings {
             anomalous: v.anomalous,
@@ -158,24 +163,6 @@ impl Worker {
         cam.emit(msg, f.captured_at, "");
         if let Some((facts, images)) = description {
             self.explainer.describe(facts, images);
-        }
-    }
-}
-
-/// Niceness of inspection threads (and the encoder threads they start): the bulk CPU work yields to
-/// the threads that move verdicts (MQTT, outbox, HTTP), so a busy box still publishes promptly.
-pub const INSPECTION_NICE: i32 = 5;
-
-/// Lowers the calling thread's scheduling priority by [`INSPECTION_NICE`] (Linux: per thread).
-pub fn yield_to_io() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a thread id
-        // applies to that thread only. Raising niceness needs no privilege; a failure changes nothing.
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-            libc::setpriority(libc::PRIO_PROCESS, tid, (now + INSPECTION_NICE).min(19));
         }
     }
 }

@@ -49,6 +49,9 @@ impl Topics {
     pub fn camera_state(&self, camera: &str) -> String {
         format!("{}/{}/{camera}/state", self.prefix, self.node)
     }
+    pub fn drift(&self, camera: &str) -> String {
+        format!("{}/{}/{camera}/drift", self.prefix, self.node)
+    }
     pub fn command(&self) -> String {
         format!("{}/{}/cmd", self.prefix, self.node)
     }

@@ -11,6 +11,7 @@ use image::RgbImage;
 
 use crate::config::daemon::Trigger;
 use crate::detect::enrolment::Enrolment;
+use crate::enrol::versions::Versions;
 use crate::telemetry::Metrics;
 use crate::types::frame::Frame;
 use crate::types::verdict::{
@@ -24,6 +25,10 @@ pub struct CameraModel {
     pub enrolment: Enrolment,
     pub model: ModelRef,
     pub enrolment_ref: EnrolmentRef,
+    /// Line mode: how many parts this model still learns from (None: it does not learn).
+    pub learn_parts: Option<usize>,
+    /// Where what this camera learns is kept (None: not kept).
+    pub versions: Option<Versions>,
 }
 
 /// A PLC trigger waiting for its frame.
@@ -182,6 +187,7 @@ impl CameraShared {
             latency_ms: Latency::default(),
             frame_url: None,
             replayed: false,
+            learning: false,
         }
     }
 
@@ -320,6 +326,8 @@ impl Intake {
             enrolment: crate::enrol::file::sample_for_tests(),
             model: ModelRef { name: "test".into(), sha256: "0".into() },
             enrolment_ref: EnrolmentRef { id: "0".into(), source: "test".into() },
+            learn_parts: None,
+            versions: None,
         });
         let cam = CameraShared::new(name, "node", "0", model, vtx, Arc::new(Metrics::new()));
         cam.set_trigger(trigger, Duration::from_millis(50));

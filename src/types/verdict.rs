@@ -97,6 +97,10 @@ pub struct VerdictMessage {
     pub frame_url: Option<String>,
     /// True when the message is sent again from the outbox after an outage.
     pub replayed: bool,
+    /// True while line mode learns from the camera's first parts: the verdict used the enrolment's
+    /// threshold, which learning is about to refine.
+    #[serde(default)]
+    pub learning: bool,
 }
 
 /// A verdict on its way out, with the capture instant its latencies are measured from.

@@ -1,7 +1,9 @@
 //! Helpers with no knowledge of inspection: image files and pixels ([`imageio`]), the seeded
-//! random numbers every generated image comes from ([`rng`]), and the poison-tolerant lock ([`sync`]).
+//! random numbers every generated image comes from ([`rng`]), the poison-tolerant lock ([`sync`]) and
+//! the inspection threads' priority ([`priority`]).
 
 pub mod imageio;
+pub mod priority;
 pub mod rng;
 pub mod sync;
 pub mod url;
