@@ -189,7 +189,7 @@ fn a_texture_at_another_pixel_scale_matches_the_scaled_shot() {
 }
 
 #[test]
-fn a_reference_of_another_product_is_refused() {
+fn a_reference_of_another_product_is_a_warning_with_its_evidence() {
     let mut det = detector();
     // Same size and framing, different product: a coarse checkerboard instead of the plate.
     let other = image::RgbImage::from_fn(demo::WIDTH, demo::HEIGHT, |x, y| {
@@ -200,6 +200,11 @@ fn a_reference_of_another_product_is_refused() {
         ("b.png".to_string(), demo::part(1, Defect::None)),
         ("other.png".to_string(), other),
     ];
-    let err = det.enroll(&refs, &DetectConfig::default(), &mut |_| {}).unwrap_err().to_string();
-    assert!(err.contains("other.png") && err.contains("same product"), "{err}");
+    // A reference is the user's word that a part is good: enrolment goes on, and says which one looks wrong.
+    let mut said = Vec::new();
+    let e = det.enroll(&refs, &DetectConfig::default(), &mut |m| said.push(m.to_string())).unwrap();
+    let w: Vec<&String> = e.meta.calibration.warnings.iter().filter(|w| w.starts_with("reference")).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("other.png") && w[0].contains("same product"), "{w:?}");
+    assert!(!w[0].contains("a.png") && said.iter().any(|m| m.starts_with("warning:") && m.contains("other.png")));
 }

@@ -111,7 +111,7 @@ impl LineWatch {
         self.learner = model.learn_parts.map(Learner::new);
         self.learned = self.learner.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
         self.cam.metrics.learning(&self.cam.name, self.learner.is_some());
-        self.drift = DriftWatch::new(calibrate::MIN_SPREAD);
+        self.drift = DriftWatch::new(drift::unit(&model.enrolment.meta.calibration));
         self.reported = false;
         self.cam.metrics.drift(&self.cam.name, false, 0.0);
         if let Some(n) = model.learn_parts {

@@ -22,6 +22,7 @@ use crate::config::engine::EngineConfig;
 use crate::control::http::{self, HttpState};
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
+use crate::detect::enrolment::{Enrolment, EnrolmentMeta};
 use crate::enrol::reference::{self, ReferenceError};
 use crate::enrol::versions::Versions;
 use crate::sink::mqtt::{self, Command, MqttState, Topics};
@@ -945,6 +946,12 @@ fn build_model(
         }
     };
     let base_id = enrolment_id(&enrolment);
+    // The versions belong to the reference, which a folder re-enrols at every start and reload: its
+    // identity leaves out the moment of enrolment.
+    let reference_id = enrolment_id(&Enrolment::new(
+        EnrolmentMeta { created_unix: 0, ..enrolment.meta.clone() },
+        enrolment.banks.clone(),
+    ));
     let enc = det.encoder();
     let mut model = CameraModel {
         enrolment,
@@ -956,7 +963,7 @@ fn build_model(
     if enrolments.as_os_str().is_empty() {
         return Ok(model);
     }
-    let versions = match Versions::open(enrolments, &cam.name, &base_id) {
+    let versions = match Versions::open(enrolments, &cam.name, &reference_id) {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(camera = %cam.name, "{e}: what this camera learns will not be kept");

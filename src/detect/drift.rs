@@ -3,21 +3,34 @@
 //!
 //! The first [`WINDOW`] scores under an enrolment are its baseline, modelled by a [`NormalModel`]
 //! (defects among them are set aside as outliers). From then on the median of the last [`WINDOW`]
-//! log-scores is compared with the baseline's location, in units of its spread. A shift of
+//! log-scores is compared with the baseline's location, in units of its spread, which is never below the
+//! spread of the model the threshold came from (see [`unit`]). A shift of
 //! [`ALARM_SPREADS`] either way raises the alarm (upwards good parts start to be rejected, downwards
 //! defects start to pass); it clears below [`CLEAR_SPREADS`]. The watch never adapts its baseline: only
 //! a new enrolment (learned, reloaded or rolled back) starts a new one.
 
 use std::collections::VecDeque;
 
+use crate::detect::enrolment::Calibration;
 use crate::detect::normal::NormalModel;
 
 /// Scores in the baseline and in the moving window.
 pub const WINDOW: usize = 64;
-/// The alarm rises at this shift of the moving median, in spreads of the baseline.
-pub const ALARM_SPREADS: f64 = 0.5;
+/// The alarm rises at this shift of the moving median, in spreads of the baseline: where a threshold
+/// set for 5% false rejects starts rejecting twice that (1 - Φ(1.645 - 0.4) = 10.7%).
+pub const ALARM_SPREADS: f64 = 0.4;
 /// And clears below this.
-pub const CLEAR_SPREADS: f64 = 0.25;
+pub const CLEAR_SPREADS: f64 = 0.2;
+
+/// The least spread a drift is measured in: that of the model the enrolment's threshold came from. A
+/// shift is only worth an alarm in the units that decide false rejects; a line whose parts repeat
+/// closely can have a baseline far narrower than that.
+pub fn unit(cal: &Calibration) -> f64 {
+    cal.model.map_or(MIN_UNIT, |m| m.scale.max(MIN_UNIT))
+}
+
+/// No drift is measured in less than this (1% of the score).
+const MIN_UNIT: f64 = 0.01;
 
 /// What the watch says after a score.
 #[derive(Debug, Clone, Copy, PartialEq)]
