@@ -3,9 +3,9 @@
 //! The first `learn_parts` parts after enrolment are judged with the enrolment's threshold and kept
 //! (brought to the encoder input). Then [`Learner::finish`]:
 //! 1. **Guard** ([`Learner::guard`]). The half of the parts with the lowest scores under the enrolment
-//!    learns what a good part of this line looks like, and a [`NormalModel`] of its held-out scores sets
-//!    the other parts' outliers aside: defects, a dropped part, an empty fixture. Only the rest are
-//!    learned from, and both counts are reported.
+//!    grows banks that know what a good part of this line looks like; every part is scored against banks
+//!    that did not learn it, and a [`NormalModel`] of those scores sets the outliers aside: defects, a
+//!    dropped part, an empty fixture. Only the rest are learned from, and both counts are reported.
 //! 2. **Appearance.** The accepted parts are split into two folds. Each fold grows a copy of the bank
 //!    ([`bank::grow`]: the patches farthest from the bank, bounded), and the other fold is scored against
 //!    it, so every accepted part gets a held-out score against a bank that has learned from the line.
@@ -86,14 +86,6 @@ impl Learner {
         }
     }
 
-    pub fn seen(&self) -> usize {
-        self.parts.len()
-    }
-
-    pub fn wanted(&self) -> usize {
-        self.want
-    }
-
     pub fn is_complete(&self) -> bool {
         self.parts.len() >= self.want
     }
@@ -141,8 +133,7 @@ impl Learner {
         let Some(model) = NormalModel::fit(&judged, calibrate::MIN_SPREAD) else {
             return Ok(core.to_vec());
         };
-        let mut accepted: Vec<usize> = (0..scores.len()).filter(|&i| !model.is_outlier(judged[i])).collect();
-        accepted.sort_unstable();
+        let accepted: Vec<usize> = (0..scores.len()).filter(|&i| !model.is_outlier(judged[i])).collect();
         progress(&format!(
             "guard: {} of {} parts pass (banks grown from the {} lowest-scoring judge them)",
             accepted.len(),
@@ -190,14 +181,8 @@ impl Learner {
             (0..self.parts.len()).collect()
         };
         if accepted.len() < MIN_PARTS {
-            report.refused = report.parts - accepted.len();
-            report.kept = vec![false; report.parts];
-            progress(&format!(
-                "learning: {} of {} parts passed the guard, fewer than {MIN_PARTS}: the enrolment stays as it is",
-                accepted.len(),
-                report.parts
-            ));
-            return Ok((enrolment.clone(), report));
+            let why = format!("{} of {} parts passed the guard, fewer than {MIN_PARTS}", accepted.len(), report.parts);
+            return Ok(unchanged(enrolment, report, accepted.len(), &why, progress));
         }
         progress(&format!(
             "learning from {} parts ({} refused by the guard)",
@@ -225,10 +210,7 @@ impl Learner {
             NormalModel::fit_all(&accepted_held, floor)
         };
         let Some(model) = fitted else {
-            progress("learning: no usable held-out score: the enrolment stays as it is");
-            report.refused = report.parts;
-            report.kept = vec![false; report.parts];
-            return Ok((enrolment.clone(), report));
+            return Ok(unchanged(enrolment, report, 0, "no usable held-out score", progress));
         };
         // A part whose held-out score is an outlier of the model stays out of the bank too.
         let keep: Vec<usize> = accepted.into_iter().filter(|&i| !self.guard || !model.is_outlier(held[i])).collect();
@@ -282,4 +264,18 @@ impl Learner {
         ));
         Ok((Enrolment::new(new_meta, banks), report))
     }
+}
+
+/// The enrolment as it was, with a report that no part entered (`passed` got through the guard) and why.
+fn unchanged(
+    enrolment: &Enrolment,
+    mut report: LearnReport,
+    passed: usize,
+    why: &str,
+    progress: &mut dyn FnMut(&str),
+) -> (Enrolment, LearnReport) {
+    report.refused = report.parts - passed;
+    report.kept = vec![false; report.parts];
+    progress(&format!("learning: {why}: the enrolment stays as it is"));
+    (enrolment.clone(), report)
 }
