@@ -175,7 +175,8 @@ fn learn(
     let (learned, report) = learner
         .finish(&mut det, &model.enrolment, detect, &mut |m| tracing::info!(camera = %name, "line mode: {m}"))
         .map_err(|e| e.to_string())?;
-    if report.entered < crate::enrol::learn::MIN_PARTS {
+    // Learning leaves the enrolment as it was when too few parts pass; no part then entered.
+    if report.entered == 0 {
         cam.metrics.learned(&cam.name, "unchanged", report.entered, report.refused);
         return Ok(());
     }

@@ -214,6 +214,10 @@ impl Learner {
         };
         // A part whose held-out score is an outlier of the model stays out of the bank too.
         let keep: Vec<usize> = accepted.into_iter().filter(|&i| !self.guard || !model.is_outlier(held[i])).collect();
+        if keep.len() < MIN_PARTS {
+            let why = format!("{} parts are left after the held-out check, fewer than {MIN_PARTS}", keep.len());
+            return Ok(unchanged(enrolment, report, keep.len(), &why, progress));
+        }
         report.kept = (0..self.parts.len()).map(|i| keep.contains(&i)).collect();
         let banks = grow(&keep);
         report.entered = keep.len();
