@@ -322,6 +322,7 @@ fn load_reference(det: &mut Detector, reference: &Path, cfg: &Config) -> Result<
 fn inspect_cmd(det: &mut Detector, e: &Enrolment, images: &[PathBuf], out: &Path) -> Result<ExitCode> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut failed = 0;
+    let mut names = OverlayNames::default();
     for path in images {
         let img = match imageio::load_rgb(path) {
             Ok(i) => i,
@@ -332,8 +333,7 @@ fn inspect_cmd(det: &mut Detector, e: &Enrolment, images: &[PathBuf], out: &Path
             }
         };
         let ins = det.inspect(e, &img)?;
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-        let overlay_path = out.join(format!("{stem}_overlay.png"));
+        let overlay_path = out.join(names.next(path));
         overlay::render(&img, &ins)
             .save(&overlay_path)
             .with_context(|| format!("writing {}", overlay_path.display()))?;
@@ -344,6 +344,25 @@ fn inspect_cmd(det: &mut Detector, e: &Enrolment, images: &[PathBuf], out: &Path
         println!("{}: {}", path.display(), ins.verdict.answer);
     }
     Ok(if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Overlay file names, one per input and never the same twice in a run: `<stem>_overlay.png`, then
+/// `<folder>_<stem>_overlay.png` for a second input of that name (`a/003.png`, `b/003.png`), then a count.
+#[derive(Default)]
+struct OverlayNames(std::collections::HashSet<String>);
+
+impl OverlayNames {
+    fn next(&mut self, input: &Path) -> String {
+        let stem = input.file_stem().unwrap_or_default().to_string_lossy();
+        let folder = input.parent().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned());
+        let mut candidates = vec![format!("{stem}_overlay.png")];
+        candidates.extend(folder.map(|f| format!("{f}_{stem}_overlay.png")));
+        let name = candidates.into_iter().find(|n| !self.0.contains(n)).unwrap_or_else(|| {
+            (2..).map(|i| format!("{stem}_{i}_overlay.png")).find(|n| !self.0.contains(n)).expect("a free name")
+        });
+        self.0.insert(name.clone());
+        name
+    }
 }
 
 fn demo_frames() -> Vec<RgbImage> {
@@ -460,4 +479,18 @@ fn eval_cmd(
         println!("wrote {}", p.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlays_of_inputs_with_the_same_name_do_not_overwrite_each_other() {
+        let mut n = OverlayNames::default();
+        assert_eq!(n.next(Path::new("a/003.png")), "003_overlay.png");
+        assert_eq!(n.next(Path::new("b/003.png")), "b_003_overlay.png");
+        assert_eq!(n.next(Path::new("c/b/003.png")), "003_2_overlay.png");
+        assert_eq!(n.next(Path::new("004.png")), "004_overlay.png");
+    }
 }

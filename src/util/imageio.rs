@@ -14,6 +14,8 @@ pub enum ImageError {
     Read { path: PathBuf, reason: String },
     #[error("image {path} is {w}x{h}; anomalyd needs at least {MIN_SIDE}x{MIN_SIDE} pixels")]
     TooSmall { path: PathBuf, w: u32, h: u32 },
+    #[error("image {path} is {w}x{h}: over the limit of {MAX_PIXELS} pixels")]
+    TooLarge { path: PathBuf, w: u32, h: u32 },
     #[error("frame {width}x{height} with stride {stride} and {len} bytes is not a valid RGB frame")]
     BadFrame { width: usize, height: usize, stride: usize, len: usize },
     #[error("frame {width}x{height} stride {stride} needs {needed} bytes, buffer has {len}")]
@@ -52,6 +54,9 @@ pub fn is_image(path: &Path) -> bool {
 
 /// Largest side accepted from a file or a frame (hostile headers cannot ask for more).
 pub const MAX_SIDE: u32 = 16384;
+/// Most pixels accepted (8192 x 8192: 192 MiB as RGB): a header that asks for more is refused before
+/// anything is decoded, however well it compresses.
+pub const MAX_PIXELS: u64 = 1 << 26;
 
 /// Reads an image and converts grayscale, 16-bit and alpha formats to 8-bit RGB.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
@@ -64,15 +69,22 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
 /// dimensions and memory; `path` only names it in errors.
 pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
     let read_err = |reason: String| ImageError::Read { path: path.to_path_buf(), reason };
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| read_err(e.to_string()))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(1 << 30);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| read_err(e.to_string()))?;
+    let reader = || -> Result<_, ImageError> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| read_err(e.to_string()))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(1 << 30);
+        reader.limits(limits);
+        Ok(reader)
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|e| read_err(e.to_string()))?;
+    if u64::from(w) * u64::from(h) > MAX_PIXELS {
+        return Err(ImageError::TooLarge { path: path.to_path_buf(), w, h });
+    }
+    let img = reader()?.decode().map_err(|e| read_err(e.to_string()))?;
     let rgb = img.to_rgb8();
     if rgb.width() < MIN_SIDE || rgb.height() < MIN_SIDE {
         return Err(ImageError::TooSmall { path: path.to_path_buf(), w: rgb.width(), h: rgb.height() });
@@ -84,7 +96,12 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage, ImageError> {
 /// frame whose size, stride and buffer do not agree is an error, never a panic or an over-read.
 pub fn rgb_from_strided(data: &[u8], width: usize, height: usize, stride: usize) -> Result<RgbImage, ImageError> {
     let bad = || ImageError::BadFrame { width, height, stride, len: data.len() };
-    if width == 0 || height == 0 || width > MAX_SIDE as usize || height > MAX_SIDE as usize {
+    if width == 0
+        || height == 0
+        || width > MAX_SIDE as usize
+        || height > MAX_SIDE as usize
+        || (width * height) as u64 > MAX_PIXELS
+    {
         return Err(bad());
     }
     let row = width * 3;
@@ -303,6 +320,14 @@ mod tests {
         image::GrayImage::new(10, 10).save(&tiny).unwrap();
         let err = load_rgb(&tiny).unwrap_err().to_string();
         assert!(err.contains("10x10") && err.contains("at least"), "{err}");
+    }
+
+    #[test]
+    fn a_header_asking_for_too_many_pixels_is_refused_before_decoding() {
+        // A 16384 x 16384 8-bit image: within the side limit, 805 MB as RGB.
+        let err = decode_rgb(b"P5\n16384 16384\n255\n", Path::new("huge.pgm")).unwrap_err();
+        assert!(matches!(err, ImageError::TooLarge { w: 16384, h: 16384, .. }), "{err}");
+        assert!(rgb_from_strided(&[], 16384, 16384, 16384 * 3).is_err());
     }
 
     #[test]
