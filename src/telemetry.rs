@@ -116,6 +116,13 @@ pub struct Metrics {
     outbox_bytes: Gauge,
     outbox_verdicts: Gauge,
     outbox_evicted: Counter,
+    outbox_writable: Gauge,
+    outbox_failures: Counter,
+    outbox_corrupt: Counter,
+    outbox_memory: Gauge,
+    outbox_memory_dropped: Counter,
+    dead_letters: Gauge,
+    dead_lettered: Counter,
     replayed: Counter,
     camera_state: Family<StateLabels, Gauge>,
     llm_info: Family<LlmInfoLabels, Gauge>,
@@ -179,6 +186,13 @@ impl Metrics {
             outbox_bytes: Gauge::default(),
             outbox_verdicts: Gauge::default(),
             outbox_evicted: Counter::default(),
+            outbox_writable: Gauge::default(),
+            outbox_failures: Counter::default(),
+            outbox_corrupt: Counter::default(),
+            outbox_memory: Gauge::default(),
+            outbox_memory_dropped: Counter::default(),
+            dead_letters: Gauge::default(),
+            dead_lettered: Counter::default(),
             replayed: Counter::default(),
             camera_state: Family::default(),
             llm_info: Family::default(),
@@ -237,7 +251,11 @@ impl Metrics {
         r.register("mqtt_reconnects", "Connections made to the broker after the first", m.mqtt_reconnects.clone());
         r.register("model_info", "Encoder model, execution provider, device, engine cache hit or miss and enrolment in use, per camera (value 1)", m.model_info.clone());
         r.register("triggers", "PLC triggers by camera and result (inspected, timeout)", m.triggers.clone());
-        r.register("commands", "Commands on the command topic by result", m.commands.clone());
+        r.register(
+            "commands",
+            "Commands (MQTT command and chat topics) by result: accepted or why refused",
+            m.commands.clone(),
+        );
         r.register("reloads", "Configuration reloads by result", m.reloads.clone());
         r.register("store_bytes", "Bytes held by the flagged-frame store", m.store_bytes.clone());
         r.register("store_frames", "Frames held by the flagged-frame store", m.store_files.clone());
@@ -255,9 +273,37 @@ impl Metrics {
         );
         r.register(
             "outbox_evicted",
-            "Unpublished verdicts evicted (oldest first) to keep the outbox under its byte bound",
+            "Unpublished verdicts evicted or dropped to keep the outbox under its byte bound (ERROR and SKIPPED \
+             first, then OK, then NG; oldest first)",
             m.outbox_evicted.clone(),
         );
+        r.register(
+            "outbox_writable",
+            "1 while the outbox takes writes; 0 after a disk failure, until it reopens",
+            m.outbox_writable.clone(),
+        );
+        r.register(
+            "outbox_failures",
+            "Outbox reads and writes that failed (disk full, I/O error)",
+            m.outbox_failures.clone(),
+        );
+        r.register(
+            "outbox_corrupt",
+            "Unreadable outbox files moved aside at start (their verdicts are not republished)",
+            m.outbox_corrupt.clone(),
+        );
+        r.register(
+            "outbox_memory_verdicts",
+            "Verdicts held in memory while the outbox is not writable",
+            m.outbox_memory.clone(),
+        );
+        r.register(
+            "outbox_memory_dropped",
+            "Verdicts dropped past the memory bound while the outbox was not writable",
+            m.outbox_memory_dropped.clone(),
+        );
+        r.register("dead_letters", "Verdicts the broker would not take, kept in the outbox", m.dead_letters.clone());
+        r.register("dead_lettered", "Verdicts moved to the dead letters", m.dead_lettered.clone());
         r.register(
             "verdicts_replayed",
             "Verdicts published again after a broker outage or a restart",
@@ -451,7 +497,8 @@ impl Metrics {
         self.reloads.get_or_create(&result(outcome)).inc();
     }
 
-    /// A command arrived: `accepted` or `invalid`.
+    /// A command arrived: `accepted`, or refused as `invalid`, `too_large`, `bad_field`, `unauthorized`
+    /// or `rate_limited`.
     pub fn command(&self, outcome: &str) {
         self.commands.get_or_create(&result(outcome)).inc();
     }
@@ -508,6 +555,37 @@ impl Metrics {
     /// Unpublished verdicts evicted to stay under the outbox's bound.
     pub fn outbox_evicted(&self, n: u64) {
         self.outbox_evicted.inc_by(n);
+    }
+
+    /// The outbox became writable (true) or was closed by a disk failure (false).
+    pub fn outbox_writable(&self, up: bool) {
+        self.outbox_writable.set(i64::from(up));
+    }
+
+    /// An outbox read or write failed.
+    pub fn outbox_failure(&self) {
+        self.outbox_failures.inc();
+    }
+
+    /// An unreadable outbox file was moved aside at start.
+    pub fn outbox_corrupt(&self) {
+        self.outbox_corrupt.inc();
+    }
+
+    /// Verdicts waiting in memory for the outbox, and how many were dropped past the bound just now.
+    pub fn outbox_memory(&self, held: usize, dropped: u64) {
+        self.outbox_memory.set(held as i64);
+        self.outbox_memory_dropped.inc_by(dropped);
+    }
+
+    /// A verdict moved to the dead letters.
+    pub fn dead_lettered(&self) {
+        self.dead_lettered.inc();
+    }
+
+    /// The dead letters kept now.
+    pub fn dead_letters(&self, n: usize) {
+        self.dead_letters.set(n as i64);
     }
 }
 

@@ -68,6 +68,9 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     /// Topic root: verdicts go to `<prefix>/<node>/<camera>/verdict`.
     pub topic_prefix: String,
+    /// File holding a token (first line, at least 16 characters, mode 0600) that every command on the
+    /// command and chat topics must carry as `"token"`; unset, any client of the broker may command.
+    pub command_token_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -84,6 +87,7 @@ impl Default for MqttConfig {
             qos: 1,
             keep_alive_s: 15,
             topic_prefix: "anomalyd".into(),
+            command_token_file: None,
         }
     }
 }
@@ -114,6 +118,14 @@ impl Default for HttpConfig {
 #[serde(transparent)]
 pub struct Secret(pub String);
 
+impl Secret {
+    /// True when `given` is this secret; the time taken does not depend on where they differ.
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), given.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")
@@ -127,30 +139,37 @@ pub struct TokenError(String);
 
 /// The HTTP token: from `token_file` (refused unless 0600) or `token`.
 pub fn http_token(h: &HttpConfig) -> Result<Option<Secret>, TokenError> {
-    if let Some(f) = &h.token_file {
-        let meta = std::fs::metadata(f).map_err(|e| TokenError(format!("http.token_file = {}: {e}", f.display())))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(TokenError(format!(
-                    "http.token_file = {} has mode {mode:o}: others can read it; chmod 600 it",
-                    f.display()
-                )));
-            }
-        }
-        let _ = meta;
-        let token = read_secret(f).map_err(|e| TokenError(format!("http.token_file = {}: {e}", f.display())))?;
-        if token.len() < 16 {
+    match &h.token_file {
+        Some(f) => token_file("http.token_file", f).map(Some),
+        None => Ok(h.token.clone()),
+    }
+}
+
+/// The command token, from `mqtt.command_token_file` (refused unless 0600).
+pub fn command_token(m: &MqttConfig) -> Result<Option<Secret>, TokenError> {
+    m.command_token_file.as_deref().map(|f| token_file("mqtt.command_token_file", f)).transpose()
+}
+
+/// A token from a file only its owner can read, at least 16 characters long.
+fn token_file(key: &str, f: &Path) -> Result<Secret, TokenError> {
+    let meta = std::fs::metadata(f).map_err(|e| TokenError(format!("{key} = {}: {e}", f.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
             return Err(TokenError(format!(
-                "http.token_file = {}: the token is shorter than 16 characters",
+                "{key} = {} has mode {mode:o}: others can read it; chmod 600 it",
                 f.display()
             )));
         }
-        return Ok(Some(Secret(token)));
     }
-    Ok(h.token.clone())
+    let _ = meta;
+    let token = read_secret(f).map_err(|e| TokenError(format!("{key} = {}: {e}", f.display())))?;
+    if token.len() < 16 {
+        return Err(TokenError(format!("{key} = {}: the token is shorter than 16 characters", f.display())));
+    }
+    Ok(Secret(token))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -314,6 +333,9 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
     }
     if m.password_file.is_some() && m.username.is_none() {
         p.push("mqtt.password_file needs mqtt.username".into());
+    }
+    if let Err(e) = command_token(m) {
+        p.push(e.to_string());
     }
     if let Err(e) = http_token(h) {
         p.push(e.to_string());

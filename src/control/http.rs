@@ -10,6 +10,8 @@
 //! - `GET /v1/cameras/{camera}/enrolments`: what line mode learned (versions, the active one, history);
 //!   `POST /v1/cameras/{camera}/rollback` (`{"version": n}`, or no body for the version before the active
 //!   one; 0 is the base enrolment) makes another version active and reloads.
+//! - `GET /v1/dead-letters`: verdicts the broker would not take, with why and when (newest last).
+//! - Bodies are limited to 64 KiB (413 beyond), part ids and questions to `types::command`'s bounds (400).
 //! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
 //!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
 //!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
@@ -28,9 +30,10 @@ use tokio::sync::mpsc;
 use crate::config::daemon::Secret;
 use crate::describe::explainer::{ChatError, Explainer};
 use crate::enrol::versions::{VersionError, Versions};
-use crate::sink::mqtt::Command;
+use crate::sink::outbox::DeadLetters;
 use crate::sink::store::{Part, Store};
 use crate::telemetry::Metrics;
+use crate::types::command::{self, Command};
 use crate::types::verdict::valid_frame_id;
 
 /// Readiness: `Ok(())` or the reasons for not being ready.
@@ -49,6 +52,8 @@ pub struct HttpState {
     pub explainer: Arc<Explainer>,
     /// `daemon.enrolments`: the cameras' learned versions ("" keeps none).
     pub enrolments: std::path::PathBuf,
+    /// The outbox's dead letters.
+    pub dead_letters: DeadLetters,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -59,6 +64,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
         .route("/v1/frames/:id/chat", get(transcript))
         .route("/v1/cameras/:camera/enrolments", get(enrolments))
+        .route("/v1/dead-letters", get(dead_letters))
         .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
     let writes = Router::new()
         .route("/v1/frames/:id/chat", post(chat))
@@ -71,12 +77,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .merge(reads)
         .merge(writes)
+        .layer(axum::extract::DefaultBodyLimit::max(command::MAX_PAYLOAD))
         .with_state(state)
-}
-
-/// Compares in time independent of where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `None` when the request carries the configured token; otherwise the refusal to send.
@@ -93,7 +95,7 @@ fn refusal(s: &HttpState, req: &Request) -> Option<Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if same(given.as_bytes(), token.0.as_bytes()) {
+    if token.matches(given) {
         None
     } else {
         Some(
@@ -138,7 +140,11 @@ async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Respons
     let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
         return (StatusCode::BAD_REQUEST, "expected {\"camera\":\"...\",\"part_id\":\"...\"}\n").into_response();
     };
-    match s.commands.send(Command::Trigger { camera: t.camera, part_id: t.part_id }) {
+    let cmd = Command::Trigger { camera: t.camera, part_id: t.part_id };
+    if let Err(e) = cmd.check() {
+        return refused(&s, &e);
+    }
+    match s.commands.send(cmd) {
         Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
     }
@@ -223,6 +229,16 @@ fn not_a_frame_id() -> Response {
     (StatusCode::BAD_REQUEST, "not a frame id: letters, digits, '-', '_' and '.' only\n").into_response()
 }
 
+/// 400 for a request over a bound, counted as MQTT refusals are.
+fn refused(s: &HttpState, e: &command::Refusal) -> Response {
+    s.metrics.command(e.kind());
+    (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+}
+
+async fn dead_letters(State(s): State<HttpState>) -> Response {
+    json(StatusCode::OK, &s.dead_letters.list())
+}
+
 fn json(status: StatusCode, v: &impl serde::Serialize) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_vec(v).unwrap_or_default()).into_response()
 }
@@ -234,6 +250,9 @@ async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::bo
     let Ok(q) = serde_json::from_slice::<ChatBody>(&body) else {
         return (StatusCode::BAD_REQUEST, "expected {\"question\":\"...\"}\n").into_response();
     };
+    if let Err(e) = command::check_question(&q.question) {
+        return refused(&s, &e);
+    }
     let ex = s.explainer.clone();
     match tokio::task::spawn_blocking(move || ex.chat(&id, &q.question)).await {
         Ok(Ok(answer)) => json(StatusCode::OK, &answer),

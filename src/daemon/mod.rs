@@ -25,11 +25,12 @@ use crate::detect::detector::Detector;
 use crate::detect::enrolment::{Enrolment, EnrolmentMeta};
 use crate::enrol::reference::{self, ReferenceError};
 use crate::enrol::versions::Versions;
-use crate::sink::mqtt::{self, Command, MqttState, Topics};
-use crate::sink::outbox::Outbox;
+use crate::sink::mqtt::{self, MqttState, Topics};
+use crate::sink::outbox::{DeadLetters, Outbox};
 use crate::sink::store::{Store, StoreJob};
 use crate::source::{SourceEnd, SourceHandle};
 use crate::telemetry::{Metrics, ModelLabels};
+use crate::types::command::Command;
 use crate::util::sync;
 
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
@@ -120,6 +121,8 @@ pub struct Summary {
     pub max_backlog: u64,
     /// Broker reconnections.
     pub reconnects: u64,
+    /// Verdicts the broker would not take, moved to the dead letters.
+    pub dead_lettered: u64,
 }
 
 /// Notifications to the service manager (systemd); no-ops elsewhere.
@@ -205,6 +208,9 @@ impl Daemon {
             (cfg.outbox.path.clone(), cfg.outbox.max_bytes, metrics.clone());
         let outbox =
             tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics)).await??;
+        let dead_letters = outbox.dead_letters();
+        let command_token =
+            sections::command_token(&cfg.mqtt).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
         let link = mqtt::Link {
             options,
             topics: topics.clone(),
@@ -215,11 +221,9 @@ impl Daemon {
             drain: Duration::from_millis(cfg.daemon.drain_timeout_ms),
             outbox,
             commands: cmd_tx,
+            command_token,
             retained: retained_rx,
-            unlogged: Default::default(),
             notes: notes_rx,
-            pending_notes: Default::default(),
-            max_backlog: 0,
         };
         let publisher = tokio::spawn(link.run(verdict_rx));
 
@@ -259,7 +263,7 @@ impl Daemon {
         };
 
         if !cfg.http.listen.is_empty() {
-            daemon.start_http(&cfg, store, http_commands, mqtt_state, loaded).await?;
+            daemon.start_http(&cfg, store, http_commands, mqtt_state, loaded, dead_letters).await?;
         }
 
         for cam in cfg.camera.clone() {
@@ -281,6 +285,7 @@ impl Daemon {
         http_commands: mpsc::UnboundedSender<Command>,
         mqtt_state: Arc<MqttState>,
         loaded: Arc<AtomicBool>,
+        dead_letters: DeadLetters,
     ) -> Result<(), DaemonError> {
         let (listener, addr) = http::bind(&cfg.http.listen).await?;
         let ready_shared = self.shared.clone();
@@ -291,6 +296,9 @@ impl Daemon {
             }
             if !mqtt_state.connected.load(Ordering::SeqCst) {
                 why.push("not connected to the MQTT broker".into());
+            }
+            if mqtt_state.outbox_down.load(Ordering::SeqCst) {
+                why.push("the outbox is not writable (disk full or failing); verdicts wait in memory".into());
             }
             for (name, cam) in sync::lock(&ready_shared).iter() {
                 let age = cam.worker_silent_ms();
@@ -310,6 +318,7 @@ impl Daemon {
             protect_reads: cfg.http.protect_reads,
             explainer: self.explainer.clone(),
             enrolments: cfg.daemon.enrolments.clone(),
+            dead_letters,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -759,7 +768,13 @@ impl Daemon {
         }
         self.stop_http(Some(Duration::from_secs(2))).await;
         tracing::info!("stopped after publishing {published} verdict(s)");
-        Summary { published, frames, max_backlog: link.max_backlog, reconnects: link.reconnects }
+        Summary {
+            published,
+            frames,
+            max_backlog: link.max_backlog,
+            reconnects: link.reconnects,
+            dead_lettered: link.dead_lettered,
+        }
     }
 
     /// Tears down after a failed start: the same steps as [`Daemon::shutdown`] up to the publisher,

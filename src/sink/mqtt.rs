@@ -4,25 +4,32 @@
 //! - `<prefix>/<node>/<camera>/verdict`: one JSON verdict per frame, QoS `mqtt.qos`.
 //! - `<prefix>/<node>/status`: retained `online`; the broker publishes `offline` (last will) if the
 //!   daemon vanishes; `stopped` after a clean exit.
-//! - `<prefix>/<node>/cmd`: commands, e.g. `{"cmd":"trigger","camera":"cam1","part_id":"P-1"}`.
+//! - `<prefix>/<node>/cmd`: commands, e.g. `{"cmd":"trigger","camera":"cam1","part_id":"P-1"}`
+//!   (`types::command` gives the bounds); refusals, and acceptances that carry a `request_id`, are
+//!   answered on `<prefix>/<node>/cmd/response`.
 //! - `<prefix>/<node>/<camera>/description`: the words for each NG frame, after its verdict, keyed by
 //!   frame id (`describe::explainer::Description`).
 //! - `<prefix>/<node>/chat/request` → `<prefix>/<node>/chat/response`: questions about a frame,
 //!   `{"frame_id":"…","question":"…","request_id":"…"}`, answered with the same `request_id`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use rumqttc::{AsyncClient, Event, Incoming, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
-use serde::Deserialize;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, NetworkOptions, QoS,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
 
-use crate::config::daemon::{LogVerdicts, MqttConfig, broker_addr, read_secret};
-use crate::sink::outbox::Outbox;
+use crate::config::daemon::{LogVerdicts, MqttConfig, Secret, broker_addr, read_secret};
+use crate::sink::inflight::{Inflight, Tag};
+use crate::sink::outbox::{Class, Outbox};
 use crate::telemetry::Metrics;
+use crate::types::command::{self, Command, Envelope, Refusal};
 use crate::types::verdict::{self, Outcome, Outgoing, VerdictMessage};
+use crate::util::text::escaped;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -55,6 +62,9 @@ impl Topics {
     pub fn command(&self) -> String {
         format!("{}/{}/cmd", self.prefix, self.node)
     }
+    pub fn command_response(&self) -> String {
+        format!("{}/{}/cmd/response", self.prefix, self.node)
+    }
     pub fn description(&self, camera: &str) -> String {
         format!("{}/{}/{camera}/description", self.prefix, self.node)
     }
@@ -66,41 +76,29 @@ impl Topics {
     }
 }
 
-/// A command received on the command topic.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Command {
-    /// Inspect the camera's next frame under this part id.
-    Trigger { camera: String, part_id: String },
-    /// Reload the configuration and enrolments (as SIGHUP does).
-    Reload,
-    /// A question about a frame; the answer goes to the chat response topic with the same request id.
-    Chat {
-        frame_id: String,
-        question: String,
-        #[serde(default)]
-        request_id: Option<String>,
-    },
-}
-
-/// A question on the chat request topic.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChatRequest {
-    frame_id: String,
-    question: String,
-    #[serde(default)]
-    request_id: Option<String>,
-}
-
 /// Notes (descriptions, chat answers) kept in memory while the broker is away; the oldest are dropped
 /// beyond this, counted in `anomalyd_notes_dropped_total`.
 const MAX_PENDING_NOTES: usize = 1024;
+
+/// Verdicts kept in memory while the outbox is not writable (a disk failure); beyond this they are
+/// dropped in the outbox's eviction order (ERROR and SKIPPED, then OK, then NG), counted in
+/// `anomalyd_outbox_memory_dropped_total`.
+pub const MEMORY_VERDICTS: usize = 4096;
+
+/// Times the broker may drop the connection while the same verdict is the oldest unacknowledged one
+/// before that verdict is dead-lettered (after the first, it is sent alone, so no other verdict is
+/// blamed).
+const POISON_STRIKES: u8 = 3;
+
+/// How long a connect (TCP, TLS handshake and CONNACK) or a write may take before it is given up.
+const NETWORK_TIMEOUT_S: u64 = 10;
 
 /// Connection state shared with the daemon and the HTTP API.
 #[derive(Debug, Default)]
 pub struct MqttState {
     pub connected: AtomicBool,
+    /// Set while the outbox is closed by a disk failure (readiness fails).
+    pub outbox_down: AtomicBool,
 }
 
 pub fn qos(level: u8) -> QoS {
@@ -111,6 +109,9 @@ pub fn qos(level: u8) -> QoS {
     }
 }
 
+/// Largest packet sent or taken; a verdict over it is dead-lettered before it is sent.
+pub const MAX_PACKET: usize = 1 << 20;
+
 /// Builds the client options: broker address, client id, credentials, TLS and last will.
 pub fn options(cfg: &MqttConfig, node: &str, embedded: Option<u16>) -> Result<MqttOptions, MqttError> {
     let (host, port) = match embedded {
@@ -120,7 +121,7 @@ pub fn options(cfg: &MqttConfig, node: &str, embedded: Option<u16>) -> Result<Mq
     let id = cfg.client_id.clone().unwrap_or_else(|| format!("anomalyd-{node}"));
     let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
-    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_request_channel_capacity(1024);
     let topics = Topics { prefix: cfg.topic_prefix.clone(), node: node.into() };
     o.set_last_will(LastWill::new(topics.status(), "offline", qos(cfg.qos), true));
@@ -155,13 +156,21 @@ const WINDOW: usize = 64;
 
 /// The MQTT link: one task owns the connection, the outbox and the order of publication.
 ///
-/// Verdicts arrive on a channel (the frame path never waits), are appended to the [`Outbox`] in one
-/// durable transaction per batch, and are published from the outbox in key order with at most
-/// [`WINDOW`] unacknowledged. Acknowledgements arrive in publication order (MQTT 3.1.1, 4.6), so each
-/// PUBACK retires the oldest in-flight key. When the connection drops, the client is discarded (so
-/// nothing is retransmitted behind the outbox's back), and after reconnecting, with backoff, every
-/// verdict still in the outbox is published again, marked `replayed`. `online` is announced on every
-/// connect, and the cameras' retained states are re-sent.
+/// - Verdicts arrive on a channel (the frame path never waits), are appended to the [`Outbox`] in one
+///   durable transaction per batch, and are published from it in key order with at most [`WINDOW`]
+///   unacknowledged.
+/// - The client's event loop runs in a task of its own that is never cancelled ([`pump`]): connects,
+///   TLS handshakes and writes run to completion or time out on their own clock
+///   ([`NETWORK_TIMEOUT_S`]). The link reads its events from a channel.
+/// - Each acknowledgement retires the verdict with its packet id ([`Inflight`]).
+/// - When the connection drops, the client is discarded (so nothing is retransmitted behind the
+///   outbox's back); after reconnecting, with backoff, every verdict still in the outbox is published
+///   again, marked `replayed`. `online` is announced on every connect, and retained states re-sent.
+/// - A verdict the broker will not take is dead-lettered ([`Outbox::dead_letter`]): one over
+///   [`MAX_PACKET`] before it is sent, and one the broker drops the connection on [`POISON_STRIKES`]
+///   times. The link never loops on it.
+/// - While the outbox is not writable, verdicts wait in memory (at most [`MEMORY_VERDICTS`]) and are
+///   published from there; the outbox is reopened with backoff and takes them back.
 pub struct Link {
     pub options: MqttOptions,
     pub topics: Topics,
@@ -173,16 +182,12 @@ pub struct Link {
     pub drain: Duration,
     pub outbox: Outbox,
     pub commands: mpsc::UnboundedSender<Command>,
+    /// When set, every command must carry it (`"token"`), compared in constant time.
+    pub command_token: Option<Secret>,
     /// Retained (topic, payload) pairs to publish, e.g. camera states.
     pub retained: mpsc::UnboundedReceiver<(String, String)>,
-    /// Verdicts the outbox could not take (a disk failure): published from memory, never dropped.
-    pub unlogged: VecDeque<VerdictMessage>,
     /// (topic, payload) notes to publish once, not retained: descriptions and chat answers.
     pub notes: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    /// Notes waiting for the connection.
-    pub pending_notes: VecDeque<(String, Vec<u8>)>,
-    /// Most verdicts waiting in the outbox at once (reported at exit).
-    pub max_backlog: u64,
 }
 
 /// `first` and whatever else is already waiting, up to 256: one outbox transaction's worth.
@@ -201,10 +206,18 @@ fn take_batch(first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Ve
 pub struct LinkSummary {
     /// Verdicts the broker acknowledged.
     pub acked: u64,
-    /// Most verdicts waiting in the outbox at once.
+    /// Most verdicts waiting in the outbox (and memory) at once.
     pub max_backlog: u64,
     /// Connections after the first.
     pub reconnects: u64,
+    /// Verdicts dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// A verdict waiting in memory for the outbox.
+struct Held {
+    msg: VerdictMessage,
+    captured_at: Instant,
 }
 
 /// The link's bookkeeping across connections.
@@ -228,6 +241,15 @@ struct Session {
     states: BTreeMap<String, String>,
     /// Acknowledged keys not yet removed from the outbox.
     acked: Vec<u64>,
+    /// Verdicts waiting in memory while the outbox is not writable, by arrival.
+    memory: BTreeMap<u64, Held>,
+    next_memory: u64,
+    /// Notes waiting for the connection.
+    pending_notes: std::collections::VecDeque<(String, Vec<u8>)>,
+    /// Connections the broker dropped while this verdict was the oldest unacknowledged one.
+    strikes: HashMap<u64, u8>,
+    max_backlog: u64,
+    dead_lettered: u64,
 }
 
 impl Session {
@@ -245,6 +267,12 @@ impl Session {
             last_error_log: None,
             states: BTreeMap::new(),
             acked: Vec::new(),
+            memory: BTreeMap::new(),
+            next_memory: 0,
+            pending_notes: Default::default(),
+            strikes: HashMap::new(),
+            max_backlog: 0,
+            dead_lettered: 0,
         }
     }
 }
@@ -254,23 +282,43 @@ enum Served {
     /// Everything is acknowledged (or the drain time is up): close and return.
     Finished,
     /// The connection failed.
-    Lost(rumqttc::ConnectionError),
+    Lost(ConnectionError),
 }
 
-/// One connection's bookkeeping.
+/// One connection: the client, the events of its loop, and what was handed to it.
 struct Conn {
     client: AsyncClient,
+    events: mpsc::Receiver<Result<Event, ConnectionError>>,
+    pump: tokio::task::JoinHandle<()>,
     connected: bool,
-    /// Keys handed to this connection, oldest first; `None` for status messages.
-    inflight: VecDeque<Option<u64>>,
+    inflight: Inflight,
     /// Next outbox key to hand over.
     cursor: u64,
+    /// A verdict sent alone after a strike: nothing else goes out until it is acknowledged.
+    isolating: Option<u64>,
     stopped_sent: bool,
+}
+
+/// Runs the client's event loop in a task of its own, never cancelled: each event (or the error that
+/// ends the connection) goes to the link over a channel. The task ends after the error, or when the
+/// link drops the receiver.
+fn pump(mut eventloop: EventLoop) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Result<Event, ConnectionError>>) {
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let end = ev.is_err();
+            if tx.send(ev).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    (task, rx)
 }
 
 impl Link {
     /// Runs until the verdict channel closes and everything is acknowledged (or the drain time is up,
-    /// leaving the rest in the outbox for the next start). Returns how many verdicts were acknowledged.
+    /// leaving the rest in the outbox for the next start).
     ///
     /// Each turn connects, serves the connection until it fails ([`Link::serve`]), counts the loss
     /// ([`Link::connection_lost`]) and keeps logging verdicts while it backs off ([`Link::back_off`]).
@@ -278,12 +326,25 @@ impl Link {
         let mut s = Session::new();
         loop {
             let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
-            let mut c = Conn { client, connected: false, inflight: VecDeque::new(), cursor: 0, stopped_sent: false };
-            let failure = match self.serve(&mut s, &mut c, &mut eventloop, &mut rx).await {
-                Served::Finished => return self.close(c, &mut eventloop, s.acked_total, s.connects).await,
+            let mut network = NetworkOptions::new();
+            network.set_connection_timeout(NETWORK_TIMEOUT_S);
+            eventloop.set_network_options(network);
+            let (pump, events) = pump(eventloop);
+            let mut c = Conn {
+                client,
+                events,
+                pump,
+                connected: false,
+                inflight: Inflight::default(),
+                cursor: 0,
+                isolating: None,
+                stopped_sent: false,
+            };
+            let failure = match self.serve(&mut s, &mut c, &mut rx).await {
+                Served::Finished => return self.close(c, &mut s).await,
                 Served::Lost(e) => e,
             };
-            self.connection_lost(&mut s, &c, &failure);
+            self.connection_lost(&mut s, &mut c, &failure);
             if let Some(summary) = self.back_off(&mut s, &mut rx).await {
                 return summary;
             }
@@ -292,21 +353,17 @@ impl Link {
 
     /// Serves one connection: verdicts into the outbox and from it to the broker, acknowledgements,
     /// commands, notes and retained states, until the connection fails or the link has finished.
-    async fn serve(
-        &mut self,
-        s: &mut Session,
-        c: &mut Conn,
-        eventloop: &mut rumqttc::EventLoop,
-        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-    ) -> Served {
+    async fn serve(&mut self, s: &mut Session, c: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Served {
         loop {
             if self.finished(s, c) {
                 return Served::Finished;
             }
+            let ticking = !s.receiving || !self.outbox.writable();
             tokio::select! {
-                ev = eventloop.poll() => match ev {
-                    Ok(ev) => self.on_event(s, c, ev),
-                    Err(e) => return Served::Lost(e),
+                ev = c.events.recv() => match ev {
+                    Some(Ok(ev)) => self.on_event(s, c, ev),
+                    Some(Err(e)) => return Served::Lost(e),
+                    None => return Served::Lost(ConnectionError::RequestsDone),
                 },
                 m = rx.recv(), if s.receiving => self.on_verdicts(s, c.connected, m, rx),
                 n = self.notes.recv(), if s.notes_open => self.on_note(s, c.connected, n, rx),
@@ -319,11 +376,12 @@ impl Link {
                     }
                     None => s.retained_open = false,
                 },
-                _ = tokio::time::sleep(Duration::from_millis(100)), if !s.receiving => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if ticking => {}
             }
+            self.mend_outbox(s);
             if c.connected {
-                s.acked_total += self.fill(c, s.resend_below, &mut s.born);
-                self.send_notes(c);
+                self.fill(s, c);
+                self.send_notes(s, c);
             }
         }
     }
@@ -333,25 +391,22 @@ impl Link {
     /// or the drain time is up.
     fn finished(&mut self, s: &mut Session, c: &mut Conn) -> bool {
         if !s.acked.is_empty() && (!s.receiving || c.inflight.len() < WINDOW / 2) {
-            s.acked_total += self.retire(&std::mem::take(&mut s.acked), &mut s.born);
+            self.retire(s);
         }
         if !s.receiving {
             while let Ok(n) = self.notes.try_recv() {
-                self.pending_notes.push_back(n);
+                s.pending_notes.push_back(n);
             }
         }
         if !s.receiving
             && self.outbox.is_empty()
-            && self.unlogged.is_empty()
-            && self.pending_notes.is_empty()
+            && s.memory.is_empty()
+            && s.pending_notes.is_empty()
+            && c.inflight.verdicts() == 0
             && c.connected
             && !c.stopped_sent
         {
-            if c.client.try_publish(self.topics.status(), self.qos, true, "stopped").is_ok()
-                && self.qos != QoS::AtMostOnce
-            {
-                c.inflight.push_back(None);
-            }
+            self.status(c, &self.topics.status(), "stopped");
             c.stopped_sent = true;
         }
         if c.stopped_sent && c.inflight.is_empty() {
@@ -369,7 +424,8 @@ impl Link {
         false
     }
 
-    /// One event from the broker: a connection, an acknowledgement, a command or a chat request.
+    /// One event from the broker or the client: a connection, a written publish, an
+    /// acknowledgement, a command or a chat request.
     fn on_event(&mut self, s: &mut Session, c: &mut Conn, ev: Event) {
         match ev {
             Event::Incoming(Incoming::ConnAck(_)) => {
@@ -389,20 +445,46 @@ impl Link {
                 let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
                 let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
             }
-            Event::Incoming(Incoming::PubAck(_)) | Event::Incoming(Incoming::PubComp(_)) => {
-                if let Some(Some(k)) = c.inflight.pop_front() {
-                    s.acked.push(k);
-                }
-                // Retire in batches: one outbox transaction per burst of acknowledgements.
-                if s.acked.len() >= WINDOW / 2 || c.inflight.is_empty() {
-                    s.acked_total += self.retire(&std::mem::take(&mut s.acked), &mut s.born);
+            Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
+                if let Some(tag) = c.inflight.written(pkid) {
+                    self.done(s, c, tag);
                 }
             }
-            Event::Incoming(Incoming::Publish(p)) if p.topic == self.topics.command() => self.command(&p.payload),
+            Event::Outgoing(rumqttc::Outgoing::AwaitAck(pkid)) => c.inflight.held_back(pkid),
+            Event::Incoming(Incoming::PubAck(rumqttc::PubAck { pkid, .. }))
+            | Event::Incoming(Incoming::PubComp(rumqttc::PubComp { pkid, .. })) => {
+                if let Some(tag) = c.inflight.acked(pkid) {
+                    self.done(s, c, tag);
+                }
+            }
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.topics.command() => {
+                let parsed = command::parse_command(&p.payload);
+                self.command(s, &p.payload, parsed);
+            }
             Event::Incoming(Incoming::Publish(p)) if p.topic == self.topics.chat_request() => {
-                self.chat_request(&p.payload)
+                let parsed = command::parse_chat(&p.payload);
+                self.command(s, &p.payload, parsed);
             }
             _ => {}
+        }
+    }
+
+    /// A publish was acknowledged (or, at QoS 0, written).
+    fn done(&mut self, s: &mut Session, c: &mut Conn, tag: Tag) {
+        match tag {
+            Tag::Verdict(k) => {
+                s.strikes.remove(&k);
+                if c.isolating == Some(k) {
+                    c.isolating = None;
+                }
+                s.acked.push(k);
+                // Retire in batches: one outbox transaction per burst of acknowledgements.
+                if s.acked.len() >= WINDOW / 2 || c.inflight.verdicts() == 0 {
+                    self.retire(s);
+                }
+            }
+            Tag::Memory(..) => s.acked_total += 1,
+            Tag::Other => {}
         }
     }
 
@@ -417,7 +499,7 @@ impl Link {
         match m {
             Some(first) => {
                 let mut batch = take_batch(first, rx);
-                self.log_batch(&mut batch, connected, &mut s.born);
+                self.log_batch(s, &mut batch, connected);
             }
             None => {
                 s.receiving = false;
@@ -443,32 +525,67 @@ impl Link {
             && let Ok(first) = rx.try_recv()
         {
             let mut batch = take_batch(first, rx);
-            self.log_batch(&mut batch, connected, &mut s.born);
+            self.log_batch(s, &mut batch, connected);
         }
-        self.pending_notes.push_back(n);
-        while self.pending_notes.len() > MAX_PENDING_NOTES {
-            self.pending_notes.pop_front();
+        self.note(s, n);
+    }
+
+    fn note(&self, s: &mut Session, n: (String, Vec<u8>)) {
+        s.pending_notes.push_back(n);
+        while s.pending_notes.len() > MAX_PENDING_NOTES {
+            s.pending_notes.pop_front();
             self.metrics.note_dropped();
         }
     }
 
     /// The connection failed (or never came up): count it and say so, at most every 30 s while down.
-    fn connection_lost(&mut self, s: &mut Session, c: &Conn, failure: &rumqttc::ConnectionError) {
+    /// The oldest unacknowledged verdict takes a strike; at [`POISON_STRIKES`] it is dead-lettered.
+    /// Verdicts in flight from memory go back to the memory queue.
+    fn connection_lost(&mut self, s: &mut Session, c: &mut Conn, failure: &ConnectionError) {
         s.resend_below = s.resend_below.max(c.cursor);
         let was = c.connected;
         self.state.connected.store(false, Ordering::SeqCst);
         self.metrics.mqtt_connected(false);
         if was {
-            self.metrics.publishes_lost(c.inflight.iter().flatten().count().max(1) as u64);
+            self.metrics.publishes_lost(c.inflight.verdicts().max(1) as u64);
+            if let Some(k) = c.inflight.oldest_written() {
+                let n = s.strikes.entry(k).or_insert(0);
+                *n += 1;
+                if *n >= POISON_STRIKES {
+                    let why = format!(
+                        "the broker closed the connection {n} times while this verdict was the oldest \
+                         unacknowledged one, the last time sent alone ({failure}); over the broker's packet \
+                         limit or refused by its access rules?"
+                    );
+                    s.strikes.remove(&k);
+                    self.dead_letter_key(s, k, &why);
+                }
+            }
+        }
+        for tag in c.inflight.take_all() {
+            if let Tag::Memory(seq, msg) = tag {
+                s.memory.insert(seq, Held { msg: *msg, captured_at: Instant::now() });
+            }
         }
         if was || s.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
             tracing::warn!(
                 "MQTT broker unreachable: {failure}; {} verdict(s) kept in the outbox; retrying in {} ms",
-                self.outbox.len(),
+                self.outbox.len() + s.memory.len() as u64,
                 s.backoff.as_millis()
             );
             s.last_error_log = Some(Instant::now());
         }
+        c.pump.abort();
+    }
+
+    fn dead_letter_key(&mut self, s: &mut Session, key: u64, why: &str) {
+        let json = match self.outbox.from_key(key, 1) {
+            Ok(e) if e.first().is_some_and(|e| e.key == key) => e[0].json.clone(),
+            _ => return,
+        };
+        self.outbox.dead_letter(Some(key), &json, why);
+        s.born.remove(&key);
+        s.dead_lettered += 1;
     }
 
     /// Waits out the backoff while still logging verdicts durably. Returns the summary when the drain
@@ -480,107 +597,131 @@ impl Link {
             tokio::select! {
                 _ = &mut wait => break,
                 m = rx.recv(), if s.receiving => self.on_verdicts(s, false, m, rx),
+                _ = tokio::time::sleep(Duration::from_millis(100)), if !self.outbox.writable() => {}
             }
+            self.mend_outbox(s);
         }
         if s.deadline.is_some_and(|d| Instant::now() >= d) {
             tracing::warn!(
                 "stopping while the broker is unreachable: {} verdict(s) stay in the outbox for the next start",
                 self.outbox.len()
             );
-            if let Err(e) = self.outbox.sync() {
-                tracing::error!("{e}");
-            }
-            return Some(self.summary(s.acked_total, s.connects));
+            self.last_words(s);
+            return Some(self.summary(s));
         }
         s.backoff = (s.backoff * 2).min(Duration::from_secs(10));
         None
     }
 
-    fn summary(&self, acked: u64, connects: u64) -> LinkSummary {
-        LinkSummary { acked, max_backlog: self.max_backlog, reconnects: connects.saturating_sub(1) }
-    }
-
-    async fn close(&mut self, c: Conn, eventloop: &mut rumqttc::EventLoop, acked: u64, connects: u64) -> LinkSummary {
+    /// At exit: make the outbox durable, and say what only memory held.
+    fn last_words(&mut self, s: &mut Session) {
+        self.mend_outbox(s);
         if let Err(e) = self.outbox.sync() {
             tracing::error!("{e}");
         }
+        if !s.memory.is_empty() {
+            tracing::error!(
+                "stopping with {} verdict(s) held only in memory (the outbox was not writable): they are lost",
+                s.memory.len()
+            );
+        }
+    }
+
+    fn summary(&self, s: &Session) -> LinkSummary {
+        LinkSummary {
+            acked: s.acked_total,
+            max_backlog: s.max_backlog,
+            reconnects: s.connects.saturating_sub(1),
+            dead_lettered: s.dead_lettered,
+        }
+    }
+
+    async fn close(&mut self, mut c: Conn, s: &mut Session) -> LinkSummary {
+        self.last_words(s);
         if c.connected && c.client.try_disconnect().is_ok() {
             let flushed = tokio::time::timeout(Duration::from_secs(2), async {
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
+                while let Some(ev) = c.events.recv().await {
+                    if matches!(ev, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {
+                        break;
                     }
                 }
             });
             let _ = flushed.await;
         }
+        c.pump.abort();
         self.state.connected.store(false, Ordering::SeqCst);
         self.metrics.mqtt_connected(false);
-        self.summary(acked, connects)
+        self.summary(s)
     }
 
+    /// Publishes a retained status or state (QoS as configured).
     fn status(&self, c: &mut Conn, topic: &str, payload: &str) {
-        if c.client.try_publish(topic, self.qos, true, payload.as_bytes().to_vec()).is_ok()
-            && self.qos != QoS::AtMostOnce
-        {
-            c.inflight.push_back(None);
+        if c.client.try_publish(topic, self.qos, true, payload.as_bytes().to_vec()).is_ok() {
+            c.inflight.handed(Tag::Other);
         }
     }
 
     /// Hands waiting notes to the client, within the window.
-    fn send_notes(&mut self, c: &mut Conn) {
+    fn send_notes(&mut self, s: &mut Session, c: &mut Conn) {
         while c.inflight.len() < WINDOW
-            && let Some((topic, payload)) = self.pending_notes.pop_front()
+            && let Some((topic, payload)) = s.pending_notes.pop_front()
         {
             if c.client.try_publish(topic.clone(), self.qos, false, payload.clone()).is_err() {
-                self.pending_notes.push_front((topic, payload));
+                s.pending_notes.push_front((topic, payload));
                 return;
             }
-            if self.qos != QoS::AtMostOnce {
-                c.inflight.push_back(None);
-            }
+            c.inflight.handed(Tag::Other);
         }
     }
 
-    fn chat_request(&self, payload: &[u8]) {
-        match serde_json::from_slice::<ChatRequest>(payload) {
-            Ok(r) => {
+    /// A command or chat request: refused (with the reason, escaped, in the log, a metric and a reply
+    /// on the response topic), or passed to the daemon.
+    fn command(&mut self, s: &mut Session, payload: &[u8], parsed: Result<Envelope, Refusal>) {
+        let checked = parsed.and_then(|e| match &self.command_token {
+            Some(t) if !e.token.as_deref().is_some_and(|g| t.matches(g)) => Err(Refusal::Unauthorized),
+            _ => Ok(e),
+        });
+        match checked {
+            Ok(e) => {
                 self.metrics.command("accepted");
-                let _ = self.commands.send(Command::Chat {
-                    frame_id: r.frame_id,
-                    question: r.question,
-                    request_id: r.request_id,
-                });
+                if e.request_id.is_some() && !matches!(e.command, Command::Chat { .. }) {
+                    self.reply(s, e.request_id.as_deref(), Some(e.command.name()), None);
+                }
+                let _ = self.commands.send(e.command);
             }
-            Err(e) => {
-                self.metrics.command("invalid");
+            Err(r) => {
+                self.metrics.command(r.kind());
+                let head = String::from_utf8_lossy(&payload[..payload.len().min(160)]).into_owned();
                 tracing::warn!(
-                    "ignored a chat request on {}: {e} (expected {{\"frame_id\":\"…\",\"question\":\"…\",\"request_id\":\"…\"}})",
-                    self.topics.chat_request()
+                    "refused a command ({} bytes): {}; it began {}",
+                    payload.len(),
+                    escaped(&r.to_string(), 200),
+                    escaped(&head, 120)
                 );
+                let request_id = serde_json::from_slice::<serde_json::Value>(payload)
+                    .ok()
+                    .and_then(|v| v.get("request_id").and_then(|r| r.as_str()).map(str::to_string))
+                    .filter(|r| command::check_part_id(r).is_ok());
+                self.reply(s, request_id.as_deref(), None, Some(&r));
             }
         }
     }
 
-    fn command(&self, payload: &[u8]) {
-        match serde_json::from_slice::<Command>(payload) {
-            Ok(cmd) => {
-                self.metrics.command("accepted");
-                let _ = self.commands.send(cmd);
-            }
-            Err(e) => {
-                self.metrics.command("invalid");
-                tracing::warn!(
-                    "ignored a command on {}: {e} (expected e.g. {{\"cmd\":\"trigger\",\"camera\":\"cam1\",\"part_id\":\"P-1\"}})",
-                    self.topics.command()
-                );
-            }
-        }
+    /// `{"request_id":…,"cmd":…,"accepted":…,"error":…,"reason":…}` on the command response topic.
+    fn reply(&self, s: &mut Session, request_id: Option<&str>, cmd: Option<&str>, refusal: Option<&Refusal>) {
+        let body = serde_json::json!({
+            "request_id": request_id,
+            "cmd": cmd,
+            "accepted": refusal.is_none(),
+            "error": refusal.map(|r| r.to_string()),
+            "reason": refusal.map(Refusal::kind),
+        });
+        self.note(s, (self.topics.command_response(), serde_json::to_vec(&body).unwrap_or_default()));
     }
 
-    /// Writes a batch of new verdicts to the outbox (one durable transaction) and logs them.
-    fn log_batch(&mut self, batch: &mut [Outgoing], connected: bool, born: &mut HashMap<u64, Instant>) {
+    /// Writes a batch of new verdicts to the outbox (one durable transaction) and logs them; while the
+    /// outbox is not writable, to the bounded memory queue.
+    fn log_batch(&mut self, s: &mut Session, batch: &mut [Outgoing], connected: bool) {
         self.metrics.verdicts_logged(batch.len());
         for o in batch.iter_mut() {
             // Written while the broker is away: it will go out as part of the backlog.
@@ -592,41 +733,102 @@ impl Link {
             }
         }
         let msgs: Vec<VerdictMessage> = batch.iter().map(|o| o.msg.clone()).collect();
+        if self.outbox.writable() && s.memory.is_empty() {
+            match self.outbox.append(&msgs) {
+                Ok(keys) => {
+                    for (k, o) in keys.into_iter().zip(batch.iter()) {
+                        if let Some(k) = k {
+                            s.born.insert(k, o.captured_at);
+                        }
+                    }
+                    s.max_backlog = s.max_backlog.max(self.outbox.len());
+                    return;
+                }
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        self.state.outbox_down.store(!self.outbox.writable(), Ordering::SeqCst);
+        self.hold(s, batch.iter().map(|o| Held { msg: o.msg.clone(), captured_at: o.captured_at }));
+    }
+
+    /// Keeps verdicts in memory, within [`MEMORY_VERDICTS`], dropping in the outbox's eviction order.
+    fn hold(&self, s: &mut Session, verdicts: impl Iterator<Item = Held>) {
+        let mut dropped = 0;
+        for h in verdicts {
+            if s.memory.len() >= MEMORY_VERDICTS {
+                let class = Class::of(h.msg.verdict);
+                let victim = (0..=class as usize).find_map(|c| {
+                    s.memory.iter().find(|(_, m)| Class::of(m.msg.verdict) as usize == c).map(|(k, _)| *k)
+                });
+                match victim {
+                    Some(k) => {
+                        s.memory.remove(&k);
+                    }
+                    None => {
+                        dropped += 1;
+                        continue;
+                    }
+                }
+                dropped += 1;
+            }
+            s.memory.insert(s.next_memory, h);
+            s.next_memory += 1;
+        }
+        if dropped > 0 {
+            tracing::error!(
+                "the outbox is not writable and {MEMORY_VERDICTS} verdicts already wait in memory: dropped {dropped}"
+            );
+        }
+        self.metrics.outbox_memory(s.memory.len(), dropped);
+        s.max_backlog = s.max_backlog.max(self.outbox.len() + s.memory.len() as u64);
+    }
+
+    /// While the outbox is not writable: reopen it when due, then move the memory queue into it.
+    fn mend_outbox(&mut self, s: &mut Session) {
+        if s.memory.is_empty() && self.outbox.writable() {
+            return;
+        }
+        if !self.outbox.reopen() {
+            self.state.outbox_down.store(true, Ordering::SeqCst);
+            return;
+        }
+        let held: Vec<Held> = std::mem::take(&mut s.memory).into_values().collect();
+        let msgs: Vec<VerdictMessage> = held.iter().map(|h| h.msg.clone()).collect();
         match self.outbox.append(&msgs) {
             Ok(keys) => {
-                self.max_backlog = self.max_backlog.max(self.outbox.len());
-                for (k, o) in keys.into_iter().zip(batch.iter()) {
-                    born.insert(k, o.captured_at);
+                for (k, h) in keys.into_iter().zip(&held) {
+                    if let Some(k) = k {
+                        s.born.insert(k, h.captured_at);
+                    }
                 }
+                self.state.outbox_down.store(false, Ordering::SeqCst);
+                self.metrics.outbox_memory(0, 0);
             }
             Err(e) => {
-                // The disk failed: never lose the verdicts; publish them from memory instead.
-                tracing::error!("{e}; publishing {} verdict(s) from memory, without the durable copy", msgs.len());
-                self.unlogged.extend(msgs);
+                tracing::error!("{e}");
+                self.hold(s, held.into_iter());
             }
         }
     }
 
-    /// Hands outbox verdicts to the client until the window is full; returns verdicts retired at once
-    /// (QoS 0 needs no acknowledgement).
-    fn fill(&mut self, c: &mut Conn, resend_below: u64, born: &mut HashMap<u64, Instant>) -> u64 {
-        let mut retired = 0;
-        while c.inflight.len() < WINDOW
-            && let Some(mut msg) = self.unlogged.pop_front()
-        {
-            let now = SystemTime::now();
-            msg.published_at = verdict::rfc3339(now);
-            msg.published_unix_ms = verdict::unix_ms(now);
-            let payload = serde_json::to_vec(&msg).unwrap_or_default();
-            if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
-                self.unlogged.push_front(msg);
-                return retired;
-            }
-            if self.qos != QoS::AtMostOnce {
-                c.inflight.push_back(None);
-            }
+    /// Stamps a verdict for publication; `None` (after dead-lettering it) when it can never be sent.
+    fn stamp(&self, msg: &mut VerdictMessage) -> Result<Vec<u8>, String> {
+        let now = SystemTime::now();
+        msg.published_at = verdict::rfc3339(now);
+        msg.published_unix_ms = verdict::unix_ms(now);
+        let payload = serde_json::to_vec(&msg).unwrap_or_default();
+        // Fixed header (at most 5), topic length (2), topic, packet id (2), payload.
+        let size = 9 + self.topics.verdict(&msg.camera).len() + payload.len();
+        if size > MAX_PACKET {
+            return Err(format!("a packet of {size} bytes is over the limit of {MAX_PACKET} bytes"));
         }
-        while c.inflight.len() < WINDOW {
+        Ok(payload)
+    }
+
+    /// Hands verdicts to the client until the window is full: the outbox's first, in key order, then
+    /// those held in memory.
+    fn fill(&mut self, s: &mut Session, c: &mut Conn) {
+        while c.inflight.len() < WINDOW && c.isolating.is_none() {
             let entries = match self.outbox.from_key(c.cursor, WINDOW - c.inflight.len()) {
                 Ok(e) if !e.is_empty() => e,
                 Ok(_) => break,
@@ -637,50 +839,80 @@ impl Link {
             };
             for e in entries {
                 let Ok(mut msg) = serde_json::from_slice::<VerdictMessage>(&e.json) else {
-                    tracing::error!("outbox entry {} is not a verdict; dropping it", e.key);
-                    let _ = self.outbox.remove(&[e.key]);
+                    self.outbox.dead_letter(Some(e.key), &e.json, "the stored entry is not a verdict");
+                    s.dead_lettered += 1;
                     c.cursor = e.key + 1;
                     continue;
                 };
-                let again = msg.replayed || e.key < resend_below || self.outbox.from_earlier_run(e.key);
+                let struck = s.strikes.contains_key(&e.key);
+                if struck && c.inflight.verdicts() > 0 {
+                    // Sent alone, so that a further drop is its own.
+                    return;
+                }
+                let again = msg.replayed || e.key < s.resend_below || self.outbox.from_earlier_run(e.key);
                 msg.replayed = again;
-                let now = SystemTime::now();
-                msg.published_at = verdict::rfc3339(now);
-                msg.published_unix_ms = verdict::unix_ms(now);
-                if let Some(t0) = born.get(&e.key) {
+                if let Some(t0) = s.born.get(&e.key) {
                     let total = t0.elapsed().as_secs_f32() * 1e3;
                     msg.latency_ms.publish = (total - msg.latency_ms.total).max(0.0);
                     msg.latency_ms.total = total;
                 }
-                self.metrics.verdict_published(&msg.camera, again, msg.latency_ms.publish, msg.latency_ms.total);
-                let payload = serde_json::to_vec(&msg).unwrap_or_default();
+                let payload = match self.stamp(&mut msg) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        self.dead_letter_key(s, e.key, &why);
+                        c.cursor = e.key + 1;
+                        continue;
+                    }
+                };
                 if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
-                    return retired;
+                    return;
                 }
+                self.metrics.verdict_published(&msg.camera, again, msg.latency_ms.publish, msg.latency_ms.total);
                 self.metrics.verdict_handed_over(&msg.camera);
+                c.inflight.handed(Tag::Verdict(e.key));
                 c.cursor = e.key + 1;
-                if self.qos == QoS::AtMostOnce {
-                    retired += self.retire(&[e.key], born);
-                } else {
-                    c.inflight.push_back(Some(e.key));
+                if struck {
+                    c.isolating = Some(e.key);
+                    return;
                 }
             }
         }
-        retired
+        while c.inflight.len() < WINDOW
+            && c.isolating.is_none()
+            && let Some((seq, mut held)) = s.memory.pop_first()
+        {
+            let payload = match self.stamp(&mut held.msg) {
+                Ok(p) => p,
+                Err(why) => {
+                    let json = serde_json::to_vec(&held.msg).unwrap_or_default();
+                    self.outbox.dead_letter(None, &json, &why);
+                    s.dead_lettered += 1;
+                    continue;
+                }
+            };
+            if c.client.try_publish(self.topics.verdict(&held.msg.camera), self.qos, false, payload).is_err() {
+                s.memory.insert(seq, held);
+                break;
+            }
+            self.metrics.verdict_handed_over(&held.msg.camera);
+            c.inflight.handed(Tag::Memory(seq, Box::new(held.msg)));
+        }
+        self.metrics.outbox_memory(s.memory.len(), 0);
     }
 
     /// Removes acknowledged verdicts from the outbox.
-    fn retire(&mut self, keys: &[u64], born: &mut HashMap<u64, Instant>) -> u64 {
+    fn retire(&mut self, s: &mut Session) {
+        let keys = std::mem::take(&mut s.acked);
         if keys.is_empty() {
-            return 0;
+            return;
         }
-        for k in keys {
-            born.remove(k);
+        for k in &keys {
+            s.born.remove(k);
         }
-        if let Err(e) = self.outbox.remove(keys) {
+        if let Err(e) = self.outbox.remove(&keys) {
             tracing::error!("{e}");
         }
-        keys.len() as u64
+        s.acked_total += keys.len() as u64;
     }
 }
 
@@ -702,19 +934,5 @@ fn log_verdict(m: &VerdictMessage) {
             m.verdict.as_str(),
             m.reason.as_deref().unwrap_or("")
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_parse_and_unknown_ones_are_refused() {
-        let c: Command = serde_json::from_str(r#"{"cmd":"trigger","camera":"c1","part_id":"P-7"}"#).unwrap();
-        assert_eq!(c, Command::Trigger { camera: "c1".into(), part_id: "P-7".into() });
-        assert_eq!(serde_json::from_str::<Command>(r#"{"cmd":"reload"}"#).unwrap(), Command::Reload);
-        assert!(serde_json::from_str::<Command>(r#"{"cmd":"format-disk"}"#).is_err());
-        assert!(serde_json::from_str::<Command>(r#"{"cmd":"trigger","camera":"c1"}"#).is_err());
     }
 }
