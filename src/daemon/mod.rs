@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::config::detect::DetectConfig;
 use crate::config::engine::EngineConfig;
+use crate::control::broker::{self, Login};
 use crate::control::http::{self, HttpState};
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
@@ -37,6 +38,7 @@ use crate::util::sync;
 pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
 
 pub mod line;
+mod reload;
 pub mod systemd;
 pub mod worker;
 
@@ -178,6 +180,10 @@ pub struct Daemon {
     explainer: Arc<Explainer>,
     /// Descriptions and chat answers to publish (topic, payload).
     notes_tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    /// A reload being built off the main loop, and requests waiting for it.
+    reloading: reload::Reloading,
+    /// When a refused trigger was last logged.
+    trigger_flood_logged: Option<Instant>,
 }
 
 impl Daemon {
@@ -190,9 +196,10 @@ impl Daemon {
         }
         let metrics = Arc::new(Metrics::new());
         let boot = format!("{:x}", verdict::unix_ms(SystemTime::now()));
-        let (embedded, local_port) = start_broker(&cfg).await?;
+        let (embedded, local_port, login) = start_broker(&cfg).await?;
         let node = cfg.daemon.node.clone();
-        let options = mqtt::options(&cfg.mqtt, &node, local_port)?;
+        let embedded_login = local_port.zip(login).map(|(port, l)| (port, l.username, l.password));
+        let options = mqtt::options(&cfg.mqtt, &node, embedded_login)?;
         let topics = Topics { prefix: cfg.mqtt.topic_prefix.clone(), node: node.clone() };
         let mqtt_state = Arc::new(MqttState::default());
         // Unbounded on purpose (docs/ARCHITECTURE.md, "Channels"): the frame path never waits for the
@@ -260,6 +267,8 @@ impl Daemon {
             model_labels: BTreeMap::new(),
             explainer: explainer.clone(),
             notes_tx,
+            reloading: Default::default(),
+            trigger_flood_logged: None,
         };
 
         if !cfg.http.listen.is_empty() {
@@ -361,26 +370,23 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let (engine, detect) = (self.cfg.engine.clone(), self.cfg.detect.clone());
         let enrolments = self.cfg.daemon.enrolments.clone();
-        let cam2 = cam.clone();
-        // On a thread of its own at inspection priority: the encoder threads it starts inherit it.
-        let (detector, model) = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
-            let name = cam2.name.clone();
-            let loader = std::thread::Builder::new().name(format!("load-{name}")).spawn(move || {
-                crate::util::priority::yield_to_io();
-                let mut det = load_detector(&engine, &cam2.name)?;
-                let model = build_model(&mut det, &cam2, &detect, &enrolments)?;
-                Ok((det, model))
-            })?;
-            loader.join().map_err(|_| DaemonError::LoadPanicked { camera: name })?
-        })
-        .await
-        .map_err(|_| DaemonError::LoadPanicked { camera: cam.name.clone() })??;
+        let (detector, model) = build_camera(engine, detect, enrolments, cam.clone()).await?;
+        self.launch_camera(cam, existing, detector, Arc::new(model)).await
+    }
+
+    /// Starts a camera whose detector and model are built: its worker, then its source.
+    async fn launch_camera(
+        &mut self,
+        cam: CameraConfig,
+        existing: Option<Arc<CameraShared>>,
+        detector: Detector,
+        model: Arc<CameraModel>,
+    ) -> Result<(), DaemonError> {
         self.placement = Placement {
             provider: detector.encoder().provider().to_string(),
             device: detector.device(),
             engine_cache: detector.engine_cache().to_string(),
         };
-        let model = Arc::new(model);
         self.model_metric(&cam.name, &model);
         let Some(verdict_tx) = self.verdict_tx.clone() else {
             return Err(DaemonError::Stopping);
@@ -509,15 +515,22 @@ impl Daemon {
                 _ = &mut shutdown => break StopReason::Signal,
                 Some(()) = reloads.recv() => {
                     notifier.reloading();
-                    self.reload_from_file("SIGHUP").await;
-                    notifier.ready();
+                    self.request_reload("SIGHUP");
+                    if !self.reload_building() {
+                        notifier.ready();
+                    }
                 }
                 Some(cmd) = self.commands.recv() => self.command(cmd).await,
+                built = reload::built(&mut self.reloading) => {
+                    self.finish_reload(built).await;
+                    notifier.ready();
+                }
                 _ = tick.tick() => {
                     if self.healthy() {
                         notifier.watchdog();
                     }
                     self.follow_learned_models();
+                    self.reload_if_due();
                     if self.poll_sources() {
                         tracing::info!("every source has ended; draining and stopping");
                         break StopReason::SourcesEnded;
@@ -535,30 +548,33 @@ impl Daemon {
         sync::lock(&self.shared).values().all(|c| c.worker_silent_ms() <= intake::WORKER_STALL_MS)
     }
 
-    /// Reads the configuration file again and applies it (a daemon started without a file re-enrols
-    /// its running configuration). `why` starts the log line: `SIGHUP`, `reload requested`.
-    async fn reload_from_file(&mut self, why: &str) {
-        let next = match &self.config_path {
-            Some(p) => {
-                tracing::info!("{why}: reading {}", p.display());
-                Config::load(p).map_err(|e| e.to_string())
-            }
-            None => {
-                tracing::info!("{why}: re-enrolling (no configuration file)");
-                Ok(self.cfg.clone())
-            }
-        };
-        match next {
-            Ok(cfg) => {
-                let _ = self.reload(cfg).await;
-            }
-            Err(e) => self.reload_failed(&e),
-        }
-    }
-
     fn reload_failed(&self, why: &str) {
         self.metrics.reload("failed");
         tracing::error!("reload refused, keeping the running configuration: {why}");
+    }
+
+    /// A trigger beyond [`intake::MAX_PENDING_TRIGGERS`]: no verdict (it would only be an ERROR), a
+    /// reply on the command response topic, and a log line at most every 10 s.
+    fn trigger_refused(&mut self, camera: &str, part_id: &str) {
+        let body = serde_json::json!({
+            "request_id": null,
+            "cmd": "trigger",
+            "accepted": false,
+            "error": format!("{} triggers already wait for a frame on camera {camera}", intake::MAX_PENDING_TRIGGERS),
+            "reason": "rate_limited",
+            "part_id": part_id,
+        });
+        let _ =
+            self.notes_tx.send((self.states.topics.command_response(), serde_json::to_vec(&body).unwrap_or_default()));
+        self.metrics.command("rate_limited");
+        if self.trigger_flood_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            tracing::warn!(
+                camera = %camera,
+                "trigger refused: {} triggers already wait for a frame (a flood, or the camera delivers no frames)",
+                intake::MAX_PENDING_TRIGGERS
+            );
+            self.trigger_flood_logged = Some(Instant::now());
+        }
     }
 
     async fn command(&mut self, cmd: Command) {
@@ -566,12 +582,16 @@ impl Daemon {
             Command::Trigger { camera, part_id } => {
                 let cam = sync::lock(&self.shared).get(&camera).cloned();
                 match cam {
-                    Some(c) if c.trigger_mode() == sections::Trigger::Triggered => c.push_trigger(part_id),
+                    Some(c) if c.trigger_mode() == sections::Trigger::Triggered => {
+                        if !c.push_trigger(part_id.clone()) {
+                            self.trigger_refused(&camera, &part_id);
+                        }
+                    }
                     Some(_) => tracing::warn!("trigger for camera {camera} ignored: its trigger mode is every-frame"),
                     None => tracing::warn!("trigger for unknown camera {camera:?} ignored"),
                 }
             }
-            Command::Reload => self.reload_from_file("reload requested").await,
+            Command::Reload => self.request_reload("reload requested"),
             Command::Chat { frame_id, question, request_id } => {
                 let (explainer, notes, topic) =
                     (self.explainer.clone(), self.notes_tx.clone(), self.states.topics.chat_response());
@@ -651,111 +671,6 @@ impl Daemon {
             && self.cameras.values().all(|c| c.source.is_none() && c.restart_at.is_none() && c.ended.is_some())
     }
 
-    /// Applies a new configuration: every new model is built first, and only if all succeed are they
-    /// swapped in. Cameras whose source, trigger or queue changed are restarted after their queued
-    /// frames are inspected; no frame is lost. Engine, MQTT, HTTP and store changes need a restart.
-    pub async fn reload(&mut self, new: Config) -> Result<(), DaemonError> {
-        let problems = problems(&new);
-        if !problems.is_empty() {
-            self.reload_failed(&problems.join("; "));
-            return Err(DaemonError::Invalid(problems));
-        }
-        for (what, changed) in [
-            ("[engine]", new.engine != self.cfg.engine),
-            ("[mqtt]", new.mqtt != self.cfg.mqtt),
-            ("[http]", new.http != self.cfg.http),
-            ("[store]", new.store != self.cfg.store),
-            ("[llm]", new.llm != self.cfg.llm),
-            ("daemon.node", new.daemon.node != self.cfg.daemon.node),
-        ] {
-            if changed {
-                tracing::warn!("{what} changed: it takes effect at the next restart");
-            }
-        }
-        // Build every model that stays on a running camera first; refuse the reload on any failure.
-        let (engine, detect) = (self.cfg.engine.clone(), new.detect.clone());
-        let enrolments = new.daemon.enrolments.clone();
-        let keep: Vec<CameraConfig> = new
-            .camera
-            .iter()
-            .filter(|c| self.cameras.get(&c.name).is_some_and(|rt| same_pipeline(&rt.cfg, c)))
-            .cloned()
-            .collect();
-        let built = tokio::task::spawn_blocking(move || -> Result<Vec<(String, CameraModel)>, DaemonError> {
-            let mut det: Option<Detector> = None;
-            let mut out = Vec::new();
-            for c in &keep {
-                if det.is_none() {
-                    det = Some(load_detector(&engine, &c.name)?);
-                }
-                if let Some(d) = det.as_mut() {
-                    out.push((c.name.clone(), build_model(d, c, &detect, &enrolments)?));
-                }
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(DaemonError::from)
-        .and_then(|r| r);
-        let built = match built {
-            Ok(b) => b,
-            Err(e) => {
-                self.reload_failed(&e.to_string());
-                return Err(e);
-            }
-        };
-        for (name, model) in built {
-            let cam = sync::lock(&self.shared).get(&name).cloned();
-            if let (Some(cam), Some(c)) = (cam, new.camera.iter().find(|c| c.name == name)) {
-                let model = Arc::new(model);
-                self.model_metric(&name, &model);
-                tracing::info!(camera = %name, "enrolment {} in use", model.enrolment_ref.id);
-                cam.set_model(model);
-                *sync::write(&cam.trigger_timeout) = Duration::from_millis(c.trigger_timeout_ms);
-                if let Some(rt) = self.cameras.get_mut(&name) {
-                    rt.cfg = c.clone();
-                }
-            }
-        }
-        // Cameras removed or restructured: drain and stop, then (re)start the new ones.
-        let names: Vec<String> = self.cameras.keys().cloned().collect();
-        for name in names {
-            let replacement = new.camera.iter().find(|c| c.name == name);
-            let keep = replacement.is_some_and(|c| self.cameras.get(&name).is_some_and(|rt| same_pipeline(&rt.cfg, c)));
-            if keep {
-                continue;
-            }
-            if let Some(rt) = self.cameras.remove(&name) {
-                stop_camera(rt).await;
-            }
-            if replacement.is_none() {
-                sync::lock(&self.shared).remove(&name);
-                tracing::info!(camera = %name, "camera removed");
-            }
-        }
-        let mut applied = new.clone();
-        applied.engine = self.cfg.engine.clone();
-        applied.mqtt = self.cfg.mqtt.clone();
-        applied.http = self.cfg.http.clone();
-        applied.store = self.cfg.store.clone();
-        applied.llm = self.cfg.llm.clone();
-        applied.daemon.node = self.cfg.daemon.node.clone();
-        self.cfg = applied;
-        let to_start: Vec<CameraConfig> =
-            new.camera.iter().filter(|c| !self.cameras.contains_key(&c.name)).cloned().collect();
-        for c in to_start {
-            let existing = sync::lock(&self.shared).get(&c.name).cloned();
-            if let Err(e) = self.start_camera(c, existing).await {
-                tracing::error!("reload: {e}");
-                self.metrics.reload("partial");
-                return Err(e);
-            }
-        }
-        self.metrics.reload("applied");
-        tracing::info!("configuration reloaded ({} camera(s))", self.cameras.len());
-        Ok(())
-    }
-
     /// Stops sources, inspects what is queued, publishes every verdict and `stopped`, closes MQTT,
     /// the store and the HTTP API.
     pub async fn shutdown(mut self) -> Summary {
@@ -832,29 +747,23 @@ impl StateReporter {
     }
 }
 
-/// Starts the embedded broker when `mqtt.broker = "embedded"`: its address (when it started) and the
-/// local port to publish to.
-async fn start_broker(cfg: &Config) -> Result<(Option<SocketAddr>, Option<u16>), DaemonError> {
-    Ok(if cfg.mqtt.broker == "embedded" {
-        let port = cfg.mqtt.embedded_port;
-        let started = tokio::task::spawn_blocking(move || crate::control::broker::start(port)).await?;
-        match started {
-            Ok(addr) => (Some(addr), Some(port)),
-            // A broker already serves this box (e.g. mosquitto): use it rather than fail.
-            Err(crate::control::broker::BrokerError::Bind { addr, cause })
-                if cause.kind() == std::io::ErrorKind::AddrInUse =>
-            {
-                tracing::warn!(
-                    "{addr} is already taken, presumably by an MQTT broker: publishing there instead of \
-                     starting the embedded one (set mqtt.broker to silence this)"
-                );
-                (None, Some(port))
-            }
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        (None, None)
-    })
+/// Starts the embedded broker when `mqtt.broker = "embedded"`: its address, the local port to publish
+/// to, and the login it accepts. Its port taken by something else is an error (name that broker in
+/// `mqtt.broker` to publish there).
+async fn start_broker(cfg: &Config) -> Result<(Option<SocketAddr>, Option<u16>, Option<Login>), DaemonError> {
+    if cfg.mqtt.broker != "embedded" {
+        return Ok((None, None, None));
+    }
+    let port = cfg.mqtt.embedded_port;
+    let login = broker::login(&cfg.mqtt, &state_dir(cfg))?;
+    let l = login.clone();
+    let addr = tokio::task::spawn_blocking(move || broker::start(port, &l)).await??;
+    Ok((Some(addr), Some(port), Some(login)))
+}
+
+/// The folder of the daemon's own state: the outbox's.
+pub fn state_dir(cfg: &Config) -> std::path::PathBuf {
+    cfg.outbox.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
 }
 
 /// Opens the `[llm]` backend (off the async threads: a model takes seconds to load) and starts the
@@ -934,6 +843,29 @@ async fn stop_camera(rt: CameraRuntime) {
     })
     .await;
     tracing::info!(camera = %cfg.name, "camera stopped");
+}
+
+/// A camera's detector and model, built on a thread of its own at inspection priority (the encoder
+/// threads it starts inherit it).
+async fn build_camera(
+    engine: EngineConfig,
+    detect: DetectConfig,
+    enrolments: std::path::PathBuf,
+    cam: CameraConfig,
+) -> Result<(Detector, CameraModel), DaemonError> {
+    let name = cam.name.clone();
+    let joined = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
+        let camera = cam.name.clone();
+        let loader = std::thread::Builder::new().name(format!("load-{camera}")).spawn(move || {
+            crate::util::priority::yield_to_io();
+            let mut det = load_detector(&engine, &cam.name)?;
+            let model = build_model(&mut det, &cam, &detect, &enrolments)?;
+            Ok((det, model))
+        })?;
+        loader.join().map_err(|_| DaemonError::LoadPanicked { camera })?
+    })
+    .await;
+    joined.map_err(|_| DaemonError::LoadPanicked { camera: name })?
 }
 
 pub(crate) fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detector, DaemonError> {

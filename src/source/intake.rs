@@ -58,6 +58,10 @@ pub struct CameraShared {
     pub heartbeat: AtomicU64,
 }
 
+/// Most triggers that may wait for a frame at once, per camera: a PLC is never this many parts ahead
+/// of its camera, so more is a flood (or a fault), and each would end as an ERROR verdict.
+pub const MAX_PENDING_TRIGGERS: usize = 256;
+
 /// A worker silent for longer than this is stalled: not ready, and the watchdog stops being fed.
 pub const WORKER_STALL_MS: u64 = 10_000;
 
@@ -119,10 +123,18 @@ impl CameraShared {
         (seq, format!("{}-{}-{seq}", self.name, self.boot))
     }
 
-    /// Queues a PLC trigger; the camera's next frame is inspected under its part id.
-    pub fn push_trigger(&self, part_id: String) {
+    /// Queues a PLC trigger; the camera's next frame is inspected under its part id. Refused (false,
+    /// counted as `refused`) when [`MAX_PENDING_TRIGGERS`] already wait.
+    pub fn push_trigger(&self, part_id: String) -> bool {
         let t = PendingTrigger { part_id, at: Instant::now(), at_wall: SystemTime::now() };
-        sync::lock(&self.triggers).push_back(t);
+        let mut q = sync::lock(&self.triggers);
+        if q.len() >= MAX_PENDING_TRIGGERS {
+            drop(q);
+            self.metrics.trigger(&self.name, "refused");
+            return false;
+        }
+        q.push_back(t);
+        true
     }
 
     pub fn trigger_pending(&self) -> bool {
