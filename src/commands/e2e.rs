@@ -169,7 +169,8 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
         .collect();
     let daemon = Daemon::start(cfg.clone()).await?;
     let got: Arc<Mutex<Vec<VerdictMessage>>> = Arc::default();
-    let sub = subscribe(cfg.mqtt.embedded_port, got.clone()).await;
+    let login = crate::control::broker::login(&cfg.mqtt, &outbox_dir)?;
+    let sub = subscribe(cfg.mqtt.embedded_port, &login, got.clone()).await;
     // Let the cameras' first frames (cold caches) pass before measuring.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
@@ -210,8 +211,13 @@ async fn phase(base: &Config, cameras: usize, fps: f32, seconds: f64) -> Result<
     })
 }
 
-async fn subscribe(port: u16, into: Arc<Mutex<Vec<VerdictMessage>>>) -> tokio::task::JoinHandle<()> {
+async fn subscribe(
+    port: u16,
+    login: &crate::control::broker::Login,
+    into: Arc<Mutex<Vec<VerdictMessage>>>,
+) -> tokio::task::JoinHandle<()> {
     let mut o = rumqttc::MqttOptions::new(format!("bench-{port}"), "127.0.0.1", port);
+    o.set_credentials(login.username.clone(), login.password.0.clone());
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = rumqttc::AsyncClient::new(o, 64);
     let _ = client.subscribe("anomalyd/+/+/verdict", rumqttc::QoS::AtLeastOnce).await;

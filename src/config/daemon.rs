@@ -314,10 +314,8 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
     if m.cert_file.is_some() && m.ca_file.is_none() {
         p.push("mqtt.cert_file needs mqtt.ca_file (TLS is on only with a CA)".into());
     }
-    if m.broker == "embedded" && (m.ca_file.is_some() || m.username.is_some()) {
-        p.push(
-            "the embedded broker is plain MQTT on 127.0.0.1: TLS and passwords need mqtt.broker = \"host:port\"".into(),
-        );
+    if m.broker == "embedded" && m.ca_file.is_some() {
+        p.push("the embedded broker is plain MQTT on 127.0.0.1: TLS needs mqtt.broker = \"host:port\"".into());
     }
     for (key, f) in [
         ("mqtt.password_file", &m.password_file),

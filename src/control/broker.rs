@@ -1,7 +1,14 @@
 //! The embedded MQTT broker (rumqttd) that `mqtt.broker = "embedded"` starts on 127.0.0.1, so that
-//! `anomalyd run` works on a box with nothing else installed. Plain MQTT 3.1.1, loopback only.
+//! `anomalyd run` works on a box with nothing else installed. Plain MQTT 3.1.1, loopback only, and
+//! never anonymous: clients log in with `mqtt.username` and `mqtt.password_file`, or else as
+//! `anomalyd` with a password generated at the first start and kept next to the outbox
+//! ([`login`]). rumqttd cannot restrict topics per user, so everyone who can log in can command;
+//! `mqtt.command_token_file` narrows that to the token's holders.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::config::daemon::{MqttConfig, Secret, read_secret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -12,14 +19,64 @@ pub enum BrokerError {
     Bind { addr: SocketAddr, cause: std::io::Error },
     #[error("embedded MQTT broker: {0}")]
     Start(String),
+    #[error("embedded MQTT broker password {path}: {cause}")]
+    Password { path: PathBuf, cause: std::io::Error },
     #[error("this anomalyd was built without the `embedded-broker` feature: set mqtt.broker = \"host:port\"")]
     NotBuilt,
 }
 
-/// Starts the broker on `127.0.0.1:port` and waits until it accepts connections. It lives as long
-/// as the process.
+/// The one login the embedded broker accepts.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub username: String,
+    pub password: Secret,
+    /// Where the generated password is kept (None when it comes from `mqtt.password_file`).
+    pub generated: Option<PathBuf>,
+}
+
+/// File name of the generated password, in the outbox's folder.
+pub const PASSWORD_FILE: &str = "mqtt-embedded.password";
+
+/// The embedded broker's login: `mqtt.username` with `mqtt.password_file`, or else `anomalyd` with the
+/// password in `<state_dir>/mqtt-embedded.password`, generated (128 random bits, mode 0600) when absent.
+pub fn login(m: &MqttConfig, state_dir: &Path) -> Result<Login, BrokerError> {
+    if let Some(user) = &m.username {
+        let password = match &m.password_file {
+            Some(p) => read_secret(p).map_err(|cause| BrokerError::Password { path: p.clone(), cause })?,
+            None => String::new(),
+        };
+        return Ok(Login { username: user.clone(), password: Secret(password), generated: None });
+    }
+    let path = state_dir.join(PASSWORD_FILE);
+    let err = |cause| BrokerError::Password { path: path.clone(), cause };
+    let password = match read_secret(&path) {
+        Ok(p) if p.len() >= 16 => p,
+        _ => {
+            use std::io::{Read, Write};
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut bytes = [0u8; 16];
+            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(err)?;
+            let p: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::create_dir_all(state_dir).map_err(err)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            writeln!(f, "{p}").map_err(err)?;
+            p
+        }
+    };
+    Ok(Login { username: "anomalyd".into(), password: Secret(password), generated: Some(path) })
+}
+
+/// Starts the broker on `127.0.0.1:port`, accepting only `login`, and waits until it accepts
+/// connections. It lives as long as the process. A port already taken is an error, never a reason to
+/// publish to whatever listens there.
 #[cfg(feature = "embedded-broker")]
-pub fn start(port: u16) -> Result<SocketAddr, BrokerError> {
+pub fn start(port: u16, login: &Login) -> Result<SocketAddr, BrokerError> {
     use std::net::{TcpListener, TcpStream};
     use std::time::{Duration, Instant};
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -44,7 +101,10 @@ max_inflight_count = 500
 dynamic_filters = true
 "#
     );
-    let config: rumqttd::Config = toml::from_str(&toml).map_err(|e| BrokerError::Start(e.to_string()))?;
+    let mut config: rumqttd::Config = toml::from_str(&toml).map_err(|e| BrokerError::Start(e.to_string()))?;
+    for server in config.v4.iter_mut().flat_map(|v| v.values_mut()) {
+        server.connections.auth = Some([(login.username.clone(), login.password.0.clone())].into_iter().collect());
+    }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -61,13 +121,19 @@ dynamic_filters = true
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let password = match &login.generated {
+        Some(p) => format!("\"$(cat {})\"", p.display()),
+        None => "<mqtt.password_file>".into(),
+    };
     tracing::info!(
-        "embedded MQTT broker listening on {addr} (watch: mosquitto_sub -h 127.0.0.1 -p {port} -t 'anomalyd/#' -v)"
+        "embedded MQTT broker listening on {addr}; watch: mosquitto_sub -h 127.0.0.1 -p {port} -u {} -P {password} \
+         -t 'anomalyd/#' -v",
+        login.username
     );
     Ok(addr)
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-pub fn start(_port: u16) -> Result<SocketAddr, BrokerError> {
+pub fn start(_port: u16, _login: &Login) -> Result<SocketAddr, BrokerError> {
     Err(BrokerError::NotBuilt)
 }

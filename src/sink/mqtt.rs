@@ -112,10 +112,15 @@ pub fn qos(level: u8) -> QoS {
 /// Largest packet sent or taken; a verdict over it is dead-lettered before it is sent.
 pub const MAX_PACKET: usize = 1 << 20;
 
-/// Builds the client options: broker address, client id, credentials, TLS and last will.
-pub fn options(cfg: &MqttConfig, node: &str, embedded: Option<u16>) -> Result<MqttOptions, MqttError> {
-    let (host, port) = match embedded {
-        Some(p) => ("127.0.0.1".to_string(), p),
+/// Builds the client options: broker address, client id, credentials, TLS and last will. `embedded`:
+/// the embedded broker's port and the (username, password) it accepts.
+pub fn options(
+    cfg: &MqttConfig,
+    node: &str,
+    embedded: Option<(u16, String, Secret)>,
+) -> Result<MqttOptions, MqttError> {
+    let (host, port) = match &embedded {
+        Some((p, _, _)) => ("127.0.0.1".to_string(), *p),
         None => broker_addr(&cfg.broker).ok_or_else(|| MqttError::Address(cfg.broker.clone()))?,
     };
     let id = cfg.client_id.clone().unwrap_or_else(|| format!("anomalyd-{node}"));
@@ -125,7 +130,9 @@ pub fn options(cfg: &MqttConfig, node: &str, embedded: Option<u16>) -> Result<Mq
     o.set_request_channel_capacity(1024);
     let topics = Topics { prefix: cfg.topic_prefix.clone(), node: node.into() };
     o.set_last_will(LastWill::new(topics.status(), "offline", qos(cfg.qos), true));
-    if let Some(user) = &cfg.username {
+    if let Some((_, user, password)) = embedded {
+        o.set_credentials(user, password.0);
+    } else if let Some(user) = &cfg.username {
         let password = match &cfg.password_file {
             Some(p) => read_secret(p).map_err(|cause| MqttError::Read {
                 what: "mqtt.password_file",
@@ -366,7 +373,11 @@ impl Link {
                     None => return Served::Lost(ConnectionError::RequestsDone),
                 },
                 m = rx.recv(), if s.receiving => self.on_verdicts(s, c.connected, m, rx),
-                n = self.notes.recv(), if s.notes_open => self.on_note(s, c.connected, n, rx),
+                // Connected, notes wait in their channel while the memory queue is full (they go out
+                // as acknowledgements come); only with the broker away are the oldest dropped.
+                n = self.notes.recv(), if s.notes_open && (!c.connected || s.pending_notes.len() < MAX_PENDING_NOTES) => {
+                    self.on_note(s, c.connected, n, rx)
+                }
                 r = self.retained.recv(), if s.retained_open => match r {
                     Some((topic, payload)) => {
                         if c.connected {
