@@ -410,7 +410,7 @@ fn a_slow_link_and_two_broker_restarts_lose_no_verdict() {
     ) + "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\n[camera.source]\nkind = \"demo\"\nfps = 25\nframes = 0\n";
     let sub = Sub::persistent(broker.port);
     let mut daemon = Daemon::start(dir.path(), &config);
-    sub.wait_for("the first verdicts", Duration::from_secs(120), |s| s.verdicts().len() >= 5);
+    sub.wait_for_daemon("the first verdicts", Duration::from_secs(120), Some(&daemon), |s| s.verdicts().len() >= 5);
     for _ in 0..2 {
         std::thread::sleep(Duration::from_secs(3));
         broker.stop();
@@ -436,4 +436,204 @@ fn a_slow_link_and_two_broker_restarts_lose_no_verdict() {
     assert!(reconnects >= 2, "{summary}");
     assert!(duplicates as u64 <= 64 * reconnects, "duplicates over the bound");
     assert_eq!(summary["dead_lettered"], 0);
+}
+
+/// Found: a reload stopped a camera whose source changed before building its replacement, so a
+/// corrupt new enrolment left the camera down (readiness failed, the watchdog killed the daemon, and
+/// the restart read the same file). Now everything is built first and a failure keeps the whole
+/// running configuration.
+#[test]
+fn a_reload_with_a_corrupt_enrolment_keeps_the_running_configuration_whole() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.enrol");
+    std::fs::write(&corrupt, b"ANOMALYD-ENROL but not really").unwrap();
+    let http = free_port();
+    let base = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http}"), "reload", "");
+    let camera = |fps: u32, reference: &str| {
+        format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\n{reference}[camera.source]\nkind = \"demo\"\nfps = {fps}\nframes = 0\n"
+        )
+    };
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &(base.clone() + &camera(6, "")));
+    sub.wait_for("verdicts", Duration::from_secs(120), |s| s.verdicts().len() >= 4);
+    // A new source rate (the camera must restart) and an enrolment that does not load.
+    let broken = base + &camera(5, &format!("reference = \"{}\"\n", corrupt.display()));
+    std::fs::write(dir.path().join("anomalyd.toml"), broken).unwrap();
+    daemon.signal("HUP");
+    let t0 = Instant::now();
+    while !daemon.log().contains("reload refused") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no verdict on the reload:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = sub.verdicts().len();
+    sub.wait_for("verdicts after the refused reload", Duration::from_secs(30), |s| s.verdicts().len() >= before + 6);
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(metric(&metrics(http), "anomalyd_reloads_total{result=\"failed\"}"), 1.0);
+    let states: Vec<String> =
+        sub.lines.lock().unwrap().iter().filter(|(t, _)| t.ends_with("/cam/state")).map(|(_, p)| p.clone()).collect();
+    assert_eq!(states, ["streaming"], "the camera never stopped");
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
+}
+
+/// Publishes each line of `lines` as one message (`mosquitto_pub -l`).
+fn publish_lines(port: u16, topic: &str, lines: &str) {
+    let exe = find(&["/usr/bin/mosquitto_pub"]).expect("mosquitto_pub (mosquitto-clients)");
+    let mut child = Command::new(exe)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Found: a flood of reloads ran one after another inside the main loop (starving the watchdog), and
+/// a flood of triggers became ERROR verdicts without bound. Now reloads are built off the main loop
+/// and coalesced, triggers beyond 256 waiting per camera are refused with a reply, and every trigger
+/// is answered: a verdict or a refusal.
+#[test]
+fn floods_of_triggers_and_reloads_leave_the_daemon_ready_and_answer_every_trigger() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = good_parts(dir.path(), 2);
+    let http = free_port();
+    let config =
+        base_config(dir.path(), broker.port, &format!("127.0.0.1:{http}"), "flood", "exit_when_sources_end = false\n")
+            + &triggered_camera(&reference, &frames).replace("trigger_timeout_ms = 5000", "trigger_timeout_ms = 300");
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &config);
+    wait_http(http);
+    let t0 = Instant::now();
+    while http_get(http, "/readyz").0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "never ready:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (triggers, reloads) = (10_000, 300);
+    let mut lines = String::new();
+    for i in 0..triggers {
+        lines.push_str(&format!("{{\"cmd\":\"trigger\",\"camera\":\"station\",\"part_id\":\"F-{i}\"}}\n"));
+        if i % (triggers / reloads) == 0 {
+            lines.push_str("{\"cmd\":\"reload\"}\n");
+        }
+    }
+    let t0 = Instant::now();
+    publish_lines(broker.port, "anomalyd/flood/cmd", &lines);
+    let answered = |s: &Sub| {
+        let parts = s.verdicts().iter().filter(|m| m.part_id.as_deref().is_some_and(|p| p.starts_with("F-"))).count();
+        parts + replies(s).iter().filter(|r| r["reason"] == "rate_limited").count()
+    };
+    let mut not_ready = Vec::new();
+    let mut ready = || {
+        let (status, body) = http_get(http, "/readyz");
+        if status != 200 {
+            not_ready.push(String::from_utf8_lossy(&body).into_owned());
+        }
+    };
+    while answered(&sub) < triggers {
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "{} of {triggers} triggers answered; daemon dropped {} notes",
+            answered(&sub),
+            metric(&metrics(http), "anomalyd_notes_dropped_total")
+        );
+        ready();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The reloads: built off the main loop, coalesced into a few.
+    while metric(&metrics(http), "anomalyd_reloads_total{result=\"applied\"}") < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(240), "no reload applied:\n{}", daemon.log());
+        ready();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    ready();
+    let m = metrics(http);
+    let (applied, coalesced) = (
+        metric(&m, "anomalyd_reloads_total{result=\"applied\"}"),
+        metric(&m, "anomalyd_reloads_total{result=\"coalesced\"}"),
+    );
+    let verdicts = sub.verdicts();
+    let judged = verdicts.iter().filter(|v| v.verdict != anomalyd::types::verdict::Outcome::Error).count();
+    eprintln!(
+        "floods: {triggers} triggers and {reloads} reloads in {:.1} s: {} verdicts ({judged} inspected, the rest \
+         trigger timeouts), {} refused as rate_limited, reloads applied {applied}, coalesced {coalesced}, \
+         readiness failed on {} polls, outbox evicted {}",
+        t0.elapsed().as_secs_f64(),
+        verdicts.len(),
+        replies(&sub).iter().filter(|r| r["reason"] == "rate_limited").count(),
+        not_ready.len(),
+        metric(&m, "anomalyd_outbox_evicted_total")
+    );
+    assert!(not_ready.is_empty(), "the daemon stayed ready through the floods: {not_ready:?}");
+    assert!((1.0..30.0).contains(&applied), "reloads are coalesced: {applied} applied");
+    assert_eq!(metric(&m, "anomalyd_notes_dropped_total"), 0.0, "no reply was dropped by the daemon");
+    assert_eq!(metric(&m, "anomalyd_outbox_evicted_total"), 0.0);
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(60));
+}
+
+/// Found: when the embedded broker's port was taken, the daemon published to whatever listened there
+/// (a squatter could take and acknowledge every verdict), and the embedded broker let anyone connect.
+/// Now a taken port stops the start with a clear error, and the broker takes only its login.
+#[test]
+fn the_embedded_broker_takes_only_its_login_and_a_taken_port_stops_the_start() {
+    let Some(sub_exe) = find(&["/usr/bin/mosquitto_sub"]) else {
+        assert!(std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(), "mosquitto_sub is required");
+        eprintln!("skipped: mosquitto_sub is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = |port: u16| {
+        base_config(dir.path(), port, "", "embedded", "exit_when_sources_end = false\n").replace(
+            &format!("broker = \"127.0.0.1:{port}\""),
+            &format!("broker = \"embedded\"\nembedded_port = {port}"),
+        ) + "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\n[camera.source]\nkind = \"demo\"\nfps = 4\nframes = 0\n"
+    };
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut daemon = Daemon::start(dir.path(), &embedded(squatter.local_addr().unwrap().port()));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = daemon.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "the daemon started on a squatted port:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    assert!(daemon.log().contains("cannot start the embedded MQTT broker"), "{}", daemon.log());
+    drop(squatter);
+
+    let port = free_port();
+    let mut daemon = Daemon::start(dir.path(), &embedded(port));
+    let t0 = Instant::now();
+    while !daemon.log().contains("embedded MQTT broker listening") {
+        assert!(t0.elapsed() < Duration::from_secs(120), "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Waits at most `secs` for two verdicts.
+    let sub = |login: &[&str], secs: &str| {
+        Command::new(&sub_exe)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "anomalyd/+/+/verdict", "-C", "2", "-W", secs])
+            .args(login)
+            .output()
+            .unwrap()
+    };
+    // Verdicts come 4 a second: 5 s without one means the door stayed shut.
+    let anonymous = sub(&[], "5");
+    assert!(!anonymous.status.success() && anonymous.stdout.is_empty(), "an anonymous client was let in");
+    let password = std::fs::read_to_string(dir.path().join("mqtt-embedded.password")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("mqtt-embedded.password")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let wrong = sub(&["-u", "anomalyd", "-P", "not-the-password"], "5");
+    assert!(!wrong.status.success() && wrong.stdout.is_empty(), "a wrong password was let in");
+    let with_login = sub(&["-u", "anomalyd", "-P", password.trim()], "60");
+    assert!(with_login.status.success(), "{}", String::from_utf8_lossy(&with_login.stderr));
+    assert_eq!(String::from_utf8_lossy(&with_login.stdout).lines().count(), 2);
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(30));
 }

@@ -387,14 +387,6 @@ fn gstreamer_faults_are_reported_not_panics() {
     }
 }
 
-fn wait_http(port: u16) {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "HTTP API never came up on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn state_changing_endpoints_need_the_token_and_frame_ids_cannot_traverse_paths() {
     use std::os::unix::fs::PermissionsExt;

@@ -62,7 +62,11 @@ impl Mosquitto {
             "persistence false\n".to_string()
         };
         let log = format!("log_dest file {}/mosquitto.log\nlog_type all\n", dir.path().display());
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{log}")).unwrap();
+        // A subscriber that falls behind on a loaded machine must not lose messages to mosquitto's
+        // default queue limit (1000 per client): the tests count every message.
+        let queue = "max_queued_messages 0\n";
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{queue}{persistence}{log}"))
+            .unwrap();
         let child = Self::spawn(&exe, &conf, port);
         Some(Mosquitto { child, port, exe, conf, _dir: dir })
     }
@@ -167,9 +171,19 @@ impl Sub {
     }
 
     pub fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Sub) -> bool) {
+        self.wait_for_daemon(what, timeout, None, done)
+    }
+
+    /// As [`Sub::wait_for`], with the daemon's log in the failure message.
+    pub fn wait_for_daemon(&self, what: &str, timeout: Duration, daemon: Option<&Daemon>, done: impl Fn(&Sub) -> bool) {
         let t0 = Instant::now();
         while !done(self) {
-            assert!(t0.elapsed() < timeout, "timed out waiting for {what}; got {:?}", self.lines.lock().unwrap());
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what}; got {:?}\ndaemon log:\n{}",
+                self.lines.lock().unwrap(),
+                daemon.map(Daemon::log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -241,6 +255,15 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (at most 120 s) until the HTTP API accepts connections.
+pub fn wait_http(port: u16) {
+    let t0 = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "HTTP API never came up on {port}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
