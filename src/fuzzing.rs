@@ -1,6 +1,7 @@
 //! Entry points for fuzzing hostile input: each takes arbitrary bytes and must return, never panic
 //! or allocate without bound. `fuzz/` drives them with cargo-fuzz (libFuzzer); the test suite replays
-//! the committed corpus through them and runs a short random-mutation pass on every CI run.
+//! the committed corpus through them and runs a short random-mutation pass on every CI run. Exec
+//! counts of both are in `docs/RESULTS.md` ("Fuzzing").
 
 use std::path::Path;
 
@@ -10,6 +11,44 @@ pub fn config(data: &[u8]) {
     if let Ok(cfg) = crate::config::Config::parse(text, Path::new("fuzz.toml")) {
         let _ = crate::daemon::problems(&cfg);
     }
+}
+
+/// An MQTT command or chat request payload, as the link takes it from the broker.
+pub fn command(data: &[u8]) {
+    if let Ok(e) = crate::types::command::parse_command(data) {
+        // What passes the edge is within every bound.
+        e.command.check().expect("a parsed command is checked");
+    }
+    let _ = crate::types::command::parse_chat(data);
+}
+
+/// An HTTP request body; the first byte picks the endpoint (trigger, chat, rollback).
+pub fn http_body(data: &[u8]) {
+    let Some((&which, body)) = data.split_first() else { return };
+    match which % 3 {
+        0 => {
+            if let Ok(c) = crate::control::http::trigger_body(body) {
+                c.check().expect("a parsed trigger is checked");
+            }
+        }
+        1 => {
+            if let Ok(q) = crate::control::http::chat_body(body) {
+                assert!(q.len() <= crate::types::command::MAX_QUESTION);
+            }
+        }
+        _ => {
+            let _ = crate::control::http::rollback_body(body);
+        }
+    }
+}
+
+/// An enrolment file's payload past its checksum: the checksum is recomputed here, so every mutation
+/// reaches the header and bank parsers instead of stopping at "checksum mismatch".
+pub fn enrolment_body(data: &[u8]) {
+    use sha2::{Digest, Sha256};
+    let mut file = data.to_vec();
+    file.extend_from_slice(&Sha256::digest(data));
+    enrolment(&file);
 }
 
 /// An enrolment file.
@@ -43,8 +82,15 @@ pub fn frame(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name (for the corpus replay and the fuzz crate).
-pub const TARGETS: [(&str, Target); 4] =
-    [("config", config), ("enrolment", enrolment), ("image", image), ("frame", frame)];
+pub const TARGETS: [(&str, Target); 7] = [
+    ("config", config),
+    ("enrolment", enrolment),
+    ("enrolment_body", enrolment_body),
+    ("image", image),
+    ("frame", frame),
+    ("command", command),
+    ("http_body", http_body),
+];
 
 #[cfg(test)]
 mod tests {
@@ -63,7 +109,24 @@ mod tests {
             put("config", name, &std::fs::read(manifest.join(f)).unwrap());
         }
         put("config", "camera-test.toml", b"[[camera]]\nname = \"c\"\n[camera.source]\nkind = \"test\"\n");
-        put("enrolment", "sample.enrol", &crate::enrol::file::to_bytes(&crate::enrol::file::sample_for_tests()));
+        let sample = crate::enrol::file::to_bytes(&crate::enrol::file::sample_for_tests());
+        put("enrolment", "sample.enrol", &sample);
+        put("enrolment_body", "sample.body", &sample[..sample.len() - 32]);
+        for (name, payload) in [
+            ("trigger.json", r#"{"cmd":"trigger","camera":"side","part_id":"P-000731","request_id":"r1","token":"t"}"#),
+            ("reload.json", r#"{"cmd":"reload"}"#),
+            ("chat.json", r#"{"cmd":"chat","frame_id":"top-1-2","question":"Where?\nWhy?","request_id":"q"}"#),
+            ("ask.json", r#"{"frame_id":"top-1-2","question":"How large is it?","request_id":"hmi-7"}"#),
+        ] {
+            put("command", name, payload.as_bytes());
+        }
+        for (name, body) in [
+            ("trigger.bin", b"\x00{\"camera\":\"c\",\"part_id\":\"P-1\"}".as_slice()),
+            ("chat.bin", b"\x01{\"question\":\"Where exactly?\"}".as_slice()),
+            ("rollback.bin", b"\x02{\"version\":2}".as_slice()),
+        ] {
+            put("http_body", name, body);
+        }
         let img = crate::source::demo::part(1, crate::source::demo::Defect::Blob);
         let small = image::imageops::resize(&img, 64, 64, image::imageops::FilterType::Triangle);
         for (name, fmt) in [

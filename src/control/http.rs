@@ -136,14 +136,53 @@ struct TriggerBody {
     part_id: String,
 }
 
-async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Response {
-    let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
-        return (StatusCode::BAD_REQUEST, "expected {\"camera\":\"...\",\"part_id\":\"...\"}\n").into_response();
-    };
+/// Why a request body was refused: a shape the endpoint does not take, or a bound it breaks.
+#[derive(Debug)]
+pub enum BodyError {
+    Shape(&'static str),
+    Bound(command::Refusal),
+}
+
+/// `POST /v1/trigger`'s body, parsed and checked: `{"camera":"c","part_id":"P-1"}`.
+pub fn trigger_body(body: &[u8]) -> Result<Command, BodyError> {
+    let t = serde_json::from_slice::<TriggerBody>(body)
+        .map_err(|_| BodyError::Shape("expected {\"camera\":\"...\",\"part_id\":\"...\"}\n"))?;
     let cmd = Command::Trigger { camera: t.camera, part_id: t.part_id };
-    if let Err(e) = cmd.check() {
-        return refused(&s, &e);
+    cmd.check().map_err(BodyError::Bound)?;
+    Ok(cmd)
+}
+
+/// `POST /v1/frames/{id}/chat`'s body, parsed and checked: `{"question":"..."}`.
+pub fn chat_body(body: &[u8]) -> Result<String, BodyError> {
+    let q =
+        serde_json::from_slice::<ChatBody>(body).map_err(|_| BodyError::Shape("expected {\"question\":\"...\"}\n"))?;
+    command::check_question(&q.question).map_err(BodyError::Bound)?;
+    Ok(q.question)
+}
+
+/// `POST /v1/cameras/{camera}/rollback`'s body: `{"version": n}`, or none (the version before the active one).
+pub fn rollback_body(body: &[u8]) -> Result<Option<u32>, BodyError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(None);
     }
+    serde_json::from_slice::<RollbackBody>(body)
+        .map(|b| b.version)
+        .map_err(|_| BodyError::Shape("expected {\"version\": n} or no body\n"))
+}
+
+/// 400 for a body that was refused (a bound counted as MQTT refusals are).
+fn bad_body(s: &HttpState, e: BodyError) -> Response {
+    match e {
+        BodyError::Shape(why) => (StatusCode::BAD_REQUEST, why).into_response(),
+        BodyError::Bound(r) => refused(s, &r),
+    }
+}
+
+async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Response {
+    let cmd = match trigger_body(&body) {
+        Ok(c) => c,
+        Err(e) => return bad_body(&s, e),
+    };
     match s.commands.send(cmd) {
         Ok(()) => (StatusCode::ACCEPTED, "trigger queued\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response(),
@@ -184,26 +223,22 @@ async fn enrolments(State(s): State<HttpState>, Path(camera): Path<String>) -> R
     }
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     version: Option<u32>,
 }
 
 async fn rollback(State(s): State<HttpState>, Path(camera): Path<String>, body: axum::body::Bytes) -> Response {
-    let to = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        RollbackBody::default()
-    } else {
-        match serde_json::from_slice::<RollbackBody>(&body) {
-            Ok(b) => b,
-            Err(_) => return (StatusCode::BAD_REQUEST, "expected {\"version\": n} or no body\n").into_response(),
-        }
+    let version = match rollback_body(&body) {
+        Ok(v) => v,
+        Err(e) => return bad_body(&s, e),
     };
     let v = match versions(&s, &camera) {
         Ok(v) => v,
         Err(r) => return *r,
     };
-    match tokio::task::spawn_blocking(move || v.rollback(to.version)).await {
+    match tokio::task::spawn_blocking(move || v.rollback(version)).await {
         Ok(Ok(active)) => {
             tracing::warn!(camera, "enrolment rolled back over HTTP: version {active} is active; reloading");
             if s.commands.send(Command::Reload).is_err() {
@@ -247,14 +282,12 @@ async fn chat(State(s): State<HttpState>, Path(id): Path<String>, body: axum::bo
     if !valid_frame_id(&id) {
         return not_a_frame_id();
     }
-    let Ok(q) = serde_json::from_slice::<ChatBody>(&body) else {
-        return (StatusCode::BAD_REQUEST, "expected {\"question\":\"...\"}\n").into_response();
+    let question = match chat_body(&body) {
+        Ok(q) => q,
+        Err(e) => return bad_body(&s, e),
     };
-    if let Err(e) = command::check_question(&q.question) {
-        return refused(&s, &e);
-    }
     let ex = s.explainer.clone();
-    match tokio::task::spawn_blocking(move || ex.chat(&id, &q.question)).await {
+    match tokio::task::spawn_blocking(move || ex.chat(&id, &question)).await {
         Ok(Ok(answer)) => json(StatusCode::OK, &answer),
         Ok(Err(e @ ChatError::UnknownFrame(_))) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
         Ok(Err(e @ ChatError::Stopping)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
