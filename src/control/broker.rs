@@ -2,8 +2,8 @@
 //! `anomalyd run` works on a box with nothing else installed. Plain MQTT 3.1.1, loopback only, and
 //! never anonymous: clients log in with `mqtt.username` and `mqtt.password_file`, or else as
 //! `anomalyd` with a password generated at the first start and kept next to the outbox
-//! ([`login`]). rumqttd cannot restrict topics per user, so everyone who can log in can command;
-//! `mqtt.command_token_file` narrows that to the token's holders.
+//! ([`login`]). rumqttd cannot restrict topics per user, so commands on it must also carry a token:
+//! `mqtt.command_token_file`'s, or else one generated next to the password ([`command_token`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ pub enum BrokerError {
     Bind { addr: SocketAddr, cause: std::io::Error },
     #[error("embedded MQTT broker: {0}")]
     Start(String),
-    #[error("embedded MQTT broker password {path}: {cause}")]
+    #[error("embedded MQTT broker secret {path}: {cause}")]
     Password { path: PathBuf, cause: std::io::Error },
     #[error("this anomalyd was built without the `embedded-broker` feature: set mqtt.broker = \"host:port\"")]
     NotBuilt,
@@ -48,28 +48,41 @@ pub fn login(m: &MqttConfig, state_dir: &Path) -> Result<Login, BrokerError> {
         return Ok(Login { username: user.clone(), password: Secret(password), generated: None });
     }
     let path = state_dir.join(PASSWORD_FILE);
-    let err = |cause| BrokerError::Password { path: path.clone(), cause };
-    let password = match read_secret(&path) {
-        Ok(p) if p.len() >= 16 => p,
-        _ => {
-            use std::io::{Read, Write};
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut bytes = [0u8; 16];
-            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(err)?;
-            let p: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            std::fs::create_dir_all(state_dir).map_err(err)?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(err)?;
-            writeln!(f, "{p}").map_err(err)?;
-            p
-        }
-    };
+    let password = generated_secret(&path)?;
     Ok(Login { username: "anomalyd".into(), password: Secret(password), generated: Some(path) })
+}
+
+/// File name of the generated command token, in the outbox's folder.
+pub const COMMAND_TOKEN_FILE: &str = "mqtt-embedded.command-token";
+
+/// The token commands on the embedded broker must carry when `mqtt.command_token_file` is unset:
+/// rumqttd cannot restrict who publishes on the command topics, so its password alone is not enough.
+/// Generated once into `<state_dir>/mqtt-embedded.command-token` (mode 0600).
+pub fn command_token(state_dir: &Path) -> Result<(Secret, PathBuf), BrokerError> {
+    let path = state_dir.join(COMMAND_TOKEN_FILE);
+    Ok((Secret(generated_secret(&path)?), path))
+}
+
+/// The secret in `path`, or a new one (128 random bits, hex) written there with mode 0600.
+fn generated_secret(path: &Path) -> Result<String, BrokerError> {
+    let err = |cause| BrokerError::Password { path: path.to_path_buf(), cause };
+    if let Ok(p) = read_secret(path)
+        && p.len() >= 16
+    {
+        return Ok(p);
+    }
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(err)?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(err)?;
+    writeln!(f, "{secret}").map_err(err)?;
+    Ok(secret)
 }
 
 /// Starts the broker on `127.0.0.1:port`, accepting only `login`, and waits until it accepts

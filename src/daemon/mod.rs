@@ -216,8 +216,13 @@ impl Daemon {
         let outbox =
             tokio::task::spawn_blocking(move || Outbox::open(&outbox_path, outbox_max, outbox_metrics)).await??;
         let dead_letters = outbox.dead_letters();
-        let command_token =
+        let mut command_token =
             sections::command_token(&cfg.mqtt).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
+        if command_token.is_none() && embedded.is_some() {
+            let (token, path) = broker::command_token(&state_dir(&cfg))?;
+            tracing::info!("commands on the embedded broker carry \"token\": the first line of {}", path.display());
+            command_token = Some(token);
+        }
         let link = mqtt::Link {
             options,
             topics: topics.clone(),
