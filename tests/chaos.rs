@@ -289,11 +289,9 @@ fn a_full_disk_closes_the_outbox_loudly_and_it_recovers_by_itself_without_losing
     fill(&state.join("filler"));
     // With the broker away the backlog has to grow the outbox file, which the full disk refuses.
     broker.stop();
-    let t0 = Instant::now();
-    while metric(&metrics(http), "anomalyd_outbox_writable") != 0.0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the outbox never noticed the full disk:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("the outbox to notice the full disk", Duration::from_secs(60), &daemon, || {
+        metric(&metrics(http), "anomalyd_outbox_writable") == 0.0
+    });
     let (status, body) = http_get(http, "/readyz");
     let body = String::from_utf8_lossy(&body).into_owned();
     assert!(status == 503 && body.contains("outbox is not writable"), "{status} {body}");
@@ -304,16 +302,13 @@ fn a_full_disk_closes_the_outbox_loudly_and_it_recovers_by_itself_without_losing
     let held = metric(&metrics(http), "anomalyd_outbox_memory_verdicts");
     std::fs::remove_file(state.join("filler")).unwrap();
     let freed = Instant::now();
-    while metric(&metrics(http), "anomalyd_outbox_writable") != 1.0 {
-        assert!(freed.elapsed() < Duration::from_secs(30), "the outbox did not reopen:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("the outbox to reopen", Duration::from_secs(30), &daemon, || {
+        metric(&metrics(http), "anomalyd_outbox_writable") == 1.0
+    });
     let recovery = freed.elapsed();
-    let t1 = Instant::now();
-    while http_get(http, "/readyz").0 != 200 {
-        assert!(t1.elapsed() < Duration::from_secs(30), "not ready again after the disk recovered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("readiness after the disk recovered", Duration::from_secs(30), &daemon, || {
+        http_get(http, "/readyz").0 == 200
+    });
     std::thread::sleep(Duration::from_secs(1));
     daemon.signal("TERM");
     daemon.wait(Duration::from_secs(60));
@@ -462,11 +457,7 @@ fn a_reload_with_a_corrupt_enrolment_keeps_the_running_configuration_whole() {
     let broken = base + &camera(5, &format!("reference = \"{}\"\n", corrupt.display()));
     std::fs::write(dir.path().join("anomalyd.toml"), broken).unwrap();
     daemon.signal("HUP");
-    let t0 = Instant::now();
-    while !daemon.log().contains("reload refused") {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no verdict on the reload:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("the reload to be refused", Duration::from_secs(60), &daemon, || daemon.log().contains("reload refused"));
     let before = sub.verdicts().len();
     sub.wait_for("verdicts after the refused reload", Duration::from_secs(30), |s| s.verdicts().len() >= before + 6);
     let (status, body) = http_get(http, "/readyz");
@@ -507,11 +498,7 @@ fn floods_of_triggers_and_reloads_leave_the_daemon_ready_and_answer_every_trigge
     let sub = Sub::start(broker.port);
     let mut daemon = Daemon::start(dir.path(), &config);
     wait_http(http);
-    let t0 = Instant::now();
-    while http_get(http, "/readyz").0 != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "never ready:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("readiness", Duration::from_secs(120), &daemon, || http_get(http, "/readyz").0 == 200);
     let (triggers, reloads) = (10_000, 300);
     let mut lines = String::new();
     for i in 0..triggers {
@@ -609,11 +596,9 @@ fn the_embedded_broker_takes_only_its_login_and_a_taken_port_stops_the_start() {
 
     let port = free_port();
     let mut daemon = Daemon::start(dir.path(), &embedded(port));
-    let t0 = Instant::now();
-    while !daemon.log().contains("embedded MQTT broker listening") {
-        assert!(t0.elapsed() < Duration::from_secs(120), "{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("the embedded broker", Duration::from_secs(120), &daemon, || {
+        daemon.log().contains("embedded MQTT broker listening")
+    });
     // Waits at most `secs` for two verdicts.
     let sub = |login: &[&str], secs: &str| {
         Command::new(&sub_exe)
@@ -676,9 +661,10 @@ fn the_embedded_broker_takes_only_its_login_and_a_taken_port_stops_the_start() {
     daemon.wait(Duration::from_secs(30));
 }
 
-/// SIGKILL in the middle of a burst: every verdict logged before the kill arrives, after the restart if
-/// not before (marked replayed); frames still being inspected die with the process, so the first
-/// run's verdicts are a gapless run from its first frame.
+/// SIGKILL in the middle of a burst: every verdict the outbox held at the kill arrives after the
+/// restart (marked replayed). Frames still in the frame path (queued or being inspected) die with the
+/// process and were never logged: they are counted, not asserted (on a loaded machine a SKIPPED
+/// verdict overtakes them, so they show as gaps).
 #[test]
 fn sigkill_in_the_middle_of_a_burst_loses_no_logged_verdict() {
     let Some(broker) = Mosquitto::start_on(free_port(), true) else { return };
@@ -693,6 +679,17 @@ fn sigkill_in_the_middle_of_a_burst_loses_no_logged_verdict() {
     let boot = |id: &str| id.rsplit_once('-').map(|(b, _)| b.to_string()).unwrap_or_default();
     let first_boot = boot(&sub.verdicts()[0].frame_id);
     let seen_at_kill = sub.verdicts().len();
+    // What the outbox held at the kill: logged, not yet acknowledged.
+    let held: Vec<String> = {
+        let metrics = std::sync::Arc::new(anomalyd::telemetry::Metrics::new());
+        let mut outbox =
+            anomalyd::sink::outbox::Outbox::open(&dir.path().join("outbox.redb"), 1 << 30, metrics).unwrap();
+        let entries = outbox.from_key(0, 1 << 20).unwrap();
+        entries
+            .iter()
+            .map(|e| serde_json::from_slice::<anomalyd::types::verdict::VerdictMessage>(&e.json).unwrap().frame_id)
+            .collect()
+    };
     let mut second = Daemon::start(dir.path(), &config);
     sub.wait_for_daemon("verdicts of the second run", Duration::from_secs(120), Some(&second), |s| {
         s.verdicts().iter().filter(|m| boot(&m.frame_id) != first_boot).count() >= 10
@@ -706,13 +703,17 @@ fn sigkill_in_the_middle_of_a_burst_loses_no_logged_verdict() {
     let last = *seqs.iter().max().unwrap();
     let gaps: Vec<u64> = (1..=last).filter(|s| !seqs.contains(s)).collect();
     let replayed = firsts.iter().filter(|m| m.replayed).count();
+    let arrived: BTreeSet<&str> = firsts.iter().map(|m| m.frame_id.as_str()).collect();
+    let lost: Vec<&String> = held.iter().filter(|id| !arrived.contains(id.as_str())).collect();
     eprintln!(
-        "SIGKILL mid-burst: first run {} verdicts (seq 1..={last}), {} seen before the kill, {replayed} replayed after \
-         the restart, gaps {}, duplicates {}",
+        "SIGKILL mid-burst: first run {} verdicts (seq 1..={last}), {} seen before the kill, {} in the outbox at the \
+         kill, {replayed} replayed after the restart, lost {}, duplicates {}, frames that died in the frame path {}",
         seqs.len(),
         seen_at_kill,
-        gaps.len(),
-        firsts.len() - seqs.len()
+        held.len(),
+        lost.len(),
+        firsts.len() - seqs.len(),
+        gaps.len()
     );
-    assert!(gaps.is_empty(), "verdicts lost in the middle of the first run: {gaps:?}");
+    assert!(lost.is_empty(), "verdicts in the outbox at the kill that never arrived: {lost:?}");
 }

@@ -258,6 +258,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Polls `done` every 50 ms until it holds; past `timeout`, fails with `what` and the daemon's log.
+pub fn until(what: &str, timeout: Duration, daemon: &Daemon, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}; daemon log:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (at most 120 s) until the HTTP API accepts connections.
 pub fn wait_http(port: u16) {
     let t0 = Instant::now();

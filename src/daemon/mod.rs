@@ -31,7 +31,7 @@ use crate::sink::outbox::{DeadLetters, Outbox};
 use crate::sink::store::{Store, StoreJob};
 use crate::source::{SourceEnd, SourceHandle};
 use crate::telemetry::{Metrics, ModelLabels};
-use crate::types::command::Command;
+use crate::types::command::{self, Command, Refusal};
 use crate::util::sync;
 
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
@@ -561,17 +561,15 @@ impl Daemon {
     /// A trigger beyond [`intake::MAX_PENDING_TRIGGERS`]: no verdict (it would only be an ERROR), a
     /// reply on the command response topic, and a log line at most every 10 s.
     fn trigger_refused(&mut self, camera: &str, part_id: &str) {
-        let body = serde_json::json!({
-            "request_id": null,
-            "cmd": "trigger",
-            "accepted": false,
-            "error": format!("{} triggers already wait for a frame on camera {camera}", intake::MAX_PENDING_TRIGGERS),
-            "reason": "rate_limited",
-            "part_id": part_id,
-        });
+        let refusal = Refusal::RateLimited(format!(
+            "{} triggers already wait for a frame on camera {camera}",
+            intake::MAX_PENDING_TRIGGERS
+        ));
+        let mut body = command::reply(None, Some("trigger"), Some(&refusal));
+        body["part_id"] = part_id.into();
         let _ =
             self.notes_tx.send((self.states.topics.command_response(), serde_json::to_vec(&body).unwrap_or_default()));
-        self.metrics.command("rate_limited");
+        self.metrics.command(refusal.kind());
         if self.trigger_flood_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
             tracing::warn!(
                 camera = %camera,

@@ -709,24 +709,14 @@ impl Link {
                     escaped(&r.to_string(), 200),
                     escaped(&head, 120)
                 );
-                let request_id = serde_json::from_slice::<serde_json::Value>(payload)
-                    .ok()
-                    .and_then(|v| v.get("request_id").and_then(|r| r.as_str()).map(str::to_string))
-                    .filter(|r| command::check_part_id(r).is_ok());
-                self.reply(s, request_id.as_deref(), None, Some(&r));
+                self.reply(s, command::request_id_of(payload).as_deref(), None, Some(&r));
             }
         }
     }
 
-    /// `{"request_id":…,"cmd":…,"accepted":…,"error":…,"reason":…}` on the command response topic.
+    /// [`command::reply`] on the command response topic.
     fn reply(&self, s: &mut Session, request_id: Option<&str>, cmd: Option<&str>, refusal: Option<&Refusal>) {
-        let body = serde_json::json!({
-            "request_id": request_id,
-            "cmd": cmd,
-            "accepted": refusal.is_none(),
-            "error": refusal.map(|r| r.to_string()),
-            "reason": refusal.map(Refusal::kind),
-        });
+        let body = command::reply(request_id, cmd, refusal);
         self.note(s, (self.topics.command_response(), serde_json::to_vec(&body).unwrap_or_default()));
     }
 

@@ -276,9 +276,15 @@ impl Outbox {
             );
         }
         self.metrics.outbox_failure();
+        self.retry_later();
+        err
+    }
+
+    /// Schedules the next reopen: 250 ms after the first failure, then twice as long each time, at most
+    /// [`MAX_REOPEN_BACKOFF`].
+    fn retry_later(&mut self) {
         let wait = self.retry.map_or(Duration::from_millis(250), |(_, w)| (w * 2).min(MAX_REOPEN_BACKOFF));
         self.retry = Some((Instant::now() + wait, wait));
-        err
     }
 
     fn down(&self) -> OutboxError {
@@ -307,8 +313,7 @@ impl Outbox {
         let db = match Self::try_open(&self.opener, &self.path) {
             Ok(db) => db,
             Err(e) => {
-                let wait = self.retry.map_or(Duration::from_millis(250), |(_, w)| (w * 2).min(MAX_REOPEN_BACKOFF));
-                self.retry = Some((Instant::now() + wait, wait));
+                self.retry_later();
                 tracing::debug!("outbox {} still cannot be opened: {}", self.path.display(), e.describe());
                 return false;
             }

@@ -156,6 +156,29 @@ fn envelope(payload: &[u8]) -> Result<Parts, Refusal> {
     Ok((obj, request_id, token))
 }
 
+/// The `request_id` of a refused payload, when it has a usable one: a payload over [`MAX_PAYLOAD`] is
+/// not parsed again for it.
+pub fn request_id_of(payload: &[u8]) -> Option<String> {
+    if payload.len() > MAX_PAYLOAD {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let id = v.get("request_id")?.as_str()?;
+    field("request_id", id, MAX_ID).ok().map(|()| id.to_string())
+}
+
+/// The answer on the command response topic: `{"request_id":…,"cmd":…,"accepted":…,"error":…,"reason":…}`
+/// (`refusal` None: accepted).
+pub fn reply(request_id: Option<&str>, cmd: Option<&str>, refusal: Option<&Refusal>) -> serde_json::Value {
+    serde_json::json!({
+        "request_id": request_id,
+        "cmd": cmd,
+        "accepted": refusal.is_none(),
+        "error": refusal.map(|r| r.to_string()),
+        "reason": refusal.map(Refusal::kind),
+    })
+}
+
 /// A part id: 1 to [`MAX_PART_ID`] bytes, no control characters.
 pub fn check_part_id(part_id: &str) -> Result<(), Refusal> {
     field("part_id", part_id, MAX_PART_ID)
@@ -218,6 +241,8 @@ mod tests {
         let e = parse_chat(br#"{"frame_id":"f","question":"why?","request_id":"q2"}"#).unwrap();
         assert_eq!(e.request_id.as_deref(), Some("q2"));
         assert_eq!(parse_command(br#"{"cmd":"reload","request_id":7}"#).unwrap_err().kind(), "bad_field");
+        assert_eq!(request_id_of(br#"{"cmd":"nope","request_id":"r-9"}"#).as_deref(), Some("r-9"));
+        assert_eq!(request_id_of(br#"{"cmd":"nope","request_id":"r\n9"}"#), None, "an unusable id is not echoed");
     }
 
     #[test]
