@@ -835,7 +835,7 @@ fn line_mode_learns_from_the_first_parts_keeps_the_version_watches_drift_and_rol
     let sub = Sub::start(broker.port);
     let mut daemon = Daemon::start(dir.path(), &config);
     let drift = |s: &Sub| s.lines.lock().unwrap().iter().any(|(t, _)| t == "anomalyd/t9/cam/drift");
-    // Baseline and first window of the drift watch: 128 parts after learning.
+    // The drift watch's baseline: 128 parts after learning, then a state with every part.
     sub.wait_for("the drift state", Duration::from_secs(240), drift);
     let verdicts = sub.verdicts();
     assert!(verdicts[..24].iter().all(|v| v.learning), "the first 24 parts are learning verdicts");
@@ -850,7 +850,7 @@ fn line_mode_learns_from_the_first_parts_keeps_the_version_watches_drift_and_rol
     // The demo replays a cycle of 24 identical images, which learning put in the bank: its scores are
     // not a line's, so only the message itself is checked here (tests/line.rs checks the watch).
     let d: anomalyd::daemon::line::DriftMessage = serde_json::from_value(d).unwrap();
-    assert_eq!((d.camera.as_str(), d.window), ("cam", 64));
+    assert_eq!((d.camera.as_str(), d.window), ("cam", anomalyd::detect::drift::WINDOW));
     assert!(d.shift.is_finite() && d.baseline_median > 0.0, "{d:?}");
     let (_, metrics) = http_get(http_port, "/metrics");
     let metrics = String::from_utf8_lossy(&metrics);

@@ -29,10 +29,11 @@ use crate::types::verdict::{self, EnrolmentRef};
 pub struct DriftMessage {
     pub camera: String,
     pub drifting: bool,
-    /// Shift of the moving median score from the baseline, in spreads of the baseline.
+    /// Shift of the moving average of the log-scores from the baseline, in spreads of the baseline.
     pub shift: f64,
-    /// Median score of the baseline and the parts in each.
+    /// Median score of the baseline.
     pub baseline_median: f32,
+    /// The moving window the average is worth, in parts (`drift::WINDOW`).
     pub window: usize,
     /// The enrolment the baseline belongs to.
     pub enrolment: String,
