@@ -104,7 +104,12 @@ mod tests {
             std::fs::write(root.join(dir).join(name), bytes).unwrap();
         };
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for f in ["config/anomalyd.toml", "config/examples/line.toml", "config/examples/replay.toml"] {
+        for f in [
+            "config/anomalyd.toml",
+            "config/examples/line.toml",
+            "config/examples/replay.toml",
+            "config/examples/recipes.toml",
+        ] {
             let name = f.rsplit('/').next().unwrap();
             put("config", name, &std::fs::read(manifest.join(f)).unwrap());
         }

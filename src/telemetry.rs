@@ -18,6 +18,20 @@ pub struct CameraLabel {
     pub camera: String,
 }
 
+/// A camera's recipe: `product` is its name, "" for a camera without recipes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProductLabels {
+    pub camera: String,
+    pub product: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProductVerdictLabels {
+    pub camera: String,
+    pub product: String,
+    pub verdict: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabels {
     pub camera: String,
@@ -137,9 +151,13 @@ pub struct Metrics {
     llm_conversations: Gauge,
     llm_chats: Family<LlmKindLabels, Counter>,
     notes_dropped: Counter,
-    drift: Family<CameraLabel, Gauge>,
-    drift_shift: Family<CameraLabel, Gauge<f64, AtomicU64>>,
-    learning: Family<CameraLabel, Gauge>,
+    drift: Family<ProductLabels, Gauge>,
+    drift_shift: Family<ProductLabels, Gauge<f64, AtomicU64>>,
+    learning: Family<ProductLabels, Gauge>,
+    recipe_active: Family<ProductLabels, Gauge>,
+    recipe_bytes: Family<ProductLabels, Gauge>,
+    recipe_switches: Family<CameraLabel, Counter>,
+    product_verdicts: Family<ProductVerdictLabels, Counter>,
     learned_parts: Family<ReasonLabels, Counter>,
     learn_runs: Family<ReasonLabels, Counter>,
 }
@@ -210,6 +228,10 @@ impl Metrics {
             drift: Family::default(),
             drift_shift: Family::default(),
             learning: Family::default(),
+            recipe_active: Family::default(),
+            recipe_bytes: Family::default(),
+            recipe_switches: Family::default(),
+            product_verdicts: Family::default(),
             learned_parts: Family::default(),
             learn_runs: Family::default(),
         };
@@ -352,15 +374,31 @@ impl Metrics {
         );
         r.register(
             "drift",
-            "1 while the camera's scores have moved away from their baseline (docs/CALIBRATION.md), else 0",
+            "1 while the scores of a camera's recipe have moved away from their baseline (docs/CALIBRATION.md), else 0",
             m.drift.clone(),
         );
         r.register(
             "drift_shift",
-            "Shift of the camera's moving median score from its baseline, in spreads of the baseline",
+            "Shift of the moving average of a camera's recipe's scores from its baseline, in spreads of the baseline",
             m.drift_shift.clone(),
         );
-        r.register("learning", "1 while line mode learns from the camera's first parts", m.learning.clone());
+        r.register(
+            "learning",
+            "1 while line mode learns from the first parts of a camera's recipe",
+            m.learning.clone(),
+        );
+        r.register(
+            "recipe_active",
+            "1 for the recipe a camera inspects with now, 0 for its others",
+            m.recipe_active.clone(),
+        );
+        r.register("recipe_bytes", "Memory of a recipe's enrolment bank", m.recipe_bytes.clone());
+        r.register("recipe_switches", "Switches of a camera's recipe in use", m.recipe_switches.clone());
+        r.register(
+            "product_verdicts",
+            "Verdicts of cameras with recipes, by camera, product and verdict",
+            m.product_verdicts.clone(),
+        );
         r.register(
             "learned_parts",
             "Line-mode parts by camera and reason: entered (learned from) or refused (by the poisoning guard)",
@@ -437,8 +475,12 @@ impl Metrics {
     }
 
     /// A verdict left the frame path for the publisher; `reason` labels a SKIPPED or ERROR one.
-    pub fn verdict_emitted(&self, cam: &str, verdict: Outcome, reason: &str) {
+    pub fn verdict_emitted(&self, cam: &str, product: Option<&str>, verdict: Outcome, reason: &str) {
         self.frames.get_or_create(&VerdictLabels { camera: cam.into(), verdict: verdict.as_str().into() }).inc();
+        if let Some(p) = product {
+            let l = ProductVerdictLabels { camera: cam.into(), product: p.into(), verdict: verdict.as_str().into() };
+            self.product_verdicts.get_or_create(&l).inc();
+        }
         let labels = ReasonLabels { camera: cam.into(), reason: reason.into() };
         match verdict {
             Outcome::Skipped => self.skipped.get_or_create(&labels).inc(),
@@ -466,14 +508,31 @@ impl Metrics {
     }
 
     /// A camera's drift watch: whether it alarms, and the shift it measured.
-    pub fn drift(&self, cam: &str, drifting: bool, shift: f64) {
-        self.drift.get_or_create(&camera(cam)).set(i64::from(drifting));
-        self.drift_shift.get_or_create(&camera(cam)).set(shift);
+    pub fn drift(&self, cam: &str, product: &str, drifting: bool, shift: f64) {
+        let l = ProductLabels { camera: cam.into(), product: product.into() };
+        self.drift.get_or_create(&l).set(i64::from(drifting));
+        self.drift_shift.get_or_create(&l).set(shift);
     }
 
-    /// A camera started (true) or stopped (false) learning from its first parts.
-    pub fn learning(&self, cam: &str, on: bool) {
-        self.learning.get_or_create(&camera(cam)).set(i64::from(on));
+    /// A camera's recipe started (true) or stopped (false) learning from its first parts.
+    pub fn learning(&self, cam: &str, product: &str, on: bool) {
+        self.learning.get_or_create(&ProductLabels { camera: cam.into(), product: product.into() }).set(i64::from(on));
+    }
+
+    /// A camera's recipe is loaded: its memory, and whether it is the one in use.
+    pub fn recipe(&self, cam: &str, product: &str, bytes: usize, active: bool) {
+        let l = ProductLabels { camera: cam.into(), product: product.into() };
+        self.recipe_bytes.get_or_create(&l).set(bytes as i64);
+        self.recipe_active.get_or_create(&l).set(i64::from(active));
+    }
+
+    /// A camera switched its recipe in use from `from` to `to`.
+    pub fn recipe_switched(&self, cam: &str, from: Option<&str>, to: &str) {
+        if let Some(f) = from {
+            self.recipe_active.get_or_create(&ProductLabels { camera: cam.into(), product: f.into() }).set(0);
+        }
+        self.recipe_active.get_or_create(&ProductLabels { camera: cam.into(), product: to.into() }).set(1);
+        self.recipe_switches.get_or_create(&camera(cam)).inc();
     }
 
     /// A learning run ended (`applied`, `unchanged`, `failed`) with parts entered and refused.

@@ -290,7 +290,7 @@ fn mqtt_contract_examples_parse() {
             commands += 1;
         }
     }
-    assert_eq!((verdicts, commands, notes), (4, 2, 5));
+    assert_eq!((verdicts, commands, notes), (5, 3, 5));
 }
 
 #[test]
@@ -855,7 +855,7 @@ fn line_mode_learns_from_the_first_parts_keeps_the_version_watches_drift_and_rol
     let (_, metrics) = http_get(http_port, "/metrics");
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(metrics.contains("anomalyd_learn_runs_total{camera=\"cam\",reason=\"applied\"} 1"), "{metrics}");
-    assert!(metrics.contains("anomalyd_drift_shift{camera=\"cam\"}"), "{metrics}");
+    assert!(metrics.contains("anomalyd_drift_shift{camera=\"cam\",product=\"\"}"), "{metrics}");
 
     // The version is kept and listed; rolling back needs the token, then the base enrolment is used again.
     let (code, body) = http_get(http_port, "/v1/cameras/cam/enrolments");

@@ -11,3 +11,4 @@ mod harness;
 mod layering;
 mod line;
 mod llm;
+mod plc;

@@ -243,7 +243,30 @@ pub struct CameraConfig {
     /// carry `"learning": true`.
     #[serde(default = "default_learn_parts")]
     pub learn_parts: usize,
+    /// `[[camera.recipe]]`: the products this camera inspects, each with its own enrolment, all loaded
+    /// at start and switched by the PLC (docs/PLC.md). Empty: the camera inspects `reference` only.
+    #[serde(default)]
+    pub recipe: Vec<RecipeConfig>,
+    /// The recipe in use at start (and after a reload that removed the one in use); unset = the first.
+    #[serde(default)]
+    pub start_recipe: Option<String>,
 }
+
+/// One product a camera inspects: a name the PLC selects it by, and its enrolment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeConfig {
+    /// Letters, digits, `-` and `_`: the product id a PLC sends, and the `product` of every verdict.
+    pub name: String,
+    /// Enrolment file or folder of normal images of this product.
+    pub reference: PathBuf,
+    /// The product in the operator's words, for the language model's prompt (unset: the camera's).
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+/// Most recipes one camera may hold: each is loaded at start and kept in memory.
+pub const MAX_RECIPES: usize = 64;
 
 const fn default_trigger_timeout_ms() -> u64 {
     2000
@@ -274,6 +297,8 @@ impl CameraConfig {
             max_age_ms: default_max_age_ms(),
             product: Some("a machined steel plate with four bolt holes and a printed label".into()),
             learn_parts: default_learn_parts(),
+            recipe: Vec::new(),
+            start_recipe: None,
         }
     }
 }
@@ -372,8 +397,9 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
             p.push(format!("{key}.learn_parts = {}: use 0 (off) or {min} to 1000 parts", c.learn_parts));
         }
         p.extend(c.source.validate(&format!("{key}.source")));
+        p.extend(validate_recipes(c, &key));
         match &c.reference {
-            None if !c.source.is_demo() => {
+            None if !c.source.is_demo() && c.recipe.is_empty() => {
                 p.push(format!("{key}.reference is missing: give an enrolment file or a folder of normal images"))
             }
             Some(r) if !r.exists() => p.push(format!("{key}.reference = {}: no such file or folder", r.display())),
@@ -388,6 +414,45 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
         if c.trigger == Trigger::Triggered && c.trigger_timeout_ms < 10 {
             p.push(format!("{key}.trigger_timeout_ms = {}: use at least 10", c.trigger_timeout_ms));
         }
+    }
+    p
+}
+
+/// Problems of a camera's recipes: names, references, and the one in use at start.
+fn validate_recipes(c: &CameraConfig, key: &str) -> Vec<String> {
+    let mut p = Vec::new();
+    if c.recipe.is_empty() {
+        if let Some(s) = &c.start_recipe {
+            p.push(format!(
+                "{key}.start_recipe = {s:?} but the camera has no [[camera.recipe]]: add them or remove it"
+            ));
+        }
+        return p;
+    }
+    if c.reference.is_some() {
+        p.push(format!(
+            "{key}.reference is set beside [[camera.recipe]]: give each recipe its reference and remove this one"
+        ));
+    }
+    if c.recipe.len() > MAX_RECIPES {
+        p.push(format!("{key} has {} recipes: at most {MAX_RECIPES} are loaded", c.recipe.len()));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (j, r) in c.recipe.iter().enumerate() {
+        let rkey = format!("{key}.recipe[{j}]");
+        if !valid_name(&r.name) {
+            p.push(format!("{rkey}.name = {:?}: use 1-64 letters, digits, '-' or '_'", r.name));
+        } else if !names.insert(r.name.as_str()) {
+            p.push(format!("{rkey}.name = {:?} is used twice: recipe names must be unique on a camera", r.name));
+        }
+        if !r.reference.exists() {
+            p.push(format!("{rkey}.reference = {}: no such file or folder", r.reference.display()));
+        }
+    }
+    if let Some(s) = &c.start_recipe
+        && !c.recipe.iter().any(|r| &r.name == s)
+    {
+        p.push(format!("{key}.start_recipe = {s:?} is not one of the camera's recipes"));
     }
     p
 }

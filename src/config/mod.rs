@@ -172,10 +172,40 @@ mod tests {
         for (name, text) in [
             ("config/examples/line.toml", include_str!("../../config/examples/line.toml")),
             ("config/examples/replay.toml", include_str!("../../config/examples/replay.toml")),
+            ("config/examples/recipes.toml", include_str!("../../config/examples/recipes.toml")),
         ] {
             let cfg = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!cfg.camera.is_empty(), "{name}");
         }
+    }
+
+    #[test]
+    fn recipes_are_checked_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().display();
+        let cam = |extra: &str, recipes: &str| {
+            let text = format!("[[camera]]\nname = \"c\"\n{extra}[camera.source]\nkind = \"demo\"\n{recipes}");
+            Config::parse(&text, Path::new("c.toml")).unwrap().validate_all().join("\n")
+        };
+        let recipe = |name: &str, reference: &str| {
+            format!("[[camera.recipe]]\nname = \"{name}\"\nreference = \"{reference}\"\n")
+        };
+        let good = recipe("a", &a.to_string()) + &recipe("b", &a.to_string());
+        assert_eq!(cam("start_recipe = \"b\"\n", &good), "");
+        let all = cam(
+            &format!("reference = \"{a}\"\nstart_recipe = \"z\"\n"),
+            &(recipe("a", &a.to_string()) + &recipe("a", "/nowhere") + &recipe("x/y", &a.to_string())),
+        );
+        for want in [
+            "camera[0].reference is set beside [[camera.recipe]]",
+            "camera[0].recipe[1].name = \"a\" is used twice",
+            "camera[0].recipe[1].reference = /nowhere: no such file or folder",
+            "camera[0].recipe[2].name = \"x/y\"",
+            "camera[0].start_recipe = \"z\" is not one of the camera's recipes",
+        ] {
+            assert!(all.contains(want), "{want} missing from:\n{all}");
+        }
+        assert!(cam("start_recipe = \"a\"\n", "").contains("has no [[camera.recipe]]"));
     }
 
     #[test]

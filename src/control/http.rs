@@ -12,7 +12,8 @@
 //!   one; 0 is the base enrolment) makes another version active and reloads.
 //! - `GET /v1/dead-letters`: verdicts the broker would not take, with why and when (newest last).
 //! - Bodies are limited to 64 KiB (413 beyond), part ids and questions to `types::command`'s bounds (400).
-//! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`): these change
+//! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`, optionally
+//!   with `"product"`, the recipe to judge the part with): these change
 //!   state, so they need `Authorization: Bearer <http.token>` (401 without it, 403 when no token is
 //!   configured). With `http.protect_reads` the read-only endpoints need it too; the probes never do.
 
@@ -134,6 +135,8 @@ async fn reload(State(s): State<HttpState>) -> Response {
 struct TriggerBody {
     camera: String,
     part_id: String,
+    #[serde(default)]
+    product: Option<String>,
 }
 
 /// Why a request body was refused: a shape the endpoint does not take, or a bound it breaks.
@@ -143,11 +146,13 @@ pub enum BodyError {
     Bound(command::Refusal),
 }
 
-/// `POST /v1/trigger`'s body, parsed and checked: `{"camera":"c","part_id":"P-1"}`.
+/// `POST /v1/trigger`'s body, parsed and checked: `{"camera":"c","part_id":"P-1"}`, with an optional
+/// `"product"` (the recipe to judge the part with).
 pub fn trigger_body(body: &[u8]) -> Result<Command, BodyError> {
-    let t = serde_json::from_slice::<TriggerBody>(body)
-        .map_err(|_| BodyError::Shape("expected {\"camera\":\"...\",\"part_id\":\"...\"}\n"))?;
-    let cmd = Command::Trigger { camera: t.camera, part_id: t.part_id };
+    let t = serde_json::from_slice::<TriggerBody>(body).map_err(|_| {
+        BodyError::Shape("expected {\"camera\":\"...\",\"part_id\":\"...\"} (and optionally \"product\")\n")
+    })?;
+    let cmd = Command::Trigger { camera: t.camera, part_id: t.part_id, product: t.product };
     cmd.check().map_err(BodyError::Bound)?;
     Ok(cmd)
 }

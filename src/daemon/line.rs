@@ -6,6 +6,9 @@
 //! own CPU encoder, so inspection goes on), stores the result as a new enrolment version and swaps it
 //! in, unless the camera's model was replaced meanwhile. Afterwards, and for a model that does not
 //! learn, the drift watch follows the scores: its state is a metric and a retained MQTT message.
+//!
+//! A camera with recipes has one watch per recipe ([`LineWatches`]): each product learns and drifts on
+//! its own, and switching products does not restart either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,9 @@ use crate::types::verdict::{self, EnrolmentRef};
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct DriftMessage {
     pub camera: String,
+    /// The recipe the watch belongs to; null for a camera without recipes.
+    #[serde(default)]
+    pub product: Option<String>,
     pub drifting: bool,
     /// Shift of the moving average of the log-scores from the baseline, in spreads of the baseline.
     pub shift: f64,
@@ -40,8 +46,50 @@ pub struct DriftMessage {
     pub at: String,
 }
 
+/// A camera's line watches, one per recipe, each made when its recipe inspects its first part.
+pub struct LineWatches {
+    template: LineWatch,
+    by_recipe: std::collections::HashMap<Option<String>, LineWatch>,
+}
+
+impl LineWatches {
+    /// `drift_topic` is the camera's; a recipe's watch publishes on `<drift_topic>/<recipe>`.
+    pub fn new(
+        cam: Arc<CameraShared>,
+        engine: EngineConfig,
+        detect: DetectConfig,
+        retained: mpsc::UnboundedSender<(String, String)>,
+        drift_topic: String,
+    ) -> Self {
+        let template = LineWatch::new(cam, engine, detect, retained, drift_topic, None);
+        Self { template, by_recipe: Default::default() }
+    }
+
+    /// [`LineWatch::after`] on the watch of the part's recipe.
+    pub fn after(&mut self, model: &Arc<CameraModel>, img: &RgbImage, score: f32) -> bool {
+        let t = &self.template;
+        let watch = self.by_recipe.entry(model.recipe.clone()).or_insert_with(|| {
+            let topic = match &model.recipe {
+                Some(r) => format!("{}/{r}", t.drift_topic),
+                None => t.drift_topic.clone(),
+            };
+            LineWatch::new(
+                t.cam.clone(),
+                t.engine.clone(),
+                t.detect.clone(),
+                t.retained.clone(),
+                topic,
+                model.recipe.clone(),
+            )
+        });
+        watch.after(model, img, score)
+    }
+}
+
 pub struct LineWatch {
     cam: Arc<CameraShared>,
+    /// The recipe it watches (None: a camera without recipes); the `product` label of its metrics.
+    recipe: Option<String>,
     engine: EngineConfig,
     detect: DetectConfig,
     retained: mpsc::UnboundedSender<(String, String)>,
@@ -62,9 +110,11 @@ impl LineWatch {
         detect: DetectConfig,
         retained: mpsc::UnboundedSender<(String, String)>,
         drift_topic: String,
+        recipe: Option<String>,
     ) -> Self {
         Self {
             cam,
+            recipe,
             engine,
             detect,
             retained,
@@ -95,10 +145,10 @@ impl LineWatch {
             }
             // Learning ended without a new model (too few parts passed, or it failed): watch drift.
             self.learned = None;
-            self.cam.metrics.learning(&self.cam.name, false);
+            self.cam.metrics.learning(&self.cam.name, self.product(), false);
         }
         if let Some(state) = self.drift.push(score) {
-            self.cam.metrics.drift(&self.cam.name, state.drifting, state.shift);
+            self.cam.metrics.drift(&self.cam.name, self.product(), state.drifting, state.shift);
             if state.changed || !self.reported {
                 self.report(state.drifting, state.shift);
             }
@@ -111,19 +161,25 @@ impl LineWatch {
         self.model_id = model.enrolment_ref.id.clone();
         self.learner = model.learn_parts.map(Learner::new);
         self.learned = self.learner.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
-        self.cam.metrics.learning(&self.cam.name, self.learner.is_some());
+        self.cam.metrics.learning(&self.cam.name, self.product(), self.learner.is_some());
         self.drift = DriftWatch::new(drift::unit(&model.enrolment.meta.calibration));
         self.reported = false;
-        self.cam.metrics.drift(&self.cam.name, false, 0.0);
+        self.cam.metrics.drift(&self.cam.name, self.product(), false, 0.0);
         if let Some(n) = model.learn_parts {
             tracing::info!(camera = %self.cam.name, "line mode: learning from the next {n} parts");
         }
+    }
+
+    /// The `product` label of its metrics ("" for a camera without recipes).
+    fn product(&self) -> &str {
+        self.recipe.as_deref().unwrap_or("")
     }
 
     fn report(&mut self, drifting: bool, shift: f64) {
         self.reported = true;
         let msg = DriftMessage {
             camera: self.cam.name.clone(),
+            product: self.recipe.clone(),
             drifting,
             shift,
             baseline_median: self.drift.baseline().map_or(f32::NAN, |b| b.median()),
@@ -191,20 +247,19 @@ fn learn(
         }
     }
     let new = CameraModel {
+        recipe: model.recipe.clone(),
+        words: model.words.clone(),
         enrolment: learned,
         model: model.model.clone(),
         enrolment_ref: EnrolmentRef { id, source },
         learn_parts: None,
         versions: model.versions.clone(),
     };
-    // Swap only if the camera still inspects with the model that learned (a reload may have replaced it).
-    let mut current = crate::util::sync::write(&cam.model);
-    if current.enrolment_ref.id != model.enrolment_ref.id {
+    // Swap only if the camera still has the model that learned (a reload may have replaced it).
+    if !cam.replace_model(&model.enrolment_ref.id, Arc::new(new)) {
         tracing::warn!(camera = %cam.name, "line mode: the model was replaced while learning; the result is not applied");
         return Ok(());
     }
-    *current = Arc::new(new);
-    drop(current);
     cam.metrics.learned(&cam.name, "applied", report.entered, report.refused);
     tracing::info!(
         camera = %cam.name,

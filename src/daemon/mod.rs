@@ -33,6 +33,7 @@ use crate::source::{SourceEnd, SourceHandle};
 use crate::telemetry::{Metrics, ModelLabels};
 use crate::types::command::{self, Command, Refusal};
 use crate::util::sync;
+use crate::util::text::escaped;
 
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
 pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
@@ -375,8 +376,8 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let (engine, detect) = (self.cfg.engine.clone(), self.cfg.detect.clone());
         let enrolments = self.cfg.daemon.enrolments.clone();
-        let (detector, model) = build_camera(engine, detect, enrolments, cam.clone()).await?;
-        self.launch_camera(cam, existing, detector, Arc::new(model)).await
+        let (detector, models) = build_camera(engine, detect, enrolments, cam.clone()).await?;
+        self.launch_camera(cam, existing, detector, models).await
     }
 
     /// Starts a camera whose detector and model are built: its worker, then its source.
@@ -385,31 +386,42 @@ impl Daemon {
         cam: CameraConfig,
         existing: Option<Arc<CameraShared>>,
         detector: Detector,
-        model: Arc<CameraModel>,
+        models: Vec<Arc<CameraModel>>,
     ) -> Result<(), DaemonError> {
+        let Some(first) = models.first().cloned() else {
+            return Err(DaemonError::Invalid(vec![format!("camera {} has no enrolment", cam.name)]));
+        };
         self.placement = Placement {
             provider: detector.encoder().provider().to_string(),
             device: detector.device(),
             engine_cache: detector.engine_cache().to_string(),
         };
-        self.model_metric(&cam.name, &model);
         let Some(verdict_tx) = self.verdict_tx.clone() else {
             return Err(DaemonError::Stopping);
         };
+        let start = cam.start_recipe.as_deref();
         let shared = match existing {
             Some(s) => {
-                s.set_model(model);
+                s.set_models(models, start);
                 s
             }
-            None => Arc::new(CameraShared::new(
-                &cam.name,
-                &self.cfg.daemon.node,
-                &self.boot,
-                model,
-                verdict_tx,
-                self.metrics.clone(),
-            )),
+            None => {
+                let s = Arc::new(CameraShared::new(
+                    &cam.name,
+                    &self.cfg.daemon.node,
+                    &self.boot,
+                    first,
+                    verdict_tx,
+                    self.metrics.clone(),
+                ));
+                s.set_models(models, start);
+                if let Some(r) = start {
+                    let _ = s.select_recipe(r);
+                }
+                s
+            }
         };
+        self.recipe_metrics(&shared);
         shared.set_trigger(cam.trigger, Duration::from_millis(cam.trigger_timeout_ms));
         sync::lock(&self.shared).insert(cam.name.clone(), shared.clone());
         self.metrics.queue_capacity(&cam.name, cam.queue);
@@ -422,8 +434,7 @@ impl Daemon {
             delay: Duration::from_millis(self.cfg.daemon.inspect_delay_ms),
             store: self.store_tx.clone(),
             explainer: self.explainer.clone(),
-            product: cam.product.clone(),
-            line: line::LineWatch::new(
+            line: line::LineWatches::new(
                 shared.clone(),
                 self.cfg.engine.clone(),
                 self.cfg.detect.clone(),
@@ -475,6 +486,18 @@ impl Daemon {
         rt.started_at = Instant::now();
         self.states.set(&rt.cfg.name, "streaming");
         Ok(())
+    }
+
+    /// A camera's recipes: the memory each takes, which one is in use, and the model metric of that one.
+    fn recipe_metrics(&mut self, cam: &CameraShared) {
+        let active = cam.model();
+        for m in cam.models() {
+            if let Some(r) = &m.recipe {
+                let on = Arc::ptr_eq(&m, &active);
+                self.metrics.recipe(&cam.name, r, m.enrolment.bytes(), on);
+            }
+        }
+        self.model_metric(&cam.name, &active);
     }
 
     fn model_metric(&mut self, camera: &str, m: &CameraModel) {
@@ -580,13 +603,46 @@ impl Daemon {
         }
     }
 
+    /// A recipe switch: from the camera's next frame on, `product`'s recipe judges its parts. Answered
+    /// on the command response topic, accepted or refused (an unknown camera or product).
+    fn select_recipe(&mut self, camera: &str, product: &str, request_id: Option<String>) {
+        let cam = sync::lock(&self.shared).get(camera).cloned();
+        let outcome = match &cam {
+            None => Err(Refusal::Unknown(format!("no camera {camera:?} is configured"))),
+            Some(c) => c.select_recipe(product).map_err(|e| Refusal::Unknown(e.to_string())),
+        };
+        match (&outcome, &cam) {
+            (Ok(before), Some(c)) => {
+                self.metrics.recipe_switched(camera, before.as_deref(), product);
+                self.model_metric(camera, &c.model());
+                tracing::info!(
+                    camera = %camera,
+                    "recipe {} -> {product}: frames captured from now on are judged with it",
+                    before.as_deref().unwrap_or("(none)")
+                );
+            }
+            (Err(r), _) => {
+                self.metrics.command(r.kind());
+                tracing::warn!("recipe switch refused: {r}");
+            }
+            _ => {}
+        }
+        let body = command::reply(request_id.as_deref(), Some("recipe"), outcome.as_ref().err());
+        let _ =
+            self.notes_tx.send((self.states.topics.command_response(), serde_json::to_vec(&body).unwrap_or_default()));
+    }
+
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Trigger { camera, part_id } => {
+            Command::Trigger { camera, part_id, product } => {
                 let cam = sync::lock(&self.shared).get(&camera).cloned();
                 match cam {
                     Some(c) if c.trigger_mode() == sections::Trigger::Triggered => {
-                        if !c.push_trigger(part_id.clone()) {
+                        // A product the camera has no recipe for: the part's answer is an ERROR verdict now.
+                        if let Some(Err(unknown)) = product.as_deref().map(|p| c.recipe_model(Some(p))) {
+                            tracing::warn!(camera = %camera, "trigger for part {}: {unknown}", escaped(&part_id, 64));
+                            c.refuse_part(Some(part_id), &unknown);
+                        } else if !c.push_trigger(part_id.clone(), product) {
                             self.trigger_refused(&camera, &part_id);
                         }
                     }
@@ -594,6 +650,7 @@ impl Daemon {
                     None => tracing::warn!("trigger for unknown camera {camera:?} ignored"),
                 }
             }
+            Command::Recipe { camera, product, request_id } => self.select_recipe(&camera, &product, request_id),
             Command::Reload => self.request_reload("reload requested"),
             Command::Chat { frame_id, question, request_id } => {
                 let (explainer, notes, topic) =
@@ -822,7 +879,8 @@ fn stored_facts(store: &Store, id: &str, products: &BTreeMap<String, Option<Stri
             score: m.score.unwrap_or_default(),
             threshold: m.threshold.unwrap_or_default(),
             regions: m.regions,
-            product: products.get(&m.camera).cloned().flatten(),
+            // A recipe camera's words are its recipe's; the name stands in for them here.
+            product: products.get(&m.camera).cloned().flatten().or(m.product),
         },
         camera: m.camera,
     })
@@ -855,15 +913,15 @@ async fn build_camera(
     detect: DetectConfig,
     enrolments: std::path::PathBuf,
     cam: CameraConfig,
-) -> Result<(Detector, CameraModel), DaemonError> {
+) -> Result<(Detector, Vec<Arc<CameraModel>>), DaemonError> {
     let name = cam.name.clone();
-    let joined = tokio::task::spawn_blocking(move || -> Result<(Detector, CameraModel), DaemonError> {
+    let joined = tokio::task::spawn_blocking(move || -> Result<(Detector, Vec<Arc<CameraModel>>), DaemonError> {
         let camera = cam.name.clone();
         let loader = std::thread::Builder::new().name(format!("load-{camera}")).spawn(move || {
             crate::util::priority::yield_to_io();
             let mut det = load_detector(&engine, &cam.name)?;
-            let model = build_model(&mut det, &cam, &detect, &enrolments)?;
-            Ok((det, model))
+            let models = build_models(&mut det, &cam, &detect, &enrolments)?;
+            Ok((det, models))
         })?;
         loader.join().map_err(|_| DaemonError::LoadPanicked { camera })?
     })
@@ -875,18 +933,47 @@ pub(crate) fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detec
     Detector::load(engine).map_err(|cause| DaemonError::Engine { camera: camera.into(), cause })
 }
 
-/// The camera's enrolment: its reference (file or folder), or the built-in demo part; then, where line
-/// mode has learned from this reference before, the active learned version (`daemon.enrolments`).
+/// A camera's models: one per `[[camera.recipe]]`, all loaded now (each is reported with its memory),
+/// or the one of its reference. The first failure refuses them all.
+pub(crate) fn build_models(
+    det: &mut Detector,
+    cam: &CameraConfig,
+    detect: &DetectConfig,
+    enrolments: &Path,
+) -> Result<Vec<Arc<CameraModel>>, DaemonError> {
+    if cam.recipe.is_empty() {
+        return Ok(vec![Arc::new(build_model(det, cam, None, detect, enrolments)?)]);
+    }
+    let mut models = Vec::with_capacity(cam.recipe.len());
+    for r in &cam.recipe {
+        let m = build_model(det, cam, Some(r), detect, enrolments)?;
+        tracing::info!(
+            camera = %cam.name,
+            "recipe {} loaded: enrolment {}, {:.1} MiB",
+            r.name,
+            m.enrolment_ref.id,
+            m.enrolment.bytes() as f64 / (1 << 20) as f64
+        );
+        models.push(Arc::new(m));
+    }
+    Ok(models)
+}
+
+/// One enrolment of a camera: the recipe's reference, the camera's (file or folder), or the built-in
+/// demo part; then, where line mode has learned from this reference before, the active learned version
+/// (`daemon.enrolments`).
 fn build_model(
     det: &mut Detector,
     cam: &CameraConfig,
+    recipe: Option<&sections::RecipeConfig>,
     detect: &DetectConfig,
     enrolments: &Path,
 ) -> Result<CameraModel, DaemonError> {
     let err = |cause| DaemonError::Reference { camera: cam.name.clone(), cause };
     let name = cam.name.clone();
     let mut progress = move |m: &str| tracing::info!(camera = %name, "{m}");
-    let (enrolment, source) = match &cam.reference {
+    let reference = recipe.map(|r| &r.reference).or(cam.reference.as_ref());
+    let (enrolment, source) = match reference {
         Some(r) => (reference::load(det, r, detect, &mut progress).map_err(err)?, r.display().to_string()),
         None => {
             let refs =
@@ -904,6 +991,8 @@ fn build_model(
     ));
     let enc = det.encoder();
     let mut model = CameraModel {
+        recipe: recipe.map(|r| r.name.clone()),
+        words: recipe.and_then(|r| r.product.clone()).or_else(|| cam.product.clone()),
         enrolment,
         model: ModelRef { name: enc.manifest().name.clone(), sha256: enc.model_sha256().to_string() },
         enrolment_ref: EnrolmentRef { id: base_id.clone(), source },
@@ -913,7 +1002,9 @@ fn build_model(
     if enrolments.as_os_str().is_empty() {
         return Ok(model);
     }
-    let versions = match Versions::open(enrolments, &cam.name, &reference_id) {
+    // A recipe's versions are kept apart from the other recipes' of the camera.
+    let key = recipe.map_or_else(|| cam.name.clone(), |r| format!("{}.{}", cam.name, r.name));
+    let versions = match Versions::open(enrolments, &key, &reference_id) {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(camera = %cam.name, "{e}: what this camera learns will not be kept");

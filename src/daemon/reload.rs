@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Daemon, DaemonError, build_model, load_detector, problems, same_pipeline, stop_camera};
+use super::{Daemon, DaemonError, build_models, load_detector, problems, same_pipeline, stop_camera};
 use crate::config::Config;
 use crate::config::daemon::CameraConfig;
 use crate::detect::detector::Detector;
@@ -30,9 +30,9 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Prepared {
     new: Config,
     /// New models for cameras that keep running.
-    kept: Vec<(String, CameraModel)>,
-    /// Cameras to start (new or restructured), with their detector and model.
-    fresh: Vec<(CameraConfig, Detector, CameraModel)>,
+    kept: Vec<(String, Vec<Arc<CameraModel>>)>,
+    /// Cameras to start (new or restructured), with their detector and models.
+    fresh: Vec<(CameraConfig, Detector, Vec<Arc<CameraModel>>)>,
 }
 
 /// A reload being built, and requests that came meanwhile.
@@ -140,13 +140,12 @@ impl Daemon {
     /// Swaps a built configuration in (step 3 of the module doc).
     async fn apply(&mut self, p: Prepared) {
         let Prepared { new, kept, fresh } = p;
-        for (name, model) in kept {
+        for (name, models) in kept {
             let cam = sync::lock(&self.shared).get(&name).cloned();
             if let (Some(cam), Some(c)) = (cam, new.camera.iter().find(|c| c.name == name)) {
-                let model = Arc::new(model);
-                self.model_metric(&name, &model);
-                tracing::info!(camera = %name, "enrolment {} in use", model.enrolment_ref.id);
-                cam.set_model(model);
+                cam.set_models(models, c.start_recipe.as_deref());
+                self.recipe_metrics(&cam);
+                tracing::info!(camera = %name, "enrolment {} in use", cam.model().enrolment_ref.id);
                 *sync::write(&cam.trigger_timeout) = Duration::from_millis(c.trigger_timeout_ms);
                 if let Some(rt) = self.cameras.get_mut(&name) {
                     rt.cfg = c.clone();
@@ -154,7 +153,7 @@ impl Daemon {
             }
         }
         // Cameras removed or restructured: drain and stop; keep what a failed start goes back to.
-        let mut previous: Vec<(CameraConfig, Arc<CameraModel>)> = Vec::new();
+        let mut previous: Vec<(CameraConfig, Vec<Arc<CameraModel>>)> = Vec::new();
         let names: Vec<String> = self.cameras.keys().cloned().collect();
         for name in names {
             let replacement = new.camera.iter().find(|c| c.name == name);
@@ -164,7 +163,7 @@ impl Daemon {
             }
             if let Some(rt) = self.cameras.remove(&name) {
                 if let Some(shared) = sync::lock(&self.shared).get(&name) {
-                    previous.push((rt.cfg.clone(), shared.model()));
+                    previous.push((rt.cfg.clone(), shared.models()));
                 }
                 stop_camera(rt).await;
             }
@@ -185,7 +184,7 @@ impl Daemon {
         for (c, detector, model) in fresh {
             let name = c.name.clone();
             let existing = sync::lock(&self.shared).get(&name).cloned();
-            if let Err(e) = self.launch_camera(c, existing.clone(), detector, Arc::new(model)).await {
+            if let Err(e) = self.launch_camera(c, existing.clone(), detector, model).await {
                 tracing::error!("reload: camera {name} did not start ({e}); putting back its previous configuration");
                 failed.push(name.clone());
                 self.put_back(&name, existing, &previous).await;
@@ -209,7 +208,7 @@ impl Daemon {
         &mut self,
         name: &str,
         existing: Option<Arc<super::CameraShared>>,
-        previous: &[(CameraConfig, Arc<CameraModel>)],
+        previous: &[(CameraConfig, Vec<Arc<CameraModel>>)],
     ) {
         let Some((cfg, model)) = previous.iter().find(|(c, _)| c.name == name).cloned() else {
             sync::lock(&self.shared).remove(name);
@@ -243,11 +242,11 @@ fn build(new: Config, keep: &[String], engine: &crate::config::engine::EngineCon
                 shared = Some(load_detector(engine, &c.name)?);
             }
             if let Some(d) = shared.as_mut() {
-                kept.push((c.name.clone(), build_model(d, c, &detect, &enrolments)?));
+                kept.push((c.name.clone(), build_models(d, c, &detect, &enrolments)?));
             }
         } else {
             let mut d = load_detector(engine, &c.name)?;
-            let model = build_model(&mut d, c, &detect, &enrolments)?;
+            let model = build_models(&mut d, c, &detect, &enrolments)?;
             fresh.push((c.clone(), d, model));
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use crate::daemon::line::LineWatch;
+use crate::daemon::line::LineWatches;
 use crate::describe::explainer::{Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::sink::store::StoreJob;
@@ -25,10 +25,8 @@ pub struct Worker {
     pub store: Option<crossbeam_channel::Sender<StoreJob>>,
     /// Writes the words for NG frames, off this thread.
     pub explainer: Arc<Explainer>,
-    /// The product, for the language model's prompt.
-    pub product: Option<String>,
-    /// Line mode: learning from the first parts, then the drift watch.
-    pub line: LineWatch,
+    /// Line mode: learning from the first parts, then the drift watch (per recipe).
+    pub line: LineWatches,
 }
 
 impl Worker {
@@ -58,7 +56,7 @@ impl Worker {
     fn handle(&mut self, f: Frame) {
         let cam = self.cam.clone();
         let waited = f.captured_at.elapsed();
-        let mut msg = cam.skeleton(f.seq, f.id.clone(), f.part_id.clone(), f.captured);
+        let mut msg = cam.skeleton(f.seq, f.id.clone(), f.part_id.clone(), f.captured, f.recipe.as_deref());
         msg.latency_ms.queue = waited.as_secs_f32() * 1e3;
         cam.metrics.stage(&cam.name, "queue", msg.latency_ms.queue);
         let img = match f.image {
@@ -86,7 +84,15 @@ impl Worker {
                 Some(format!("frame is {}x{}: too small to inspect (at least 16x16)", img.width(), img.height()));
             return cam.emit(msg, f.captured_at, "frame_size");
         }
-        let model = cam.model();
+        // The recipe the frame was captured under (a reload may have removed it since).
+        let model = match cam.recipe_model(f.recipe.as_deref()) {
+            Ok(m) => m,
+            Err(unknown) => {
+                msg.enrolment = None;
+                msg.reason = Some(unknown.to_string());
+                return cam.emit(msg, f.captured_at, "unknown_product");
+            }
+        };
         let detector = &mut self.detector;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| detector.inspect(&model.enrolment, &img)));
         if !self.delay.is_zero() {
@@ -129,7 +135,7 @@ impl Worker {
             score: v.score,
             threshold: v.threshold,
             regions: v.regions.clone(),
-            product: self.product.clone(),
+            product: model.words.clone(),
         };
         msg.answer = Some(v.answer.clone());
         let mut description = None;

@@ -114,6 +114,11 @@ impl Enrolment {
     pub fn new(meta: EnrolmentMeta, banks: Vec<Bank>) -> Self {
         Self { meta, banks, bank_id: BankId::fresh() }
     }
+
+    /// Memory its banks take (patch features and positions).
+    pub fn bytes(&self) -> usize {
+        self.banks.iter().map(|b| (b.rows.len() + 2 * b.pos.len()) * std::mem::size_of::<f32>()).sum()
+    }
 }
 
 /// A process-unique number per enrolment bank; clones share it (their banks are equal). It takes no

@@ -695,7 +695,8 @@ impl Link {
         match checked {
             Ok(e) => {
                 self.metrics.command("accepted");
-                if e.request_id.is_some() && !matches!(e.command, Command::Chat { .. }) {
+                // Chat and recipe commands are answered by the daemon, once it has acted on them.
+                if e.request_id.is_some() && !matches!(e.command, Command::Chat { .. } | Command::Recipe { .. }) {
                     self.reply(s, e.request_id.as_deref(), Some(e.command.name()), None);
                 }
                 let _ = self.commands.send(e.command);

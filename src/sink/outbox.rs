@@ -646,7 +646,7 @@ mod tests {
 
     fn msg(seq: u64) -> VerdictMessage {
         let t = Intake::new_test("c", 1, true, crate::config::daemon::Trigger::EveryFrame);
-        t.intake.camera.skeleton(seq, format!("c-0-{seq}"), None, std::time::SystemTime::now())
+        t.intake.camera.skeleton(seq, format!("c-0-{seq}"), None, std::time::SystemTime::now(), None)
     }
 
     fn judged(seq: u64, verdict: Outcome) -> VerdictMessage {

@@ -195,7 +195,7 @@ mod tests {
 
     fn job(id: &str) -> StoreJob {
         let t = Intake::new_test("c", 1, true, crate::config::daemon::Trigger::EveryFrame);
-        let mut msg = t.intake.camera.skeleton(1, id.into(), None, SystemTime::now());
+        let mut msg = t.intake.camera.skeleton(1, id.into(), None, SystemTime::now(), None);
         msg.verdict = Outcome::Ng;
         // Noise so that JPEG cannot shrink it to nothing.
         let mut rng = crate::util::rng::Rng::new(id.len() as u64);

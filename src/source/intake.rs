@@ -22,6 +22,10 @@ use crate::util::sync;
 /// The product model a camera inspects against; swapped whole on reload.
 #[derive(Debug)]
 pub struct CameraModel {
+    /// The recipe (`[[camera.recipe]]` name) it belongs to; None for a camera without recipes.
+    pub recipe: Option<String>,
+    /// The product in the operator's words, for the language model's prompt.
+    pub words: Option<String>,
     pub enrolment: Enrolment,
     pub model: ModelRef,
     pub enrolment_ref: EnrolmentRef,
@@ -31,10 +35,34 @@ pub struct CameraModel {
     pub versions: Option<Versions>,
 }
 
+/// The models of a camera's recipes (one, without recipes), and the one in use.
+#[derive(Debug, Clone)]
+struct Models {
+    all: Vec<Arc<CameraModel>>,
+    active: usize,
+}
+
+impl Models {
+    fn find(&self, recipe: &str) -> Option<usize> {
+        self.all.iter().position(|m| m.recipe.as_deref() == Some(recipe))
+    }
+}
+
+/// Why a product cannot be inspected on a camera.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown product {product:?} on camera {camera} (its recipes: {known})")]
+pub struct UnknownProduct {
+    pub camera: String,
+    pub product: String,
+    pub known: String,
+}
+
 /// A PLC trigger waiting for its frame.
 #[derive(Debug, Clone)]
 pub struct PendingTrigger {
     pub part_id: String,
+    /// The recipe the part is to be judged with (a mixed-model line); None: the one in use.
+    pub product: Option<String>,
     pub at: Instant,
     pub at_wall: SystemTime,
 }
@@ -51,7 +79,7 @@ pub struct CameraShared {
     pub trigger: RwLock<Trigger>,
     pub trigger_timeout: RwLock<Duration>,
     triggers: Mutex<VecDeque<PendingTrigger>>,
-    pub model: RwLock<Arc<CameraModel>>,
+    models: RwLock<Models>,
     pub verdicts: VerdictTx,
     pub metrics: Arc<Metrics>,
     /// Unix ms of the worker's last sign of life (for the watchdog).
@@ -83,7 +111,7 @@ impl CameraShared {
             trigger: RwLock::new(Trigger::EveryFrame),
             trigger_timeout: RwLock::new(Duration::from_secs(2)),
             triggers: Mutex::new(VecDeque::new()),
-            model: RwLock::new(model),
+            models: RwLock::new(Models { all: vec![model], active: 0 }),
             verdicts,
             metrics,
             heartbeat: AtomicU64::new(verdict::unix_ms(SystemTime::now())),
@@ -95,12 +123,77 @@ impl CameraShared {
         verdict::unix_ms(SystemTime::now()).saturating_sub(self.heartbeat.load(Ordering::Relaxed))
     }
 
+    /// The model of the recipe in use.
     pub fn model(&self) -> Arc<CameraModel> {
-        sync::read(&self.model).clone()
+        let m = sync::read(&self.models);
+        m.all[m.active].clone()
     }
 
-    pub fn set_model(&self, m: Arc<CameraModel>) {
-        *sync::write(&self.model) = m;
+    /// Every recipe's model (one, for a camera without recipes).
+    pub fn models(&self) -> Vec<Arc<CameraModel>> {
+        sync::read(&self.models).all.clone()
+    }
+
+    /// Replaces every model (a reload). The recipe in use stays in use where it still exists; otherwise
+    /// `start` (or the first) takes over. `all` must not be empty.
+    pub fn set_models(&self, all: Vec<Arc<CameraModel>>, start: Option<&str>) {
+        if all.is_empty() {
+            return;
+        }
+        let mut m = sync::write(&self.models);
+        let current = m.all[m.active].recipe.clone();
+        let next = Models { all, active: 0 };
+        let active = current
+            .as_deref()
+            .and_then(|r| next.find(r))
+            .or_else(|| {
+                if let Some(r) = &current {
+                    tracing::warn!(camera = %self.name, "recipe {r} is no longer configured; switching to the start recipe");
+                }
+                start.and_then(|s| next.find(s))
+            })
+            .unwrap_or(0);
+        *m = Models { active, ..next };
+    }
+
+    /// The model a frame of `recipe` is judged with (None: the recipe in use).
+    pub fn recipe_model(&self, recipe: Option<&str>) -> Result<Arc<CameraModel>, UnknownProduct> {
+        let m = sync::read(&self.models);
+        match recipe {
+            None => Ok(m.all[m.active].clone()),
+            Some(r) => m.find(r).map(|i| m.all[i].clone()).ok_or_else(|| self.unknown(&m, r)),
+        }
+    }
+
+    /// Makes `recipe` the one in use; returns the one it replaces.
+    pub fn select_recipe(&self, recipe: &str) -> Result<Option<String>, UnknownProduct> {
+        let mut m = sync::write(&self.models);
+        let i = m.find(recipe).ok_or_else(|| self.unknown(&m, recipe))?;
+        let before = m.all[m.active].recipe.clone();
+        m.active = i;
+        Ok(before)
+    }
+
+    /// Puts `new` in place of the model whose enrolment id is `old_id` (line mode's learned model).
+    /// False when no model has that id any more (a reload replaced it meanwhile).
+    pub fn replace_model(&self, old_id: &str, new: Arc<CameraModel>) -> bool {
+        let mut m = sync::write(&self.models);
+        match m.all.iter().position(|x| x.enrolment_ref.id == old_id) {
+            Some(i) => {
+                m.all[i] = new;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn unknown(&self, m: &Models, product: &str) -> UnknownProduct {
+        let known: Vec<&str> = m.all.iter().filter_map(|x| x.recipe.as_deref()).collect();
+        UnknownProduct {
+            camera: self.name.clone(),
+            product: product.into(),
+            known: if known.is_empty() { "none".into() } else { known.join(", ") },
+        }
     }
 
     pub fn set_trigger(&self, mode: Trigger, timeout: Duration) {
@@ -123,10 +216,12 @@ impl CameraShared {
         (seq, format!("{}-{}-{seq}", self.name, self.boot))
     }
 
-    /// Queues a PLC trigger; the camera's next frame is inspected under its part id. Refused (false,
-    /// counted as `refused`) when [`MAX_PENDING_TRIGGERS`] already wait.
-    pub fn push_trigger(&self, part_id: String) -> bool {
-        let t = PendingTrigger { part_id, at: Instant::now(), at_wall: SystemTime::now() };
+    /// Queues a PLC trigger; the camera's next frame is inspected under its part id, with the recipe
+    /// of `product` when given, else the one in use now (a switch after the trigger does not change
+    /// it). Refused (false, counted as `refused`) when [`MAX_PENDING_TRIGGERS`] already wait.
+    pub fn push_trigger(&self, part_id: String, product: Option<String>) -> bool {
+        let product = product.or_else(|| self.model().recipe.clone());
+        let t = PendingTrigger { part_id, product, at: Instant::now(), at_wall: SystemTime::now() };
         let mut q = sync::lock(&self.triggers);
         if q.len() >= MAX_PENDING_TRIGGERS {
             drop(q);
@@ -158,7 +253,7 @@ impl CameraShared {
         };
         for t in expired {
             let (seq, id) = self.next_id();
-            let mut msg = self.skeleton(seq, id, Some(t.part_id.clone()), t.at_wall);
+            let mut msg = self.skeleton(seq, id, Some(t.part_id.clone()), t.at_wall, t.product.as_deref());
             msg.verdict = Outcome::Error;
             msg.reason = Some(format!("no frame arrived within {} ms of the trigger", timeout.as_millis()));
             self.metrics.trigger(&self.name, "timeout");
@@ -166,15 +261,29 @@ impl CameraShared {
         }
     }
 
-    /// A verdict message with identity and model filled in, verdict ERROR until set.
+    /// A part that cannot be inspected because its product is unknown: an ERROR verdict at once,
+    /// carrying its part id and the product asked for.
+    pub fn refuse_part(&self, part_id: Option<String>, why: &UnknownProduct) {
+        let (seq, id) = self.next_id();
+        let now = SystemTime::now();
+        let mut msg = self.skeleton(seq, id, part_id, now, None);
+        msg.product = Some(why.product.clone());
+        msg.enrolment = None;
+        msg.reason = Some(why.to_string());
+        self.emit(msg, Instant::now(), "unknown_product");
+    }
+
+    /// A verdict message with identity and model filled in (those of `recipe`, or of the recipe in
+    /// use), verdict ERROR until set.
     pub fn skeleton(
         &self,
         seq: u64,
         frame_id: String,
         part_id: Option<String>,
         captured: SystemTime,
+        recipe: Option<&str>,
     ) -> VerdictMessage {
-        let m = self.model();
+        let m = self.recipe_model(recipe).unwrap_or_else(|_| self.model());
         VerdictMessage {
             schema: SCHEMA,
             node: self.node.clone(),
@@ -195,6 +304,7 @@ impl CameraShared {
             width: None,
             height: None,
             model: m.model.clone(),
+            product: recipe.map(str::to_string).or_else(|| m.recipe.clone()),
             enrolment: Some(m.enrolment_ref.clone()),
             latency_ms: Latency::default(),
             frame_url: None,
@@ -206,7 +316,7 @@ impl CameraShared {
     /// Counts a verdict and hands it to the publisher. `reason_label` names the SKIPPED/ERROR cause.
     pub fn emit(&self, mut msg: VerdictMessage, captured_at: Instant, reason_label: &str) {
         msg.latency_ms.total = captured_at.elapsed().as_secs_f32() * 1e3;
-        self.metrics.verdict_emitted(&self.name, msg.verdict, reason_label);
+        self.metrics.verdict_emitted(&self.name, msg.product.as_deref(), msg.verdict, reason_label);
         if self.verdicts.send(Outgoing { msg, captured_at }).is_err() {
             // Only after the publisher has finished, which happens after every camera has stopped.
             tracing::error!(camera = %self.name, "verdict produced after the publisher stopped");
@@ -261,12 +371,14 @@ impl Intake {
     pub fn offer(&self, image: Result<RgbImage, String>, captured: SystemTime, captured_at: Instant) -> Offer {
         let cam = &self.camera;
         cam.metrics.frame_captured(&cam.name, verdict::unix_ms(captured) as f64 / 1e3);
-        let part_id = match cam.trigger_mode() {
-            Trigger::EveryFrame => None,
+        // The frame is judged with the recipe in use now (a trigger's: when it came), whatever is
+        // switched later.
+        let (part_id, recipe) = match cam.trigger_mode() {
+            Trigger::EveryFrame => (None, cam.model().recipe.clone()),
             Trigger::Triggered => match cam.pop_trigger() {
                 Some(t) => {
                     cam.metrics.trigger(&cam.name, "inspected");
-                    Some(t.part_id)
+                    (Some(t.part_id), t.product)
                 }
                 None => {
                     cam.metrics.idle_frame(&cam.name);
@@ -275,7 +387,7 @@ impl Intake {
             },
         };
         let (seq, id) = cam.next_id();
-        let frame = Frame { seq, id, part_id, captured, captured_at, image };
+        let frame = Frame { seq, id, part_id, recipe, captured, captured_at, image };
         let result = if self.live {
             self.tx.try_send(frame).map_err(|e| match e {
                 crossbeam_channel::TrySendError::Full(f) => (f, "queue_full"),
@@ -288,7 +400,7 @@ impl Intake {
         match result {
             Ok(()) => Offer::Queued,
             Err((f, why)) => {
-                let mut msg = cam.skeleton(f.seq, f.id, f.part_id, f.captured);
+                let mut msg = cam.skeleton(f.seq, f.id, f.part_id, f.captured, f.recipe.as_deref());
                 msg.verdict = Outcome::Skipped;
                 msg.reason = Some(match why {
                     "queue_full" => format!(
@@ -335,6 +447,8 @@ impl Intake {
         use crate::types::verdict::{EnrolmentRef, ModelRef};
         let (vtx, verdicts) = tokio::sync::mpsc::unbounded_channel();
         let model = Arc::new(CameraModel {
+            recipe: None,
+            words: None,
             enrolment: crate::enrol::file::sample_for_tests(),
             model: ModelRef { name: "test".into(), sha256: "0".into() },
             enrolment_ref: EnrolmentRef { id: "0".into(), source: "test".into() },
@@ -392,10 +506,10 @@ mod tests {
     fn triggers_tag_the_next_frame_and_expire_as_errors() {
         let mut t = Intake::new_test("c", 4, true, Trigger::Triggered);
         assert_eq!(t.intake.offer(frame(), SystemTime::now(), Instant::now()), Offer::Idle, "no trigger: not a part");
-        t.intake.camera.push_trigger("P-9".into());
+        t.intake.camera.push_trigger("P-9".into(), None);
         assert_eq!(t.intake.offer(frame(), SystemTime::now(), Instant::now()), Offer::Queued);
         assert_eq!(t.queue.recv().unwrap().part_id.as_deref(), Some("P-9"));
-        t.intake.camera.push_trigger("P-10".into());
+        t.intake.camera.push_trigger("P-10".into(), None);
         std::thread::sleep(Duration::from_millis(80));
         t.intake.camera.expire_triggers();
         let m = t.verdicts.try_recv().unwrap().msg;

@@ -19,8 +19,22 @@ pub const MAX_ID: usize = 128;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Command {
-    /// Inspect the camera's next frame under this part id.
-    Trigger { camera: String, part_id: String },
+    /// Inspect the camera's next frame under this part id (and with the recipe of `product`, on a
+    /// mixed-model line; unset: the recipe in use).
+    Trigger {
+        camera: String,
+        part_id: String,
+        #[serde(default)]
+        product: Option<String>,
+    },
+    /// Inspect the camera's frames with the recipe of `product` from now on (frames already captured
+    /// keep theirs). Answered on the command response topic.
+    Recipe {
+        camera: String,
+        product: String,
+        #[serde(default)]
+        request_id: Option<String>,
+    },
     /// Reload the configuration and enrolments (as SIGHUP does).
     Reload,
     /// A question about a frame; the answer goes to the chat response topic with the same request id.
@@ -37,6 +51,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Trigger { .. } => "trigger",
+            Command::Recipe { .. } => "recipe",
             Command::Reload => "reload",
             Command::Chat { .. } => "chat",
         }
@@ -45,9 +60,15 @@ impl Command {
     /// Checks every field against its bound.
     pub fn check(&self) -> Result<(), Refusal> {
         match self {
-            Command::Trigger { camera, part_id } => {
+            Command::Trigger { camera, part_id, product } => {
                 field("camera", camera, MAX_ID)?;
-                check_part_id(part_id)
+                check_part_id(part_id)?;
+                product.as_deref().map_or(Ok(()), check_product)
+            }
+            Command::Recipe { camera, product, request_id } => {
+                field("camera", camera, MAX_ID)?;
+                check_product(product)?;
+                request_id.as_deref().map_or(Ok(()), |r| field("request_id", r, MAX_ID))
             }
             Command::Reload => Ok(()),
             Command::Chat { frame_id, question, request_id } => {
@@ -82,6 +103,9 @@ pub enum Refusal {
     Unauthorized,
     #[error("{0}")]
     RateLimited(String),
+    /// A camera or product that is not configured.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 impl Refusal {
@@ -92,6 +116,7 @@ impl Refusal {
             Refusal::Field { .. } => "bad_field",
             Refusal::Unauthorized => "unauthorized",
             Refusal::RateLimited(_) => "rate_limited",
+            Refusal::Unknown(_) => "unknown",
         }
     }
 }
@@ -105,14 +130,14 @@ pub fn parse_command(payload: &[u8]) -> Result<Envelope, Refusal> {
     }
     let mut command: Command = match serde_json::from_value(serde_json::Value::Object(obj.clone())) {
         Ok(c) => c,
-        // Only chat takes a request id as a field: parse the others without it.
+        // Only chat and recipe take a request id as a field: parse the others without it.
         Err(_) if request_id.is_some() => {
             obj.remove("request_id");
             serde_json::from_value(serde_json::Value::Object(obj)).map_err(|e| Refusal::Invalid(e.to_string()))?
         }
         Err(e) => return Err(Refusal::Invalid(e.to_string())),
     };
-    if let Command::Chat { request_id: r, .. } = &mut command {
+    if let Command::Chat { request_id: r, .. } | Command::Recipe { request_id: r, .. } = &mut command {
         r.clone_from(&request_id);
     }
     command.check()?;
@@ -184,6 +209,18 @@ pub fn check_part_id(part_id: &str) -> Result<(), Refusal> {
     field("part_id", part_id, MAX_PART_ID)
 }
 
+/// A product (recipe) name: 1 to 64 letters, digits, `-` or `_`, as `[[camera.recipe]]` names are.
+pub fn check_product(product: &str) -> Result<(), Refusal> {
+    let ok = !product.is_empty()
+        && product.len() <= 64
+        && product.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        return Ok(());
+    }
+    let shown: String = product.chars().take(40).flat_map(char::escape_default).collect();
+    Err(Refusal::Field { field: "product", why: format!("\"{shown}\" is not 1-64 letters, digits, '-' or '_'") })
+}
+
 /// A question: 1 to [`MAX_QUESTION`] bytes; line breaks and tabs are allowed, other control
 /// characters are not.
 pub fn check_question(q: &str) -> Result<(), Refusal> {
@@ -219,7 +256,21 @@ mod tests {
     #[test]
     fn commands_parse_and_unknown_ones_are_refused() {
         let e = parse_command(br#"{"cmd":"trigger","camera":"c1","part_id":"P-7"}"#).unwrap();
-        assert_eq!(e.command, Command::Trigger { camera: "c1".into(), part_id: "P-7".into() });
+        assert_eq!(e.command, Command::Trigger { camera: "c1".into(), part_id: "P-7".into(), product: None });
+        let e = parse_command(br#"{"cmd":"trigger","camera":"c1","part_id":"P-8","product":"bracket-b"}"#).unwrap();
+        assert_eq!(
+            e.command,
+            Command::Trigger { camera: "c1".into(), part_id: "P-8".into(), product: Some("bracket-b".into()) }
+        );
+        let e = parse_command(br#"{"cmd":"recipe","camera":"c1","product":"bracket-b","request_id":"r-2"}"#).unwrap();
+        assert_eq!(
+            e.command,
+            Command::Recipe { camera: "c1".into(), product: "bracket-b".into(), request_id: Some("r-2".into()) }
+        );
+        for bad in ["", "a/b", "x y", "../etc", "prod\nuct"] {
+            let p = serde_json::json!({"cmd":"recipe","camera":"c1","product":bad}).to_string();
+            assert_eq!(parse_command(p.as_bytes()).unwrap_err().kind(), "bad_field", "{bad:?}");
+        }
         assert_eq!(parse_command(br#"{"cmd":"reload"}"#).unwrap().command, Command::Reload);
         assert_eq!(parse_command(br#"{"cmd":"format-disk"}"#).unwrap_err().kind(), "invalid");
         assert_eq!(parse_command(br#"{"cmd":"trigger","camera":"c1"}"#).unwrap_err().kind(), "invalid");

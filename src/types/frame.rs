@@ -10,6 +10,8 @@ pub struct Frame {
     pub seq: u64,
     pub id: String,
     pub part_id: Option<String>,
+    /// The recipe the frame is judged with: the one in use when it was captured, or its trigger's.
+    pub recipe: Option<String>,
     pub captured: SystemTime,
     pub captured_at: Instant,
     /// The RGB frame, or why it could not be decoded (which becomes an ERROR verdict).

@@ -91,6 +91,9 @@ pub struct VerdictMessage {
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub model: ModelRef,
+    /// The recipe (product) the frame was judged with; null for a camera without recipes.
+    #[serde(default)]
+    pub product: Option<String>,
     pub enrolment: Option<EnrolmentRef>,
     pub latency_ms: Latency,
     /// Where the stored NG frame can be fetched (HTTP API), when the store kept it.

@@ -1,0 +1,145 @@
+//! Plant integration: recipes switched by the PLC (docs/PLC.md). Each test runs a real mosquitto and
+//! `anomalyd run` on 127.0.0.1 and is bounded in time.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anomalyd::source::demo::{self, Defect};
+use anomalyd::types::verdict::Outcome;
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// A folder holding one good part, its pixels scaled by `gain`: a product of its own to enrol.
+fn reference(dir: &Path, name: &str, gain: f32) -> std::path::PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let mut img = demo::part(0, Defect::None);
+    img.pixels_mut().for_each(|p| p.0 = p.0.map(|c| (c as f32 * gain).round().clamp(0.0, 255.0) as u8));
+    img.save(d.join("good.png")).unwrap();
+    d
+}
+
+#[test]
+fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trigger() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plate, dark) = (reference(dir.path(), "plate", 1.0), reference(dir.path(), "dark", 0.6));
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for v in 1..=6 {
+        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
+    }
+    let http_port = free_port();
+    let config = base_config(
+        dir.path(),
+        broker.port,
+        &format!("127.0.0.1:{http_port}"),
+        "p1",
+        "exit_when_sources_end = false\n",
+    ) + &format!(
+        "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 20000\n\
+             learn_parts = 0\nstart_recipe = \"plate\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nrepeat = true\n\
+             [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
+             [[camera.recipe]]\nname = \"plate-dark\"\nreference = \"{}\"\nproduct = \"a dark steel plate\"\n",
+        frames.display(),
+        plate.display(),
+        dark.display()
+    );
+    let sub = Sub::start(broker.port);
+    let daemon = Daemon::start(dir.path(), &config);
+    wait_http(http_port);
+    until("the camera to be ready", Duration::from_secs(120), &daemon, || http_get(http_port, "/readyz").0 == 200);
+
+    // In order, as a PLC sends them: five parts, a switch, five parts, a mixed-model part of the first
+    // product, a part of a product the camera does not know, and a switch to it.
+    let cmd = "anomalyd/p1/cmd";
+    let trigger = |part: &str, product: Option<&str>| {
+        let mut c = serde_json::json!({"cmd":"trigger","camera":"line","part_id":part});
+        if let Some(p) = product {
+            c["product"] = p.into();
+        }
+        broker.publish(cmd, &c.to_string());
+    };
+    for i in 1..=5 {
+        trigger(&format!("P-{i}"), None);
+    }
+    broker.publish(cmd, r#"{"cmd":"recipe","camera":"line","product":"plate-dark","request_id":"switch-1"}"#);
+    for i in 6..=10 {
+        trigger(&format!("P-{i}"), None);
+    }
+    trigger("P-11", Some("plate"));
+    trigger("P-12", Some("bolt"));
+    broker.publish(cmd, r#"{"cmd":"recipe","camera":"line","product":"bolt","request_id":"switch-2"}"#);
+
+    sub.wait_for_daemon("12 verdicts and 2 answers", Duration::from_secs(120), Some(&daemon), |s| {
+        let answers = s.lines.lock().unwrap().iter().filter(|(t, _)| t.ends_with("/cmd/response")).count();
+        s.verdicts().len() >= 12 && answers >= 2
+    });
+    let verdicts = sub.verdicts();
+    let by_part: BTreeMap<String, _> =
+        verdicts.iter().map(|v| (v.part_id.clone().unwrap_or_default(), v.clone())).collect();
+    assert_eq!(verdicts.len(), 12, "one verdict per part: {verdicts:?}");
+    assert_eq!(by_part.len(), 12, "every part once");
+    let mut seqs: Vec<u64> = verdicts.iter().map(|v| v.seq).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=12).collect::<Vec<_>>(), "no frame lost or numbered twice");
+
+    let judged = |parts: std::ops::RangeInclusive<u32>, product: &str| -> (f32, String) {
+        let vs: Vec<_> = parts.map(|i| &by_part[&format!("P-{i}")]).collect();
+        for v in &vs {
+            assert!(matches!(v.verdict, Outcome::Ok | Outcome::Ng), "{v:?}");
+            assert_eq!(v.product.as_deref(), Some(product), "{v:?}");
+        }
+        let (t, e) = (vs[0].threshold.unwrap(), vs[0].enrolment.clone().unwrap().id);
+        assert!(vs.iter().all(|v| v.threshold == Some(t) && v.enrolment.as_ref().unwrap().id == e), "{vs:?}");
+        (t, e)
+    };
+    let (t_plate, e_plate) = judged(1..=5, "plate");
+    let (t_dark, e_dark) = judged(6..=10, "plate-dark");
+    assert_ne!(e_plate, e_dark, "two recipes, two enrolments");
+    assert_ne!(t_plate, t_dark, "each recipe has its own threshold");
+    assert_eq!(judged(11..=11, "plate"), (t_plate, e_plate), "a trigger's product overrides the recipe in use");
+
+    let unknown = &by_part["P-12"];
+    assert_eq!((unknown.verdict, unknown.product.as_deref()), (Outcome::Error, Some("bolt")));
+    let reason = unknown.reason.as_deref().unwrap();
+    assert!(reason.contains("unknown product \"bolt\"") && reason.contains("plate, plate-dark"), "{reason}");
+
+    let answers: Vec<Value> = sub
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t.ends_with("/cmd/response"))
+        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .collect();
+    let answer = |id: &str| answers.iter().find(|a| a["request_id"] == id).unwrap_or_else(|| panic!("{answers:?}"));
+    assert_eq!(
+        (answer("switch-1")["accepted"].clone(), answer("switch-1")["cmd"].clone()),
+        (true.into(), "recipe".into())
+    );
+    assert_eq!(
+        (answer("switch-2")["accepted"].clone(), answer("switch-2")["reason"].clone()),
+        (false.into(), "unknown".into())
+    );
+
+    let (_, m) = http_get(http_port, "/metrics");
+    let m = String::from_utf8_lossy(&m);
+    assert_eq!(metric(&m, r#"anomalyd_recipe_active{camera="line",product="plate-dark"}"#), 1.0, "{m}");
+    assert_eq!(metric(&m, r#"anomalyd_recipe_active{camera="line",product="plate"}"#), 0.0);
+    assert!(metric(&m, r#"anomalyd_recipe_bytes{camera="line",product="plate"}"#) > 0.0);
+    assert_eq!(metric(&m, r#"anomalyd_recipe_switches_total{camera="line"}"#), 1.0);
+    let judged_dark: f64 = ["OK", "NG"]
+        .iter()
+        .map(|v| {
+            metric(
+                &m,
+                &format!(r#"anomalyd_product_verdicts_total{{camera="line",product="plate-dark",verdict="{v}"}}"#),
+            )
+        })
+        .sum();
+    assert_eq!(judged_dark, 5.0);
+    assert!(daemon.log().contains("recipe plate loaded"), "{}", daemon.log());
+}
