@@ -109,6 +109,7 @@ mod tests {
             "config/examples/line.toml",
             "config/examples/replay.toml",
             "config/examples/recipes.toml",
+            "config/examples/modbus.toml",
         ] {
             let name = f.rsplit('/').next().unwrap();
             put("config", name, &std::fs::read(manifest.join(f)).unwrap());

@@ -158,6 +158,10 @@ pub struct Metrics {
     recipe_bytes: Family<ProductLabels, Gauge>,
     recipe_switches: Family<CameraLabel, Counter>,
     product_verdicts: Family<ProductVerdictLabels, Counter>,
+    modbus_connections: Family<ResultLabel, Counter>,
+    modbus_triggers: Family<ReasonLabels, Counter>,
+    modbus_exceptions: Family<ResultLabel, Counter>,
+    modbus_result_seconds: HistFamily<CameraLabel>,
     learned_parts: Family<ReasonLabels, Counter>,
     learn_runs: Family<ReasonLabels, Counter>,
 }
@@ -232,6 +236,10 @@ impl Metrics {
             recipe_bytes: Family::default(),
             recipe_switches: Family::default(),
             product_verdicts: Family::default(),
+            modbus_connections: Family::default(),
+            modbus_triggers: Family::default(),
+            modbus_exceptions: Family::default(),
+            modbus_result_seconds: Family::new_with_constructor(latency_histogram),
             learned_parts: Family::default(),
             learn_runs: Family::default(),
         };
@@ -395,6 +403,22 @@ impl Metrics {
         r.register("recipe_bytes", "Memory of a recipe's enrolment bank", m.recipe_bytes.clone());
         r.register("recipe_switches", "Switches of a camera's recipe in use", m.recipe_switches.clone());
         r.register(
+            "modbus_connections",
+            "Modbus TCP connections: accepted, refused (not in modbus.allow) or limit (too many open)",
+            m.modbus_connections.clone(),
+        );
+        r.register(
+            "modbus_triggers",
+            "Modbus triggers by camera and reason: accepted, or refused as busy, bad_part_id, bad_product, not_triggerable, queue_full",
+            m.modbus_triggers.clone(),
+        );
+        r.register("modbus_exceptions", "Modbus exception responses by exception code", m.modbus_exceptions.clone());
+        r.register(
+            "modbus_result_seconds",
+            "From an accepted Modbus trigger to its latched result (ResultReady)",
+            m.modbus_result_seconds.clone(),
+        );
+        r.register(
             "product_verdicts",
             "Verdicts of cameras with recipes, by camera, product and verdict",
             m.product_verdicts.clone(),
@@ -524,6 +548,26 @@ impl Metrics {
         let l = ProductLabels { camera: cam.into(), product: product.into() };
         self.recipe_bytes.get_or_create(&l).set(bytes as i64);
         self.recipe_active.get_or_create(&l).set(i64::from(active));
+    }
+
+    /// A Modbus client connected: `accepted`, `refused` or `limit`.
+    pub fn modbus_connection(&self, outcome: &str) {
+        self.modbus_connections.get_or_create(&result(outcome)).inc();
+    }
+
+    /// A Modbus trigger: `accepted`, or the reason it was refused.
+    pub fn modbus_trigger(&self, cam: &str, outcome: &str) {
+        self.modbus_triggers.get_or_create(&ReasonLabels { camera: cam.into(), reason: outcome.into() }).inc();
+    }
+
+    /// A Modbus request was answered with this exception code.
+    pub fn modbus_exception(&self, code: u8) {
+        self.modbus_exceptions.get_or_create(&result(&code.to_string())).inc();
+    }
+
+    /// A Modbus part's result was latched, this long after its trigger.
+    pub fn modbus_result(&self, cam: &str, seconds: f64) {
+        self.modbus_result_seconds.get_or_create(&camera(cam)).observe(seconds);
     }
 
     /// A camera switched its recipe in use from `from` to `to`.

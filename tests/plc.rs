@@ -143,3 +143,113 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
     assert_eq!(judged_dark, 5.0);
     assert!(daemon.log().contains("recipe plate loaded"), "{}", daemon.log());
 }
+
+/// `.venv/bin/python` with pymodbus, or None (and the test skips, unless the test script installed it).
+fn python_with(module: &str) -> Option<std::path::PathBuf> {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let found =
+        std::process::Command::new(&py).args(["-c", &format!("import {module}")]).status().is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("ANOMALYD_REQUIRE_PLC_CLIENTS").is_none(),
+            "{module} is missing from .venv (scripts/setup.sh --test installs it)"
+        );
+        eprintln!("skipping: {module} is not installed in .venv (scripts/setup.sh --test installs it)");
+        return None;
+    }
+    Some(py)
+}
+
+#[test]
+fn a_pymodbus_plc_runs_the_handshake_for_200_parts_and_is_refused_what_it_must_be() {
+    let Some(py) = python_with("pymodbus") else { return };
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plate = reference(dir.path(), "plate", 1.0);
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for v in 1..=5 {
+        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
+    }
+    demo::part(6, Defect::Scratch).save(frames.join("06.png")).unwrap();
+    let modbus_port = free_port();
+    let config = base_config(dir.path(), broker.port, "", "p2", "exit_when_sources_end = false\n")
+        + &format!(
+            "[store]\ndir = \"\"\n[modbus]\nlisten = \"127.0.0.1:{modbus_port}\"\n\
+             [[camera]]\nname = \"station\"\ntrigger = \"triggered\"\nlearn_parts = 0\n\
+             [camera.source]\nkind = \"files\"\npath = \"{}\"\nrepeat = true\n\
+             [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n",
+            frames.display(),
+            plate.display()
+        );
+    let sub = Sub::start(broker.port);
+    let daemon = Daemon::start(dir.path(), &config);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plc/modbus_plc.py");
+    let out = std::process::Command::new(py)
+        .arg(script)
+        .args(["--port", &modbus_port.to_string(), "--parts", "200"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parts = r["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 200);
+    // Every result read exactly once, in order: the result counter steps by one, each part's id is echoed.
+    for (i, p) in parts.iter().enumerate() {
+        assert_eq!(p["seq"], i + 1, "{p}");
+        assert_eq!(p["part_id"], format!("MB-{i:04}"), "{p}");
+        let v = p["verdict"].as_str().unwrap();
+        assert!(v == "OK" || v == "NG", "{p}");
+        assert_eq!(p["bits"]["ng"], v == "NG", "{p}");
+    }
+    assert!(parts.iter().any(|p| p["verdict"] == "NG"), "the scratched part comes every sixth frame");
+    let c = &r["checks"];
+    assert_eq!(c["busy"]["first"], true);
+    assert_eq!((c["busy"]["second"].clone(), c["busy"]["refusal"].clone()), (false.into(), 1.into()), "{c}");
+    assert_eq!(c["busy"]["kept_part"], "BUSY-1", "a refused trigger does not touch the latched result");
+    assert_eq!(c["unknown_product"]["verdict"], "ERROR");
+    assert_eq!(
+        (c["unknown_product"]["product"].clone(), c["unknown_product"]["error_bit"].clone()),
+        ("bolt".into(), true.into())
+    );
+    assert_eq!(c["select_unknown"], serde_json::json!([true, 6]));
+    assert_eq!(c["select_malformed"], serde_json::json!([true, 3]));
+    let e = &c["exceptions"];
+    for (k, code) in [
+        ("write_read_only", 2),
+        ("write_outside", 2),
+        ("read_outside", 2),
+        ("bad_control", 3),
+        ("unknown_unit", 11),
+        ("unserved_function", 1),
+    ] {
+        assert_eq!(e[k], code, "{k}: {e}");
+    }
+    assert_eq!(c["still_ready"], true);
+    assert_eq!(c["mirror_seq"], c["last_seq"]);
+
+    // Over MQTT, each Modbus part has exactly one verdict, and the PLC read the same outcome.
+    sub.wait_for_daemon("the verdicts of 202 Modbus parts", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts().iter().filter(|v| v.part_id.as_deref().is_some_and(|p| p.starts_with("MB-"))).count() >= 200
+    });
+    let verdicts = sub.verdicts();
+    for p in parts {
+        let id = p["part_id"].as_str().unwrap();
+        let of: Vec<_> = verdicts.iter().filter(|v| v.part_id.as_deref() == Some(id)).collect();
+        assert_eq!(of.len(), 1, "{id}: {of:?}");
+        assert_eq!(of[0].verdict.as_str(), p["verdict"].as_str().unwrap(), "{id}");
+        assert_eq!(of[0].product.as_deref(), Some("plate"));
+    }
+    eprintln!(
+        "Modbus handshake: {:.1} parts/s; trigger to ResultReady as the PLC saw it (2 ms scan) {}; as anomalyd measured it {}",
+        r["rate_parts_per_s"].as_f64().unwrap(),
+        r["trigger_to_result_ms"],
+        r["server_trigger_to_result_ms"]
+    );
+}

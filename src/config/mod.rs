@@ -1,5 +1,5 @@
 //! The TOML configuration: `[engine]` and `[detect]` (the inspection core), `[llm]` (words and
-//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]` and `[[camera]]` (the daemon). Every key is
+//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]`, `[modbus]` and `[[camera]]` (the daemon). Every key is
 //! optional but the cameras; unknown keys are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
 //! `ANOMALYD__MQTT__BROKER=10.0.0.5:1883`). `config/anomalyd.toml` documents every key.
 
@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod detect;
 pub mod engine;
 pub mod llm;
+pub mod plc;
 pub mod source;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -29,6 +30,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub outbox: OutboxConfig,
     pub llm: LlmConfig,
+    pub modbus: crate::config::plc::ModbusConfig,
     pub camera: Vec<CameraConfig>,
 }
 
@@ -79,6 +81,7 @@ impl Config {
     pub fn validate_all(&self) -> Vec<String> {
         let mut p = self.validate();
         p.extend(crate::config::daemon::validate(self));
+        p.extend(self.modbus.validate());
         p
     }
 
@@ -173,6 +176,7 @@ mod tests {
             ("config/examples/line.toml", include_str!("../../config/examples/line.toml")),
             ("config/examples/replay.toml", include_str!("../../config/examples/replay.toml")),
             ("config/examples/recipes.toml", include_str!("../../config/examples/recipes.toml")),
+            ("config/examples/modbus.toml", include_str!("../../config/examples/modbus.toml")),
         ] {
             let cfg = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!cfg.camera.is_empty(), "{name}");

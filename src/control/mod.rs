@@ -1,5 +1,7 @@
 //! What comes in to steer the daemon: the HTTP API ([`http`]: metrics, health, frames, reload,
-//! trigger, chat) and the embedded MQTT [`broker`]. MQTT commands are read by the link ([`crate::sink::mqtt`]).
+//! trigger, chat), the PLC's [`modbus`] handshake and the embedded MQTT [`broker`]. MQTT commands are
+//! read by the link ([`crate::sink::mqtt`]).
 
 pub mod broker;
 pub mod http;
+pub mod modbus;

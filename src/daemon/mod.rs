@@ -21,6 +21,7 @@ use crate::config::detect::DetectConfig;
 use crate::config::engine::EngineConfig;
 use crate::control::broker::{self, Login};
 use crate::control::http::{self, HttpState};
+use crate::control::modbus::ModbusServer;
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::detect::enrolment::{Enrolment, EnrolmentMeta};
@@ -33,7 +34,6 @@ use crate::source::{SourceEnd, SourceHandle};
 use crate::telemetry::{Metrics, ModelLabels};
 use crate::types::command::{self, Command, Refusal};
 use crate::util::sync;
-use crate::util::text::escaped;
 
 /// The states a camera reports on its retained state topic and in `anomalyd_camera_state`.
 pub const CAMERA_STATES: [&str; 5] = ["streaming", "reconnecting", "failed", "ended", "stopped"];
@@ -88,6 +88,8 @@ pub enum DaemonError {
     Thread(#[from] std::io::Error),
     #[error("[llm]: {0}")]
     Llm(#[from] crate::describe::llm::LlmError),
+    #[error(transparent)]
+    Modbus(#[from] crate::control::modbus::BindError),
 }
 
 /// A running camera: its source thread, its queue's worker and the stop flag they share.
@@ -185,6 +187,9 @@ pub struct Daemon {
     reloading: reload::Reloading,
     /// When a refused trigger was last logged.
     trigger_flood_logged: Option<Instant>,
+    /// The Modbus TCP server (`[modbus]`), when it is on, and its task.
+    modbus: Option<(Arc<ModbusServer>, tokio::task::JoinHandle<()>)>,
+    modbus_addr: Option<SocketAddr>,
 }
 
 impl Daemon {
@@ -275,12 +280,21 @@ impl Daemon {
             notes_tx,
             reloading: Default::default(),
             trigger_flood_logged: None,
+            modbus: None,
+            modbus_addr: None,
         };
 
         if !cfg.http.listen.is_empty() {
             daemon.start_http(&cfg, store, http_commands, mqtt_state, loaded, dead_letters).await?;
         }
 
+        // A PLC may connect while the cameras load: their units read not Ready until then.
+        if !cfg.modbus.listen.is_empty()
+            && let Err(e) = daemon.start_modbus(&cfg).await
+        {
+            daemon.abort().await;
+            return Err(e);
+        }
         for cam in cfg.camera.clone() {
             if let Err(e) = daemon.start_camera(cam, None).await {
                 daemon.abort().await;
@@ -289,6 +303,29 @@ impl Daemon {
         }
         daemon.loaded.store(true, Ordering::SeqCst);
         Ok(daemon)
+    }
+
+    /// Starts the Modbus TCP server on `modbus.listen`: unit `i + 1` is the `i`-th camera.
+    async fn start_modbus(&mut self, cfg: &Config) -> Result<(), DaemonError> {
+        let units: Vec<String> = cfg.camera.iter().map(|c| c.name.clone()).collect();
+        let server = ModbusServer::new(&cfg.modbus, units.clone(), self.shared.clone(), self.metrics.clone());
+        let (addr, task) = server.serve(&cfg.modbus).await?;
+        let list: Vec<String> = units.iter().enumerate().map(|(i, n)| format!("{} = {n}", i + 1)).collect();
+        tracing::info!("Modbus TCP on {addr} (units: {})", list.join(", "));
+        self.modbus = Some((server, task));
+        self.modbus_addr = Some(addr);
+        Ok(())
+    }
+
+    pub fn modbus_addr(&self) -> Option<SocketAddr> {
+        self.modbus_addr
+    }
+
+    /// After a reload: the Modbus units follow the cameras' order in the new configuration.
+    fn modbus_follow(&self) {
+        if let Some((m, _)) = &self.modbus {
+            m.set_units(self.cfg.camera.iter().map(|c| c.name.clone()).collect());
+        }
     }
 
     /// Starts the HTTP API on `http.listen`: metrics, health and readiness (cameras loaded, broker
@@ -609,18 +646,10 @@ impl Daemon {
         let cam = sync::lock(&self.shared).get(camera).cloned();
         let outcome = match &cam {
             None => Err(Refusal::Unknown(format!("no camera {camera:?} is configured"))),
-            Some(c) => c.select_recipe(product).map_err(|e| Refusal::Unknown(e.to_string())),
+            Some(c) => c.switch_recipe(product).map_err(|e| Refusal::Unknown(e.to_string())),
         };
         match (&outcome, &cam) {
-            (Ok(before), Some(c)) => {
-                self.metrics.recipe_switched(camera, before.as_deref(), product);
-                self.model_metric(camera, &c.model());
-                tracing::info!(
-                    camera = %camera,
-                    "recipe {} -> {product}: frames captured from now on are judged with it",
-                    before.as_deref().unwrap_or("(none)")
-                );
-            }
+            (Ok(_), Some(c)) => self.model_metric(camera, &c.model()),
             (Err(r), _) => {
                 self.metrics.command(r.kind());
                 tracing::warn!("recipe switch refused: {r}");
@@ -638,11 +667,7 @@ impl Daemon {
                 let cam = sync::lock(&self.shared).get(&camera).cloned();
                 match cam {
                     Some(c) if c.trigger_mode() == sections::Trigger::Triggered => {
-                        // A product the camera has no recipe for: the part's answer is an ERROR verdict now.
-                        if let Some(Err(unknown)) = product.as_deref().map(|p| c.recipe_model(Some(p))) {
-                            tracing::warn!(camera = %camera, "trigger for part {}: {unknown}", escaped(&part_id, 64));
-                            c.refuse_part(Some(part_id), &unknown);
-                        } else if !c.push_trigger(part_id.clone(), product) {
+                        if c.trigger(part_id.clone(), product) == intake::Triggered::Full {
                             self.trigger_refused(&camera, &part_id);
                         }
                     }
@@ -734,6 +759,8 @@ impl Daemon {
     /// Stops sources, inspects what is queued, publishes every verdict and `stopped`, closes MQTT,
     /// the store and the HTTP API.
     pub async fn shutdown(mut self) -> Summary {
+        // The PLC's handshake stops first: a trigger it took now could not be answered.
+        self.stop_modbus();
         let frames = self.stop_frame_path().await;
         let link = (&mut self.publisher).await.unwrap_or_default();
         let published = link.acked;
@@ -755,6 +782,7 @@ impl Daemon {
     /// Tears down after a failed start: the same steps as [`Daemon::shutdown`] up to the publisher,
     /// which a failed start may not have.
     async fn abort(&mut self) {
+        self.stop_modbus();
         self.stop_frame_path().await;
         self.stop_http(None).await;
     }
@@ -780,6 +808,12 @@ impl Daemon {
         let _ = tokio::task::spawn_blocking(move || explainer.shutdown()).await;
         drop(self.verdict_tx.take());
         frames
+    }
+
+    fn stop_modbus(&mut self) {
+        if let Some((_, task)) = self.modbus.take() {
+            task.abort();
+        }
     }
 
     /// Stops the HTTP API, waiting up to `wait` for it to finish.

@@ -194,6 +194,7 @@ impl Daemon {
                 }
             }
         }
+        self.modbus_follow();
         if failed.is_empty() {
             self.metrics.reload("applied");
             tracing::info!("configuration reloaded ({} camera(s))", self.cameras.len());

@@ -18,6 +18,7 @@ use crate::types::verdict::{
     self, EnrolmentRef, Latency, ModelRef, Outcome, Outgoing, SCHEMA, VerdictMessage, VerdictTx,
 };
 use crate::util::sync;
+use crate::util::text::escaped;
 
 /// The product model a camera inspects against; swapped whole on reload.
 #[derive(Debug)]
@@ -84,7 +85,23 @@ pub struct CameraShared {
     pub metrics: Arc<Metrics>,
     /// Unix ms of the worker's last sign of life (for the watchdog).
     pub heartbeat: AtomicU64,
+    /// Whoever waits for the verdict of a part id (the Modbus handshake): at most one per part.
+    part_waiters: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<VerdictMessage>>>,
 }
+
+/// What became of a PLC trigger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Triggered {
+    /// Waiting for the camera's next frame.
+    Queued,
+    /// [`MAX_PENDING_TRIGGERS`] already wait: nothing was queued and no verdict will come.
+    Full,
+    /// The trigger named a product the camera has no recipe for: its ERROR verdict has gone out.
+    UnknownProduct,
+}
+
+/// Most parts whose verdicts are waited for at once, per camera.
+pub const MAX_PART_WAITERS: usize = 64;
 
 /// Most triggers that may wait for a frame at once, per camera: a PLC is never this many parts ahead
 /// of its camera, so more is a flood (or a fault), and each would end as an ERROR verdict.
@@ -115,6 +132,7 @@ impl CameraShared {
             verdicts,
             metrics,
             heartbeat: AtomicU64::new(verdict::unix_ms(SystemTime::now())),
+            part_waiters: Mutex::new(Default::default()),
         }
     }
 
@@ -163,6 +181,18 @@ impl CameraShared {
             None => Ok(m.all[m.active].clone()),
             Some(r) => m.find(r).map(|i| m.all[i].clone()).ok_or_else(|| self.unknown(&m, r)),
         }
+    }
+
+    /// A PLC's recipe switch: [`CameraShared::select_recipe`], counted and logged.
+    pub fn switch_recipe(&self, recipe: &str) -> Result<Option<String>, UnknownProduct> {
+        let before = self.select_recipe(recipe)?;
+        self.metrics.recipe_switched(&self.name, before.as_deref(), recipe);
+        tracing::info!(
+            camera = %self.name,
+            "recipe {} -> {recipe}: frames captured and parts triggered from now on are judged with it",
+            before.as_deref().unwrap_or("(none)")
+        );
+        Ok(before)
     }
 
     /// Makes `recipe` the one in use; returns the one it replaces.
@@ -230,6 +260,30 @@ impl CameraShared {
         }
         q.push_back(t);
         true
+    }
+
+    /// A PLC trigger, from any protocol: a part of an unknown product gets its ERROR verdict at once;
+    /// otherwise it is queued ([`CameraShared::push_trigger`]).
+    pub fn trigger(&self, part_id: String, product: Option<String>) -> Triggered {
+        if let Some(Err(unknown)) = product.as_deref().map(|p| self.recipe_model(Some(p))) {
+            tracing::warn!(camera = %self.name, "trigger for part {}: {unknown}", escaped(&part_id, 64));
+            self.refuse_part(Some(part_id), &unknown);
+            return Triggered::UnknownProduct;
+        }
+        if self.push_trigger(part_id, product) { Triggered::Queued } else { Triggered::Full }
+    }
+
+    /// The verdict of `part_id`, when it comes. Register before triggering the part. None when
+    /// [`MAX_PART_WAITERS`] already wait.
+    pub fn watch_part(&self, part_id: &str) -> Option<tokio::sync::oneshot::Receiver<VerdictMessage>> {
+        let mut w = sync::lock(&self.part_waiters);
+        w.retain(|_, tx| !tx.is_closed());
+        if w.len() >= MAX_PART_WAITERS {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        w.insert(part_id.to_string(), tx);
+        Some(rx)
     }
 
     pub fn trigger_pending(&self) -> bool {
@@ -317,6 +371,12 @@ impl CameraShared {
     pub fn emit(&self, mut msg: VerdictMessage, captured_at: Instant, reason_label: &str) {
         msg.latency_ms.total = captured_at.elapsed().as_secs_f32() * 1e3;
         self.metrics.verdict_emitted(&self.name, msg.product.as_deref(), msg.verdict, reason_label);
+        if let Some(part) = &msg.part_id {
+            let waiter = sync::lock(&self.part_waiters).remove(part);
+            if let Some(tx) = waiter {
+                let _ = tx.send(msg.clone());
+            }
+        }
         if self.verdicts.send(Outgoing { msg, captured_at }).is_err() {
             // Only after the publisher has finished, which happens after every camera has stopped.
             tracing::error!(camera = %self.name, "verdict produced after the publisher stopped");
