@@ -679,6 +679,31 @@ mod tests {
     }
 
     #[test]
+    fn only_allowed_clients_connect_and_at_most_sixteen_at_once() {
+        let metrics = Arc::new(Metrics::new());
+        let cfg = ModbusConfig { listen: String::new(), allow: vec!["10.0.0.0/24".into()] };
+        let server = ModbusServer::new(&cfg, vec!["cam".into()], Arc::default(), metrics.clone());
+        let peer = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 40000);
+        assert!(server.connect(peer("127.0.0.1")).is_none(), "loopback is not in this allowlist");
+        assert!(server.connect(peer("10.0.1.9")).is_none());
+        let open: Vec<Connection> = (0..MAX_CONNECTIONS).map(|_| server.connect(peer("10.0.0.7")).unwrap()).collect();
+        assert!(server.connect(peer("10.0.0.8")).is_none(), "the seventeenth waits for one to close");
+        drop(open);
+        assert!(server.connect(peer("10.0.0.8")).is_some());
+        let sample = |r: &str| metrics.sample(&format!("anomalyd_modbus_connections_total{{result=\"{r}\"}}"));
+        assert_eq!((sample("refused"), sample("limit"), sample("accepted")), (Some(2.0), Some(1.0), Some(17.0)));
+        // A unit with no camera behind it, and a camera that is not running.
+        assert_eq!(server.handle(2, Request::ReadCoils(0, 1)).unwrap_err(), ExceptionCode::GatewayTargetDevice);
+        assert_eq!(server.handle(0, Request::ReadCoils(0, 1)).unwrap_err(), ExceptionCode::GatewayTargetDevice);
+        server.handle(1, Request::WriteSingleCoil(COIL_TRIGGER, true)).unwrap();
+        let Response::ReadInputRegisters(r) = server.handle(1, Request::ReadInputRegisters(IR_REFUSAL, 1)).unwrap()
+        else {
+            panic!("not a register read")
+        };
+        assert_eq!(r, [Refusal::NotTriggerable as u16]);
+    }
+
+    #[test]
     fn bad_requests_are_refused_with_a_reason_or_an_exception() {
         let mut st = Station::default();
         st.write_coils(COIL_TRIGGER, &[true]);
