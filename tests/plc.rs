@@ -32,21 +32,27 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
         demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
     }
     let http_port = free_port();
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let config = base_config(
         dir.path(),
         broker.port,
         &format!("127.0.0.1:{http_port}"),
         "p1",
         "exit_when_sources_end = false\n",
-    ) + &format!(
-        "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 20000\n\
+    )
+    .replace("[outbox]", &format!("token_file = \"{}\"\n[outbox]", token_file.display()))
+        + &format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 20000\n\
              learn_parts = 0\nstart_recipe = \"plate\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nrepeat = true\n\
              [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
              [[camera.recipe]]\nname = \"plate-dark\"\nreference = \"{}\"\nproduct = \"a dark steel plate\"\n",
-        frames.display(),
-        plate.display(),
-        dark.display()
-    );
+            frames.display(),
+            plate.display(),
+            dark.display()
+        );
     let sub = Sub::start(broker.port);
     let daemon = Daemon::start(dir.path(), &config);
     wait_http(http_port);
@@ -142,6 +148,30 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
         .sum();
     assert_eq!(judged_dark, 5.0);
     assert!(daemon.log().contains("recipe plate loaded"), "{}", daemon.log());
+
+    // Over HTTP: the list, and a switch back that takes effect before the next trigger.
+    let (code, body) = http_get(http_port, "/v1/cameras/line/recipes");
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((code, listed["active"].clone()), (200, "plate-dark".into()), "{listed}");
+    assert_eq!(listed["recipes"].as_array().unwrap().len(), 2);
+    assert!(listed["recipes"][0]["bytes"].as_u64().unwrap() > 0, "{listed}");
+    assert_eq!(listed["recipes"][1]["enrolment"]["id"], e_dark.as_str());
+    let switch = |t: Option<&str>, body: &str| http(http_port, "POST", "/v1/cameras/line/recipe", t, body);
+    assert_eq!(switch(None, r#"{"product":"plate"}"#).0, 401);
+    assert_eq!(switch(Some(token), r#"{"product":"a/b"}"#).0, 400);
+    let (code, why) = switch(Some(token), r#"{"product":"bolt"}"#);
+    assert_eq!(code, 404);
+    assert!(String::from_utf8_lossy(&why).contains("its recipes: plate, plate-dark"));
+    assert_eq!(http(http_port, "POST", "/v1/cameras/nope/recipe", Some(token), r#"{"product":"plate"}"#).0, 404);
+    let (code, body) = switch(Some(token), r#"{"product":"plate"}"#);
+    let switched: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((code, switched["before"].clone()), (200, "plate-dark".into()));
+    trigger("P-13", None);
+    sub.wait_for_daemon("P-13's verdict", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts().iter().any(|v| v.part_id.as_deref() == Some("P-13"))
+    });
+    let v = sub.verdicts().into_iter().find(|v| v.part_id.as_deref() == Some("P-13")).unwrap();
+    assert_eq!((v.product.as_deref(), v.threshold), (Some("plate"), Some(t_plate)));
 }
 
 /// `.venv/bin/python` with pymodbus, or None (and the test skips, unless the test script installed it).

@@ -10,6 +10,8 @@
 //! - `GET /v1/cameras/{camera}/enrolments`: what line mode learned (versions, the active one, history);
 //!   `POST /v1/cameras/{camera}/rollback` (`{"version": n}`, or no body for the version before the active
 //!   one; 0 is the base enrolment) makes another version active and reloads.
+//! - `GET /v1/cameras/{camera}/recipes`: its recipes (name, enrolment, memory) and the one in use;
+//!   `POST /v1/cameras/{camera}/recipe` (`{"product":"bracket-b"}`, token) switches it at once (docs/PLC.md).
 //! - `GET /v1/dead-letters`: verdicts the broker would not take, with why and when (newest last).
 //! - Bodies are limited to 64 KiB (413 beyond), part ids and questions to `types::command`'s bounds (400).
 //! - `POST /v1/reload` (as SIGHUP) and `POST /v1/trigger` (`{"camera":"c","part_id":"P-1"}`, optionally
@@ -33,6 +35,7 @@ use crate::describe::explainer::{ChatError, Explainer};
 use crate::enrol::versions::{VersionError, Versions};
 use crate::sink::outbox::DeadLetters;
 use crate::sink::store::{Part, Store};
+use crate::source::intake::CameraShared;
 use crate::telemetry::Metrics;
 use crate::types::command::{self, Command};
 use crate::types::verdict::valid_frame_id;
@@ -55,6 +58,8 @@ pub struct HttpState {
     pub enrolments: std::path::PathBuf,
     /// The outbox's dead letters.
     pub dead_letters: DeadLetters,
+    /// The running cameras, for their recipes.
+    pub cameras: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Arc<CameraShared>>>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -65,6 +70,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
         .route("/v1/frames/:id/chat", get(transcript))
         .route("/v1/cameras/:camera/enrolments", get(enrolments))
+        .route("/v1/cameras/:camera/recipes", get(recipes))
         .route("/v1/dead-letters", get(dead_letters))
         .route_layer(middleware::from_fn_with_state(state.clone(), read_guard));
     let writes = Router::new()
@@ -72,6 +78,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/reload", post(reload))
         .route("/v1/trigger", post(trigger))
         .route("/v1/cameras/:camera/rollback", post(rollback))
+        .route("/v1/cameras/:camera/recipe", post(select_recipe))
         .route_layer(middleware::from_fn_with_state(state.clone(), write_guard));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -225,6 +232,68 @@ async fn enrolments(State(s): State<HttpState>, Path(camera): Path<String>) -> R
         Ok(Ok(body)) => json(StatusCode::OK, &body),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+fn camera(s: &HttpState, name: &str) -> Result<Arc<CameraShared>, Box<Response>> {
+    crate::util::sync::lock(&s.cameras)
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Box::new((StatusCode::NOT_FOUND, format!("no camera {name:?} is running\n")).into_response()))
+}
+
+/// `GET /v1/cameras/{camera}/recipes`: each recipe's name, enrolment and memory, and the one in use.
+async fn recipes(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let cam = match camera(&s, &name) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let active = cam.model();
+    let list: Vec<serde_json::Value> = cam
+        .models()
+        .iter()
+        .filter_map(|m| {
+            let name = m.recipe.as_ref()?;
+            Some(serde_json::json!({
+                "name": name,
+                "product": m.words,
+                "enrolment": m.enrolment_ref,
+                "bytes": m.enrolment.bytes(),
+                "active": Arc::ptr_eq(m, &active),
+            }))
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({"camera": name, "active": active.recipe, "recipes": list}))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipeBody {
+    product: String,
+}
+
+/// `POST /v1/cameras/{camera}/recipe`'s body, parsed and checked: `{"product":"bracket-b"}`.
+pub fn recipe_body(body: &[u8]) -> Result<String, BodyError> {
+    let r =
+        serde_json::from_slice::<RecipeBody>(body).map_err(|_| BodyError::Shape("expected {\"product\":\"...\"}\n"))?;
+    command::check_product(&r.product).map_err(BodyError::Bound)?;
+    Ok(r.product)
+}
+
+/// `POST /v1/cameras/{camera}/recipe`: switches the recipe in use at once (docs/PLC.md); 404 names the
+/// camera's recipes when the product is not one of them.
+async fn select_recipe(State(s): State<HttpState>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    let product = match recipe_body(&body) {
+        Ok(p) => p,
+        Err(e) => return bad_body(&s, e),
+    };
+    let cam = match camera(&s, &name) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    match cam.switch_recipe(&product) {
+        Ok(before) => json(StatusCode::OK, &serde_json::json!({"camera": name, "before": before, "active": product})),
+        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
     }
 }
 

@@ -371,6 +371,7 @@ impl Daemon {
             explainer: self.explainer.clone(),
             enrolments: cfg.daemon.enrolments.clone(),
             dead_letters,
+            cameras: self.shared.clone(),
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
