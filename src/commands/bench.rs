@@ -20,6 +20,9 @@ pub struct BenchReport {
     pub preprocess_ms: f64,
     pub encoder_ms: f64,
     pub decoder_ms: f64,
+    /// p50 and p99 of each stage per call (preprocess, encoder, decoder): where the tail comes from.
+    pub stage_ms_p50: [f64; 3],
+    pub stage_ms_p99: [f64; 3],
     pub total_ms_mean: f64,
     pub total_ms_p50: f64,
     pub total_ms_p99: f64,
@@ -55,7 +58,7 @@ pub fn run_batched(
     }
     let calls = count.div_ceil(batch).max(1);
     let mut totals = Vec::with_capacity(calls);
-    let (mut pre, mut enc, mut dec) = (0.0f64, 0.0f64, 0.0f64);
+    let mut stages: [Vec<f64>; 3] = Default::default();
     let mut input = String::new();
     let mut wall = 0.0f64;
     for _ in 0..calls {
@@ -71,23 +74,28 @@ pub fn run_batched(
             let mut v = ins.iter().map(|i| f(&i.verdict.timings) as f64);
             if gpu { v.next().unwrap_or(0.0) } else { v.sum() }
         };
-        pre += per_call(|t| t.preprocess_ms);
-        enc += per_call(|t| t.encoder_ms);
-        dec += per_call(|t| t.decoder_ms);
+        stages[0].push(per_call(|t| t.preprocess_ms));
+        stages[1].push(per_call(|t| t.encoder_ms));
+        stages[2].push(per_call(|t| t.decoder_ms));
         if let Some(i) = ins.first() {
             input = format!("{}x{}", i.map.w, i.map.h);
         }
     }
     let n = calls as f64;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+    let (pre, enc, dec) = (mean(&stages[0]), mean(&stages[1]), mean(&stages[2]));
+    let quantile = |q: f64| stages.clone().map(|mut v| percentile(&mut v, q));
     Ok(BenchReport {
         frames: calls * batch,
         input,
         provider: det.encoder().provider().to_string(),
         device: det.device(),
         batch,
-        preprocess_ms: pre / n,
-        encoder_ms: enc / n,
-        decoder_ms: dec / n,
+        preprocess_ms: pre,
+        encoder_ms: enc,
+        decoder_ms: dec,
+        stage_ms_p50: quantile(0.5),
+        stage_ms_p99: quantile(0.99),
         total_ms_mean: totals.iter().sum::<f64>() / n,
         total_ms_p50: percentile(&mut totals, 0.5),
         total_ms_p99: percentile(&mut totals, 0.99),
@@ -133,9 +141,12 @@ impl std::fmt::Display for BenchReport {
             "frames          {} at input {} on {}, batch {}",
             self.frames, self.input, self.device, self.batch
         )?;
-        writeln!(f, "preprocess ms   {:.2}", self.preprocess_ms)?;
-        writeln!(f, "encoder ms      {:.2}", self.encoder_ms)?;
-        writeln!(f, "decoder ms      {:.2}", self.decoder_ms)?;
+        let stage = |f: &mut std::fmt::Formatter<'_>, name: &str, mean: f64, i: usize| {
+            writeln!(f, "{name:<16}{mean:.2}  (p50 {:.2}  p99 {:.2})", self.stage_ms_p50[i], self.stage_ms_p99[i])
+        };
+        stage(f, "preprocess ms", self.preprocess_ms, 0)?;
+        stage(f, "encoder ms", self.encoder_ms, 1)?;
+        stage(f, "decoder ms", self.decoder_ms, 2)?;
         writeln!(
             f,
             "total ms        mean {:.2}  p50 {:.2}  p99 {:.2}",

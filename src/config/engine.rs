@@ -102,9 +102,10 @@ pub struct EngineConfig {
     pub providers: Vec<Provider>,
     /// Intra-op threads for the CPU provider (0 = ONNX Runtime's choice: one per core).
     pub threads: usize,
-    /// Whether idle intra-op threads spin (lowest latency for one stream, but spinning threads of
-    /// several sessions starve each other and the daemon's I/O). Unset: on, and off in a daemon with
-    /// more than one camera.
+    /// Whether idle intra-op threads spin-wait after a run. Unset: off. Spinning saves the encoder
+    /// about half a millisecond, but the spinning threads hold the cores the decoder needs right after
+    /// the encoder: on 2 cores the decoder took three times as long on average and p99 tripled
+    /// (docs/RESULTS.md, "Tail latency"). `true` only where cores are spare.
     pub spin: Option<bool>,
     /// Folder for TensorRT engine caches (a subfolder per GPU model and TensorRT version).
     pub trt_cache: Option<PathBuf>,

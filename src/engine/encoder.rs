@@ -577,9 +577,8 @@ fn build_session(
     if cfg.threads > 0 {
         builder = builder.with_intra_threads(cfg.threads).map_err(|e| e.to_string())?;
     }
-    if let Some(spin) = cfg.spin {
-        builder = builder.with_intra_op_spinning(spin).map_err(|e| e.to_string())?;
-    }
+    // Off unless asked for: threads spinning after the encoder hold the cores the decoder needs next.
+    builder = builder.with_intra_op_spinning(cfg.spin.unwrap_or(false)).map_err(|e| e.to_string())?;
     builder.commit_from_memory(model).map_err(|e| e.to_string())
 }
 
