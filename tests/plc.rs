@@ -283,3 +283,42 @@ fn a_pymodbus_plc_runs_the_handshake_for_200_parts_and_is_refused_what_it_must_b
         r["server_trigger_to_result_ms"]
     );
 }
+
+#[test]
+fn an_every_frame_camera_switched_mid_stream_changes_product_once_and_loses_no_frame() {
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (plate, dark) = (reference(dir.path(), "plate", 1.0), reference(dir.path(), "dark", 0.6));
+    // The demo camera as fast as it is inspected (nothing skipped), 120 parts, then the daemon exits.
+    let config = base_config(dir.path(), broker.port, "", "p3", "")
+        + &format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\nlearn_parts = 0\n\
+             [camera.source]\nkind = \"demo\"\nfps = 0\nframes = 120\n\
+             [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
+             [[camera.recipe]]\nname = \"plate-dark\"\nreference = \"{}\"\n",
+            plate.display(),
+            dark.display()
+        );
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &config);
+    sub.wait_for_daemon("the first verdicts", Duration::from_secs(120), Some(&daemon), |s| s.verdicts().len() >= 5);
+    broker.publish("anomalyd/p3/cmd", r#"{"cmd":"recipe","camera":"line","product":"plate-dark"}"#);
+    daemon.wait(Duration::from_secs(120));
+    let mut verdicts = sub.verdicts();
+    verdicts.sort_by_key(|v| v.seq);
+    assert_eq!(verdicts.iter().map(|v| v.seq).collect::<Vec<_>>(), (1..=120).collect::<Vec<_>>(), "every frame, once");
+    let products: Vec<&str> = verdicts.iter().map(|v| v.product.as_deref().unwrap()).collect();
+    let switched = products.iter().position(|p| *p == "plate-dark").expect("the switch took effect");
+    assert!(switched >= 5, "frames before the switch keep their recipe: {products:?}");
+    assert!(products[..switched].iter().all(|p| *p == "plate"), "{products:?}");
+    assert!(products[switched..].iter().all(|p| *p == "plate-dark"), "one switch, no frame back: {products:?}");
+    let thresholds = |p: &str| -> Vec<f32> {
+        let mut t: Vec<f32> =
+            verdicts.iter().filter(|v| v.product.as_deref() == Some(p)).map(|v| v.threshold.unwrap()).collect();
+        t.dedup();
+        t
+    };
+    let (a, b) = (thresholds("plate"), thresholds("plate-dark"));
+    assert_eq!((a.len(), b.len()), (1, 1), "one threshold per recipe: {a:?} {b:?}");
+    assert_ne!(a, b);
+}
