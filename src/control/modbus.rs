@@ -703,6 +703,72 @@ mod tests {
         assert_eq!(r, [Refusal::NotTriggerable as u16]);
     }
 
+    /// Random writes and reads, as a confused or hostile client would send them, with verdicts arriving
+    /// at random: nothing panics, at most one part is ever in flight, a trigger is only taken when the
+    /// station is not busy, and a latched result is only cleared by an acknowledgement.
+    #[test]
+    fn random_requests_never_break_the_handshake() {
+        let mut rng = crate::util::rng::Rng::new(7);
+        let mut st = Station::default();
+        let (mut taken, mut latched) = (0, 0);
+        for step in 0..20_000 {
+            st.set_ready(rng.below(10) != 0);
+            let addr = rng.below(140) as u16;
+            let n = 1 + rng.below(4) as u16;
+            let before = (st.busy, st.result_ready, st.coils[COIL_RESULT_ACK as usize]);
+            let actions = match rng.below(6) {
+                0 => {
+                    let v: Vec<bool> = (0..n).map(|_| rng.below(2) == 1).collect();
+                    if range(addr, n, COILS).is_ok() { st.write_coils(addr, &v) } else { vec![] }
+                }
+                1 => {
+                    // Mostly text or zeros (the part id and product a PLC writes), sometimes any bits.
+                    let word = |rng: &mut crate::util::rng::Rng| match rng.below(4) {
+                        0 => rng.next_u64() as u16,
+                        1 => 0,
+                        _ => (0x41 + rng.below(26) as u16) << 8 | (0x30 + rng.below(10) as u16),
+                    };
+                    let v: Vec<u16> = (0..n).map(|_| word(&mut rng)).collect();
+                    let at = if rng.below(2) == 0 { addr } else { rng.below(32) as u16 };
+                    st.write_holding(at, &v).unwrap_or_default()
+                }
+                2 => st.write_holding(HR_CONTROL, &[rng.below(8) as u16]).unwrap(),
+                3 => {
+                    let _ = (st.read_inputs(addr, n), st.read_holding(addr, n), st.read_discrete(addr, n));
+                    vec![]
+                }
+                4 => {
+                    if let Some(p) = st.in_flight().map(str::to_string)
+                        && st.latch(&verdict(&p, Outcome::Ok)).is_some()
+                    {
+                        latched += 1;
+                    }
+                    vec![]
+                }
+                _ => {
+                    let _ = st.read_coils(addr, n);
+                    vec![]
+                }
+            };
+            // One write may acknowledge a latched result and trigger the next part: the ack comes first.
+            let acked = before.1 && !before.2 && st.coils[COIL_RESULT_ACK as usize];
+            for a in actions {
+                if let Action::Trigger { part_id, .. } = a {
+                    assert!(!before.0 || acked, "step {step}: a trigger was taken while busy");
+                    assert!(st.in_flight().is_none(), "step {step}: two parts in flight");
+                    st.triggered(&part_id, Ok(()));
+                    taken += 1;
+                }
+            }
+            if before.1 && !st.result_ready {
+                assert!(st.coils[COIL_RESULT_ACK as usize], "step {step}: a result cleared without ResultAck");
+            }
+            assert!(!st.result_ready || st.busy, "step {step}: a latched result while not busy");
+            assert!(st.in_flight().is_none() || st.busy, "step {step}: a part in flight while not busy");
+        }
+        assert!(taken > 100 && latched > 100, "the walk exercised the handshake: {taken} taken, {latched} latched");
+    }
+
     #[test]
     fn bad_requests_are_refused_with_a_reason_or_an_exception() {
         let mut st = Station::default();
