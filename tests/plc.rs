@@ -31,6 +31,8 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
     for v in 1..=6 {
         demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
     }
+    // Every seventh part is scratched: NG frames to store under either recipe.
+    demo::part(7, Defect::Scratch).save(frames.join("07.png")).unwrap();
     let http_port = free_port();
     let token = "0123456789abcdef0123456789abcdef";
     let token_file = dir.path().join("token");
@@ -45,10 +47,11 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
     )
     .replace("[outbox]", &format!("token_file = \"{}\"\n[outbox]", token_file.display()))
         + &format!(
-            "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 20000\n\
+            "[store]\ndir = \"{}\"\n[[camera]]\nname = \"line\"\ntrigger = \"triggered\"\ntrigger_timeout_ms = 20000\n\
              learn_parts = 0\nstart_recipe = \"plate\"\n[camera.source]\nkind = \"files\"\npath = \"{}\"\nrepeat = true\n\
              [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
              [[camera.recipe]]\nname = \"plate-dark\"\nreference = \"{}\"\nproduct = \"a dark steel plate\"\n",
+            dir.path().join("flagged").display(),
             frames.display(),
             plate.display(),
             dark.display()
@@ -172,6 +175,34 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
     });
     let v = sub.verdicts().into_iter().find(|v| v.part_id.as_deref() == Some("P-13")).unwrap();
     assert_eq!((v.product.as_deref(), v.threshold), (Some("plate"), Some(t_plate)));
+
+    // The stored NG frames, filtered by product: each recipe's NG parts, newest first.
+    let ng = |p: &str| -> Vec<String> {
+        let mut ids: Vec<(u64, String)> = sub
+            .verdicts()
+            .into_iter()
+            .filter(|v| v.verdict == Outcome::Ng && v.product.as_deref() == Some(p))
+            .map(|v| (v.seq, v.frame_id))
+            .collect();
+        ids.sort();
+        ids.into_iter().rev().map(|(_, id)| id).collect()
+    };
+    let listed = |q: &str| -> Vec<String> {
+        let (code, body) = http_get(http_port, &format!("/v1/frames?{q}"));
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["frames"].as_array().unwrap().iter().map(|f| f["frame_id"].as_str().unwrap().to_string()).collect()
+    };
+    until("the NG frames to be stored", Duration::from_secs(30), &daemon, || {
+        listed("camera=line").len() == ng("plate").len() + ng("plate-dark").len()
+    });
+    assert!(!ng("plate-dark").is_empty(), "the scratched part came under the second recipe");
+    assert_eq!(listed("product=plate-dark"), ng("plate-dark"));
+    assert_eq!(listed("product=plate&verdict=NG"), ng("plate"));
+    assert_eq!(listed("product=plate-dark&limit=1"), ng("plate-dark")[..1]);
+    for bad in ["product=a/b", "verdict=MAYBE", "limit=0", "colour=red"] {
+        assert_eq!(http_get(http_port, &format!("/v1/frames?{bad}")).0, 400, "{bad}");
+    }
 }
 
 /// `.venv/bin/python` with pymodbus, or None (and the test skips, unless the test script installed it).

@@ -2,6 +2,8 @@
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /healthz`: 200 while the process serves;
 //! - `GET /readyz`: 200 once every camera has its model and the broker is connected, else 503 with reasons;
+//! - `GET /v1/frames?camera=&product=&verdict=&limit=`: the stored frames, newest first, as verdict summaries
+//!   filtered by camera, product (recipe) and verdict (limit 1-500, default 50; the newest 2,000 are searched).
 //! - `GET /v1/frames/{id}` (the stored verdict JSON), `/v1/frames/{id}/image` and `/v1/frames/{id}/overlay` (JPEG).
 //!   An id that is not a frame id gets 400; one that is not stored gets 404.
 //! - `POST /v1/frames/{id}/chat` (`{"question":"Where exactly?"}`) asks about an NG frame and answers
@@ -23,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -65,6 +67,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let reads = Router::new()
         .route("/metrics", get(metrics))
+        .route("/v1/frames", get(frames))
         .route("/v1/frames/:id", get(|s, p| frame(s, p, Part::Verdict)))
         .route("/v1/frames/:id/image", get(|s, p| frame(s, p, Part::Image)))
         .route("/v1/frames/:id/overlay", get(|s, p| frame(s, p, Part::Overlay)))
@@ -392,6 +395,83 @@ async fn readyz(State(s): State<HttpState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))).into_response()
         }
     }
+}
+
+/// `GET /v1/frames`'s filters.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrameQuery {
+    pub camera: Option<String>,
+    pub product: Option<String>,
+    pub verdict: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// Most stored frames `GET /v1/frames` reads through, newest first.
+pub const MAX_FRAMES_SCANNED: usize = 2000;
+
+impl FrameQuery {
+    /// The filters checked: names as names, a verdict as one of the four, a limit of 1 to 500.
+    pub fn checked(self) -> Result<Self, String> {
+        if let Some(c) = &self.camera
+            && !crate::config::daemon::valid_name(c)
+        {
+            return Err("camera: not a camera name".into());
+        }
+        if let Some(p) = &self.product {
+            command::check_product(p).map_err(|e| e.to_string())?;
+        }
+        if let Some(v) = &self.verdict
+            && !["OK", "NG", "SKIPPED", "ERROR"].contains(&v.as_str())
+        {
+            return Err("verdict: use OK, NG, SKIPPED or ERROR".into());
+        }
+        if self.limit.is_some_and(|l| !(1..=500).contains(&l)) {
+            return Err("limit: use 1 to 500".into());
+        }
+        Ok(self)
+    }
+
+    fn matches(&self, m: &crate::types::verdict::VerdictMessage) -> bool {
+        self.camera.as_ref().is_none_or(|c| &m.camera == c)
+            && self.product.as_ref().is_none_or(|p| m.product.as_ref() == Some(p))
+            && self.verdict.as_ref().is_none_or(|v| m.verdict.as_str() == v)
+    }
+}
+
+async fn frames(
+    State(s): State<HttpState>,
+    query: Result<Query<FrameQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let q = match query.map_err(|e| e.body_text()).and_then(|Query(q)| q.checked()) {
+        Ok(q) => q,
+        Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
+    };
+    let Some(store) = s.store.clone() else {
+        return (StatusCode::NOT_FOUND, "the flagged-frame store is off (store.dir = \"\")\n").into_response();
+    };
+    let listed = tokio::task::spawn_blocking(move || {
+        let limit = q.limit.unwrap_or(50);
+        let mut out = Vec::new();
+        for id in store.recent(MAX_FRAMES_SCANNED).iter().rev() {
+            let Some(bytes) = store.get(id, Part::Verdict) else { continue };
+            let Ok(m) = serde_json::from_slice::<crate::types::verdict::VerdictMessage>(&bytes) else { continue };
+            if q.matches(&m) {
+                out.push(serde_json::json!({
+                    "frame_id": m.frame_id, "camera": m.camera, "product": m.product, "part_id": m.part_id,
+                    "verdict": m.verdict, "score": m.score, "threshold": m.threshold, "regions": m.regions.len(),
+                    "captured_at": m.captured_at, "frame_url": format!("/v1/frames/{}", m.frame_id),
+                }));
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    json(StatusCode::OK, &serde_json::json!({"frames": listed}))
 }
 
 async fn frame(State(s): State<HttpState>, Path(id): Path<String>, part: Part) -> Response {
