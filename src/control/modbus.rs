@@ -289,26 +289,47 @@ impl Station {
     /// The verdict of the part in flight: latched until `ResultAck`. A verdict for another part (a
     /// late one) is ignored.
     pub fn latch(&mut self, msg: &VerdictMessage) -> Option<Duration> {
-        let (part, at) = self.in_flight.take_if(|(p, _)| msg.part_id.as_deref() == Some(p.as_str()))?;
-        let took = at.elapsed();
-        self.results = self.results.wrapping_add(1);
-        let i = &mut self.inputs;
-        put_u32(&mut i[IR_RESULT_SEQ as usize..], self.results);
-        i[IR_VERDICT as usize] = match msg.verdict {
+        let flight = self.in_flight.take_if(|(p, _)| msg.part_id.as_deref() == Some(p.as_str()))?;
+        let verdict = match msg.verdict {
             Outcome::Ok => VERDICT_OK,
             Outcome::Ng => VERDICT_NG,
             Outcome::Skipped => VERDICT_SKIPPED,
             Outcome::Error => VERDICT_ERROR,
         };
-        put_u32(&mut i[IR_SCORE as usize..], msg.score.unwrap_or(f32::NAN).to_bits());
-        put_u32(&mut i[IR_THRESHOLD as usize..], msg.threshold.unwrap_or(f32::NAN).to_bits());
-        i[IR_REGIONS as usize] = msg.regions.len().min(u16::MAX as usize) as u16;
-        put_u32(&mut i[IR_FRAME_SEQ as usize..], msg.seq as u32);
+        let (score, threshold) = (msg.score.unwrap_or(f32::NAN), msg.threshold.unwrap_or(f32::NAN));
+        Some(self.show(flight, verdict, [score, threshold], msg.regions.len(), msg.seq, msg.product.as_deref()))
+    }
+
+    /// `part`, in flight, whose verdict never came: latched as an Error result (no score, no frame).
+    pub fn latch_missing(&mut self, part: &str) -> Option<Duration> {
+        let flight = self.in_flight.take_if(|(p, _)| p == part)?;
+        Some(self.show(flight, VERDICT_ERROR, [f32::NAN; 2], 0, 0, None))
+    }
+
+    /// Writes a result into the input registers and raises `ResultReady`; the time since its trigger.
+    fn show(
+        &mut self,
+        (part, at): (String, Instant),
+        verdict: u16,
+        [score, threshold]: [f32; 2],
+        regions: usize,
+        frame_seq: u64,
+        product: Option<&str>,
+    ) -> Duration {
+        let took = at.elapsed();
+        self.results = self.results.wrapping_add(1);
+        let i = &mut self.inputs;
+        put_u32(&mut i[IR_RESULT_SEQ as usize..], self.results);
+        i[IR_VERDICT as usize] = verdict;
+        put_u32(&mut i[IR_SCORE as usize..], score.to_bits());
+        put_u32(&mut i[IR_THRESHOLD as usize..], threshold.to_bits());
+        i[IR_REGIONS as usize] = regions.min(u16::MAX as usize) as u16;
+        put_u32(&mut i[IR_FRAME_SEQ as usize..], frame_seq as u32);
         i[IR_LATENCY_MS as usize] = took.as_millis().min(u16::MAX as u128) as u16;
         put_text(&mut i[IR_PART_ID as usize..(IR_PART_ID + TEXT_REGS) as usize], &part);
-        put_text(&mut i[IR_PRODUCT as usize..(IR_PRODUCT + TEXT_REGS) as usize], msg.product.as_deref().unwrap_or(""));
+        put_text(&mut i[IR_PRODUCT as usize..(IR_PRODUCT + TEXT_REGS) as usize], product.unwrap_or(""));
         self.result_ready = true;
-        Some(took)
+        took
     }
 
     /// The part in flight, if any.
@@ -547,46 +568,22 @@ impl ModbusServer {
         let limit = *sync::read(&cam.trigger_timeout) + VERDICT_GRACE;
         let (me, camera, part) = (self.clone(), cam.name.clone(), part_id.to_string());
         tokio::spawn(async move {
-            let msg = match tokio::time::timeout(limit, verdict).await {
-                Ok(Ok(msg)) => msg,
-                _ => {
-                    tracing::error!(camera = %camera, "Modbus part {part}: no verdict within {} s", limit.as_secs());
-                    let mut m = me.placeholder(&camera, &part);
-                    m.reason = Some("no verdict came for this part".into());
-                    m
-                }
-            };
-            let took = sync::lock(&me.stations).get_mut(&camera).and_then(|st| st.latch(&msg));
+            let msg = tokio::time::timeout(limit, verdict).await.ok().and_then(Result::ok);
+            if msg.is_none() {
+                tracing::error!(camera = %camera, "Modbus part {part}: no verdict within {} s", limit.as_secs());
+            }
+            let mut stations = sync::lock(&me.stations);
+            let took = stations.get_mut(&camera).and_then(|st| match &msg {
+                Some(m) => st.latch(m),
+                None => st.latch_missing(&part),
+            });
+            drop(stations);
             if let Some(t) = took {
                 me.metrics.modbus_result(&camera, t.as_secs_f64());
             }
         });
         Ok(())
     }
-
-    /// An ERROR verdict for a part whose verdict never came (it carries only what the station shows).
-    fn placeholder(&self, camera: &str, part: &str) -> VerdictMessage {
-        let cam = sync::lock(&self.cameras).get(camera).cloned();
-        let mut m = match cam {
-            Some(c) => c.skeleton(0, String::new(), Some(part.into()), std::time::SystemTime::now(), None),
-            None => orphan_verdict(part),
-        };
-        m.verdict = Outcome::Error;
-        m
-    }
-}
-
-/// The verdict shape for a part of a camera that no longer exists.
-fn orphan_verdict(part: &str) -> VerdictMessage {
-    serde_json::from_value(serde_json::json!({
-        "schema": crate::types::verdict::SCHEMA, "node": "", "camera": "", "frame_id": "", "seq": 0,
-        "part_id": part, "captured_at": "", "captured_unix_ms": 0, "published_at": "", "published_unix_ms": 0,
-        "verdict": "ERROR", "reason": null, "score": null, "threshold": null, "regions": [], "answer": null,
-        "width": null, "height": null, "model": {"name": "", "sha256": ""}, "enrolment": null,
-        "latency_ms": {"queue": 0.0, "preprocess": 0.0, "encoder": 0.0, "decoder": 0.0, "publish": 0.0, "total": 0.0},
-        "frame_url": null, "replayed": false
-    }))
-    .expect("a valid verdict shape")
 }
 
 /// One client's connection: the service tokio-modbus calls for each of its requests.
@@ -626,7 +623,8 @@ mod tests {
     }
 
     fn verdict(part: &str, v: Outcome) -> VerdictMessage {
-        let mut m = orphan_verdict(part);
+        let cam = crate::source::intake::Intake::new_test("c", 1, true, Trigger::Triggered).intake.camera;
+        let mut m = cam.skeleton(7, "c-0-7".into(), Some(part.into()), std::time::SystemTime::now(), None);
         m.verdict = v;
         m.score = Some(41.5);
         m.threshold = Some(33.25);
@@ -676,6 +674,14 @@ mod tests {
         let a = st.write_holding(HR_CONTROL, &[0b011]).unwrap();
         assert_eq!(a, [Action::Trigger { part_id: "MB-1".into(), product: None }], "all-zero registers: numbered");
         assert!(!st.result_ready && st.busy);
+        // Its verdict never comes: an Error result, without a score.
+        st.triggered("MB-1", Ok(()));
+        assert!(st.latch_missing("MB-0").is_none(), "not the part in flight");
+        assert!(st.latch_missing("MB-1").is_some());
+        assert_eq!(st.read_inputs(IR_VERDICT, 1).unwrap(), [VERDICT_ERROR]);
+        let score = st.read_inputs(IR_SCORE, 2).unwrap();
+        assert!(f32::from_bits((u32::from(score[0]) << 16) | u32::from(score[1])).is_nan());
+        assert!(st.discrete()[DI_ERROR as usize]);
     }
 
     #[test]

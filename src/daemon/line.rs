@@ -46,42 +46,35 @@ pub struct DriftMessage {
     pub at: String,
 }
 
+/// What a camera's line watches share: the camera, the settings learning runs with, and where the
+/// drift state goes (the camera's topic; a recipe's watch adds `/<recipe>`).
+#[derive(Clone)]
+pub struct LineSetup {
+    pub cam: Arc<CameraShared>,
+    pub engine: EngineConfig,
+    pub detect: DetectConfig,
+    pub retained: mpsc::UnboundedSender<(String, String)>,
+    pub drift_topic: String,
+}
+
 /// A camera's line watches, one per recipe, each made when its recipe inspects its first part.
 pub struct LineWatches {
-    template: LineWatch,
+    setup: LineSetup,
     by_recipe: std::collections::HashMap<Option<String>, LineWatch>,
 }
 
 impl LineWatches {
-    /// `drift_topic` is the camera's; a recipe's watch publishes on `<drift_topic>/<recipe>`.
-    pub fn new(
-        cam: Arc<CameraShared>,
-        engine: EngineConfig,
-        detect: DetectConfig,
-        retained: mpsc::UnboundedSender<(String, String)>,
-        drift_topic: String,
-    ) -> Self {
-        let template = LineWatch::new(cam, engine, detect, retained, drift_topic, None);
-        Self { template, by_recipe: Default::default() }
+    pub fn new(setup: LineSetup) -> Self {
+        Self { setup, by_recipe: Default::default() }
     }
 
     /// [`LineWatch::after`] on the watch of the part's recipe.
     pub fn after(&mut self, model: &Arc<CameraModel>, img: &RgbImage, score: f32) -> bool {
-        let t = &self.template;
-        let watch = self.by_recipe.entry(model.recipe.clone()).or_insert_with(|| {
-            let topic = match &model.recipe {
-                Some(r) => format!("{}/{r}", t.drift_topic),
-                None => t.drift_topic.clone(),
-            };
-            LineWatch::new(
-                t.cam.clone(),
-                t.engine.clone(),
-                t.detect.clone(),
-                t.retained.clone(),
-                topic,
-                model.recipe.clone(),
-            )
-        });
+        let setup = &self.setup;
+        let watch = self
+            .by_recipe
+            .entry(model.recipe.clone())
+            .or_insert_with(|| LineWatch::new(setup.clone(), model.recipe.clone()));
         watch.after(model, img, score)
     }
 }
@@ -104,14 +97,13 @@ pub struct LineWatch {
 }
 
 impl LineWatch {
-    pub fn new(
-        cam: Arc<CameraShared>,
-        engine: EngineConfig,
-        detect: DetectConfig,
-        retained: mpsc::UnboundedSender<(String, String)>,
-        drift_topic: String,
-        recipe: Option<String>,
-    ) -> Self {
+    /// The watch of `recipe` (None: the camera's only enrolment).
+    pub fn new(setup: LineSetup, recipe: Option<String>) -> Self {
+        let LineSetup { cam, engine, detect, retained, drift_topic } = setup;
+        let drift_topic = match &recipe {
+            Some(r) => format!("{drift_topic}/{r}"),
+            None => drift_topic,
+        };
         Self {
             cam,
             recipe,

@@ -472,13 +472,13 @@ impl Daemon {
             delay: Duration::from_millis(self.cfg.daemon.inspect_delay_ms),
             store: self.store_tx.clone(),
             explainer: self.explainer.clone(),
-            line: line::LineWatches::new(
-                shared.clone(),
-                self.cfg.engine.clone(),
-                self.cfg.detect.clone(),
-                self.states.retained.clone(),
-                self.states.topics.drift(&cam.name),
-            ),
+            line: line::LineWatches::new(line::LineSetup {
+                cam: shared.clone(),
+                engine: self.cfg.engine.clone(),
+                detect: self.cfg.detect.clone(),
+                retained: self.states.retained.clone(),
+                drift_topic: self.states.topics.drift(&cam.name),
+            }),
         }
         .spawn()?;
         let stop = Arc::new(AtomicBool::new(false));
