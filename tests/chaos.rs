@@ -272,7 +272,7 @@ fn a_full_disk_closes_the_outbox_loudly_and_it_recovers_by_itself_without_losing
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let Some(_disk) = Tmpfs::mount(&state, 3) else { return };
-    let Some(mut broker) = Mosquitto::start_on(free_port(), true) else { return };
+    let Some(mut broker) = Mosquitto::persistent() else { return };
     let http = free_port();
     let config = base_config(
         dir.path(),
@@ -393,7 +393,7 @@ impl Drop for Throttle {
 /// verdict arrives and duplicates stay within the window per reconnect.
 #[test]
 fn a_slow_link_and_two_broker_restarts_lose_no_verdict() {
-    let Some(mut broker) = Mosquitto::start_on(free_port(), true) else { return };
+    let Some(mut broker) = Mosquitto::persistent() else { return };
     let proxy = Throttle::start(broker.port, Duration::from_millis(150), 128_000 / 8);
     let dir = tempfile::tempdir().unwrap();
     let config = base_config(
@@ -452,7 +452,7 @@ fn a_reload_with_a_corrupt_enrolment_keeps_the_running_configuration_whole() {
     };
     let sub = Sub::start(broker.port);
     let mut daemon = Daemon::start(dir.path(), &(base.clone() + &camera(6, "")));
-    sub.wait_for("verdicts", Duration::from_secs(120), |s| s.verdicts().len() >= 4);
+    sub.wait_for_daemon("verdicts", Duration::from_secs(120), Some(&daemon), |s| s.verdicts().len() >= 4);
     // A new source rate (the camera must restart) and an enrolment that does not load.
     let broken = base + &camera(5, &format!("reference = \"{}\"\n", corrupt.display()));
     std::fs::write(dir.path().join("anomalyd.toml"), broken).unwrap();
@@ -667,7 +667,7 @@ fn the_embedded_broker_takes_only_its_login_and_a_taken_port_stops_the_start() {
 /// verdict overtakes them, so they show as gaps).
 #[test]
 fn sigkill_in_the_middle_of_a_burst_loses_no_logged_verdict() {
-    let Some(broker) = Mosquitto::start_on(free_port(), true) else { return };
+    let Some(broker) = Mosquitto::persistent() else { return };
     let dir = tempfile::tempdir().unwrap();
     let config = base_config(dir.path(), broker.port, "", "kill", "exit_when_sources_end = false\n")
         + "[store]\ndir = \"\"\n[[camera]]\nname = \"line\"\nlearn_parts = 0\n[camera.source]\nkind = \"demo\"\nfps = 20\nframes = 0\n";

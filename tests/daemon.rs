@@ -502,7 +502,7 @@ fn verdicts_logged_before_a_crash_are_published_after_the_restart() {
 #[test]
 fn soak_broker_restarts_and_camera_unplugs_lose_no_verdict() {
     let secs: u64 = std::env::var("ANOMALYD_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(40).max(40);
-    let Some(mut broker) = Mosquitto::start_on(free_port(), true) else { return };
+    let Some(mut broker) = Mosquitto::persistent() else { return };
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir_all(&share).unwrap();

@@ -37,12 +37,41 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// On a free port. A port found free can be taken by another test before mosquitto binds it (the
+    /// tests run in parallel); mosquitto then exits, and it is started again on another port.
     pub fn start() -> Option<Mosquitto> {
-        Self::start_on(free_port(), false)
+        Self::start_free(false)
     }
 
-    /// On `port`; `persistent` keeps sessions and queued messages across restarts (saved on SIGTERM).
+    /// As [`Mosquitto::start`], keeping sessions and queued messages across restarts.
+    pub fn persistent() -> Option<Mosquitto> {
+        Self::start_free(true)
+    }
+
+    fn start_free(persistent: bool) -> Option<Mosquitto> {
+        for _ in 0..4 {
+            let broker = Self::launch(free_port(), persistent)?;
+            if broker.port_is_ours() {
+                return Some(broker);
+            }
+        }
+        panic!("mosquitto could not bind a free port in 4 tries")
+    }
+
+    /// Whether the broker is running and answers an MQTT CONNECT on its port (not another test's server
+    /// that took the port first).
+    fn port_is_ours(&self) -> bool {
+        mqtt_connack(self.port)
+    }
+
+    /// On `port` (which must be free); `persistent` keeps sessions and queued messages across restarts (saved on SIGTERM).
     pub fn start_on(port: u16, persistent: bool) -> Option<Mosquitto> {
+        let broker = Self::launch(port, persistent)?;
+        assert!(broker.port_is_ours(), "mosquitto could not bind port {port}");
+        Some(broker)
+    }
+
+    fn launch(port: u16, persistent: bool) -> Option<Mosquitto> {
         let Some(exe) = find(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]) else {
             assert!(
                 std::env::var_os("ANOMALYD_REQUIRE_MOSQUITTO").is_none(),
@@ -72,9 +101,14 @@ impl Mosquitto {
     }
 
     pub fn spawn(exe: &Path, conf: &Path, port: u16) -> Child {
-        let child = Command::new(exe).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child =
+            Command::new(exe).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !mqtt_connack(port) {
+            if child.try_wait().unwrap().is_some() {
+                // It could not bind the port: the caller sees a broker whose port is not its own.
+                return child;
+            }
             assert!(t0.elapsed() < Duration::from_secs(10), "mosquitto did not start on port {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -110,12 +144,30 @@ impl Mosquitto {
     }
 }
 
+/// Whether an MQTT broker answers a CONNECT (MQTT 3.1.1, clean session) on 127.0.0.1:`port` with a
+/// CONNACK.
+fn mqtt_connack(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let client_id = b"anomalyd-test-probe";
+    let mut packet = vec![0x10, (12 + client_id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10];
+    packet.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(client_id);
+    let mut reply = [0u8; 4];
+    let answered = stream.write_all(&packet).is_ok() && stream.read_exact(&mut reply).is_ok();
+    let _ = stream.write_all(&[0xe0, 0]);
+    answered && reply[0] == 0x20
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
+
+/// The topic prefix of [`Sub`]'s readiness probes.
+const PROBE: &str = "anomalyd/_probe/";
 
 /// `mosquitto_sub -v` on `anomalyd/#`, collecting (topic, payload) lines.
 pub struct Sub {
@@ -134,6 +186,8 @@ impl Sub {
         Self::start_with(port, &["-c", "-i", "anomalyd-soak-subscriber"])
     }
 
+    /// Returns once the subscription is live: a probe published on `anomalyd/_probe/...` has come back
+    /// (probes are not kept in `lines`).
     pub fn start_with(port: u16, extra: &[&str]) -> Sub {
         let exe = find(&["/usr/bin/mosquitto_sub"]).expect("mosquitto_sub (mosquitto-clients)");
         let mut child = Command::new(exe)
@@ -145,14 +199,31 @@ impl Sub {
             .unwrap();
         let out = child.stdout.take().unwrap();
         let lines: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let (probed, probe_seen) = std::sync::mpsc::channel();
         let intake = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let (topic, payload) = line.split_once(' ').unwrap_or((&line, ""));
+                if topic.starts_with(PROBE) {
+                    let _ = probed.send(());
+                    continue;
+                }
                 intake.lock().unwrap().push((topic.to_string(), payload.to_string()));
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
+        let pub_exe = find(&["/usr/bin/mosquitto_pub"]).expect("mosquitto_pub (mosquitto-clients)");
+        let t0 = Instant::now();
+        loop {
+            let _ = Command::new(&pub_exe)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", &format!("{PROBE}{}", child.id())])
+                .args(["-m", "probe"])
+                .status();
+            if probe_seen.recv_timeout(Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "mosquitto_sub exited: is the broker on port {port} up?");
+            assert!(t0.elapsed() < Duration::from_secs(20), "mosquitto_sub on port {port} never saw its probe");
+        }
         Sub { child, lines }
     }
 
