@@ -216,13 +216,15 @@ fn run_cmd(cfg: Config, config_path: Option<PathBuf>, duration: Option<f64>) -> 
     let rt = runtime()?;
     rt.block_on(async move {
         let notifier = crate::daemon::systemd::Systemd::from_env();
+        // Installed before the start, which can take a while (enrolments load): a SIGTERM meanwhile
+        // waits for it and then drains, instead of killing the process.
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut daemon = crate::daemon::Daemon::start(cfg).await?;
         daemon.set_config_path(config_path);
         // One pending SIGHUP is enough: a reload reads the file as it is when it runs.
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = reload_tx.try_send(()) {
