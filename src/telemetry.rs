@@ -162,6 +162,8 @@ pub struct Metrics {
     modbus_triggers: Family<ReasonLabels, Counter>,
     modbus_exceptions: Family<ResultLabel, Counter>,
     modbus_result_seconds: HistFamily<CameraLabel>,
+    sparkplug_births: Family<ResultLabel, Counter>,
+    sparkplug_host_online: Gauge,
     learned_parts: Family<ReasonLabels, Counter>,
     learn_runs: Family<ReasonLabels, Counter>,
 }
@@ -240,6 +242,8 @@ impl Metrics {
             modbus_triggers: Family::default(),
             modbus_exceptions: Family::default(),
             modbus_result_seconds: Family::new_with_constructor(latency_histogram),
+            sparkplug_births: Family::default(),
+            sparkplug_host_online: Gauge::default(),
             learned_parts: Family::default(),
             learn_runs: Family::default(),
         };
@@ -414,6 +418,16 @@ impl Metrics {
         );
         r.register("modbus_exceptions", "Modbus exception responses by exception code", m.modbus_exceptions.clone());
         r.register(
+            "sparkplug_births",
+            "Sparkplug B births sent, by reason: connect, host_online (the primary host came online) or rebirth (an NCMD asked)",
+            m.sparkplug_births.clone(),
+        );
+        r.register(
+            "sparkplug_primary_host_online",
+            "1 while the Sparkplug primary host's STATE says online (0 without one configured)",
+            m.sparkplug_host_online.clone(),
+        );
+        r.register(
             "modbus_result_seconds",
             "From an accepted Modbus trigger to its latched result (ResultReady)",
             m.modbus_result_seconds.clone(),
@@ -548,6 +562,16 @@ impl Metrics {
         let l = ProductLabels { camera: cam.into(), product: product.into() };
         self.recipe_bytes.get_or_create(&l).set(bytes as i64);
         self.recipe_active.get_or_create(&l).set(i64::from(active));
+    }
+
+    /// Sparkplug B births were sent (`connect`, `host_online` or `rebirth`).
+    pub fn sparkplug_births(&self, reason: &str) {
+        self.sparkplug_births.get_or_create(&result(reason)).inc();
+    }
+
+    /// The Sparkplug primary host's STATE changed.
+    pub fn sparkplug_host_online(&self, online: bool) {
+        self.sparkplug_host_online.set(i64::from(online));
     }
 
     /// A Modbus client connected: `accepted`, `refused` or `limit`.

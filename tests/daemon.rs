@@ -299,13 +299,21 @@ fn validate_reports_every_problem_with_its_key() {
     let f = dir.path().join("bad.toml");
     std::fs::write(
         &f,
-        "[mqtt]\nqos = 7\n[http]\nlisten = \"nowhere\"\n[[camera]]\nname = \"a b\"\nreference = \"/no/such\"\n[camera.source]\nkind = \"files\"\npath = \"/no/such/*.png\"\n",
+        "[mqtt]\nqos = 7\n[mqtt.sparkplug]\nenabled = true\ngroup_id = \"plant/a\"\nprimary_host_id = \"scada#1\"\n[http]\nlisten = \"nowhere\"\n[[camera]]\nname = \"a b\"\nreference = \"/no/such\"\n[camera.source]\nkind = \"files\"\npath = \"/no/such/*.png\"\n",
     )
     .unwrap();
     let out = Command::new(bin()).arg("validate").arg(&f).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    for key in ["mqtt.qos", "http.listen", "camera[0].name", "camera[0].reference", "camera[0].source.path"] {
+    for key in [
+        "mqtt.qos",
+        "mqtt.sparkplug.group_id",
+        "mqtt.sparkplug.primary_host_id",
+        "http.listen",
+        "camera[0].name",
+        "camera[0].reference",
+        "camera[0].source.path",
+    ] {
         assert!(err.contains(key), "{key} missing:\n{err}");
     }
     // Environment overrides go through the same validation, named by their key.

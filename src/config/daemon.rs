@@ -71,6 +71,27 @@ pub struct MqttConfig {
     /// File holding a token (first line, at least 16 characters, mode 0600) that every command on the
     /// command and chat topics must carry as `"token"`; unset, any client of the broker may command.
     pub command_token_file: Option<PathBuf>,
+    /// Sparkplug B instead of JSON verdicts (`sink::sparkplug`).
+    pub sparkplug: SparkplugConfig,
+}
+
+/// `[mqtt.sparkplug]`: verdicts as Sparkplug B DDATA (the camera is the device, `daemon.node` the edge
+/// node), with births, deaths and commands; the other topics (status, states, descriptions, chat, JSON
+/// commands) stay as they are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SparkplugConfig {
+    pub enabled: bool,
+    /// The Sparkplug group id: topics are `spBv1.0/<group_id>/...`.
+    pub group_id: String,
+    /// The primary host application whose STATE the births wait for; "" to publish without one.
+    pub primary_host_id: String,
+}
+
+impl Default for SparkplugConfig {
+    fn default() -> Self {
+        Self { enabled: false, group_id: "anomalyd".into(), primary_host_id: String::new() }
+    }
 }
 
 impl Default for MqttConfig {
@@ -88,6 +109,7 @@ impl Default for MqttConfig {
             keep_alive_s: 15,
             topic_prefix: "anomalyd".into(),
             command_token_file: None,
+            sparkplug: SparkplugConfig::default(),
         }
     }
 }
@@ -308,6 +330,11 @@ pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether `id` may be a Sparkplug group, edge node or host id: not empty, no `/`, `+` or `#`.
+pub fn valid_sparkplug_id(id: &str) -> bool {
+    !id.is_empty() && !id.contains(['/', '+', '#'])
+}
+
 /// Problems of the daemon sections, each naming its key and the fix.
 pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
     let (d, m, h, s, cams) = (&cfg.daemon, &cfg.mqtt, &cfg.http, &cfg.store, &cfg.camera);
@@ -326,6 +353,18 @@ pub fn validate(cfg: &crate::config::Config) -> Vec<String> {
     }
     if m.qos > 2 {
         p.push(format!("mqtt.qos = {}: use 0, 1 or 2", m.qos));
+    }
+    if m.sparkplug.enabled {
+        let sp = &m.sparkplug;
+        if !valid_sparkplug_id(&sp.group_id) {
+            p.push(format!("mqtt.sparkplug.group_id = {:?}: use a non-empty id without '/', '+' or '#'", sp.group_id));
+        }
+        if !sp.primary_host_id.is_empty() && !valid_sparkplug_id(&sp.primary_host_id) {
+            p.push(format!(
+                "mqtt.sparkplug.primary_host_id = {:?}: use an id without '/', '+' or '#', or \"\" for none",
+                sp.primary_host_id
+            ));
+        }
     }
     if m.keep_alive_s < 5 {
         p.push(format!("mqtt.keep_alive_s = {}: use at least 5", m.keep_alive_s));

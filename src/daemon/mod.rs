@@ -29,6 +29,7 @@ use crate::enrol::reference::{self, ReferenceError};
 use crate::enrol::versions::Versions;
 use crate::sink::mqtt::{self, MqttState, Topics};
 use crate::sink::outbox::{DeadLetters, Outbox};
+use crate::sink::sparkplug;
 use crate::sink::store::{Store, StoreJob};
 use crate::source::{SourceEnd, SourceHandle};
 use crate::telemetry::{Metrics, ModelLabels};
@@ -242,6 +243,15 @@ impl Daemon {
             command_token,
             retained: retained_rx,
             notes: notes_rx,
+            sparkplug: cfg.mqtt.sparkplug.enabled.then(|| {
+                let cameras: Vec<String> = cfg.camera.iter().map(|c| c.name.clone()).collect();
+                sparkplug::Node::new(
+                    &cfg.mqtt.sparkplug,
+                    &node,
+                    &cameras,
+                    Some(state_dir(&cfg).join("sparkplug-bdseq")),
+                )
+            }),
         };
         let publisher = tokio::spawn(link.run(verdict_rx));
 

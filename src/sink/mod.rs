@@ -1,8 +1,9 @@
 //! Where verdicts go: the MQTT [`mqtt`] link (which also reads the command topic), the packet-id
-//! bookkeeping of what it has in flight ([`inflight`]), its durable [`outbox`], and the flagged-frame
-//! [`store`].
+//! bookkeeping of what it has in flight ([`inflight`]), its durable [`outbox`], its Sparkplug B mode
+//! ([`sparkplug`]), and the flagged-frame [`store`].
 
 pub mod inflight;
 pub mod mqtt;
 pub mod outbox;
+pub mod sparkplug;
 pub mod store;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::config::daemon::{LogVerdicts, MqttConfig, Secret, broker_addr, read_secret};
 use crate::sink::inflight::{Inflight, Tag};
 use crate::sink::outbox::{Class, Outbox};
+use crate::sink::sparkplug::{self, HostChange, Request};
 use crate::telemetry::Metrics;
 use crate::types::command::{self, Command, Envelope, Refusal};
 use crate::types::verdict::{self, Outcome, Outgoing, VerdictMessage};
@@ -195,6 +196,8 @@ pub struct Link {
     pub retained: mpsc::UnboundedReceiver<(String, String)>,
     /// (topic, payload) notes to publish once, not retained: descriptions and chat answers.
     pub notes: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// Sparkplug B mode (`[mqtt.sparkplug]`): verdicts go out as DDATA, after the births.
+    pub sparkplug: Option<sparkplug::Node>,
 }
 
 /// `first` and whatever else is already waiting, up to 256: one outbox transaction's worth.
@@ -288,8 +291,8 @@ impl Session {
 enum Served {
     /// Everything is acknowledged (or the drain time is up): close and return.
     Finished,
-    /// The connection failed.
-    Lost(ConnectionError),
+    /// The connection failed (or was closed on purpose: [`Conn::leaving`]), for this reason.
+    Lost(String),
 }
 
 /// One connection: the client, the events of its loop, and what was handed to it.
@@ -304,6 +307,10 @@ struct Conn {
     /// A verdict sent alone after a strike: nothing else goes out until it is acknowledged.
     isolating: Option<u64>,
     stopped_sent: bool,
+    /// Closing on purpose (the Sparkplug primary host went offline): no verdict is to blame.
+    leaving: bool,
+    /// The purposeful close has been written: serve returns.
+    left: bool,
 }
 
 /// Runs the client's event loop in a task of its own, never cancelled: each event (or the error that
@@ -332,7 +339,11 @@ impl Link {
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Outgoing>) -> LinkSummary {
         let mut s = Session::new();
         loop {
-            let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
+            let mut options = self.options.clone();
+            if let Some(sp) = &mut self.sparkplug {
+                options.set_last_will(sp.connecting());
+            }
+            let (client, mut eventloop) = AsyncClient::new(options, 1024);
             let mut network = NetworkOptions::new();
             network.set_connection_timeout(NETWORK_TIMEOUT_S);
             eventloop.set_network_options(network);
@@ -346,6 +357,8 @@ impl Link {
                 cursor: 0,
                 isolating: None,
                 stopped_sent: false,
+                leaving: false,
+                left: false,
             };
             let failure = match self.serve(&mut s, &mut c, &mut rx).await {
                 Served::Finished => return self.close(c, &mut s).await,
@@ -365,12 +378,15 @@ impl Link {
             if self.finished(s, c) {
                 return Served::Finished;
             }
+            if c.left {
+                return Served::Lost("closed on purpose: the Sparkplug primary host is offline".into());
+            }
             let ticking = !s.receiving || !self.outbox.writable();
             tokio::select! {
                 ev = c.events.recv() => match ev {
                     Some(Ok(ev)) => self.on_event(s, c, ev),
-                    Some(Err(e)) => return Served::Lost(e),
-                    None => return Served::Lost(ConnectionError::RequestsDone),
+                    Some(Err(e)) => return Served::Lost(e.to_string()),
+                    None => return Served::Lost(ConnectionError::RequestsDone.to_string()),
                 },
                 m = rx.recv(), if s.receiving => self.on_verdicts(s, c.connected, m, rx),
                 // Connected, notes wait in their channel while the memory queue is full (they go out
@@ -455,7 +471,19 @@ impl Link {
                 }
                 let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
                 let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
+                if let Some(sp) = &self.sparkplug {
+                    let _ = c.client.try_subscribe(sp.ncmd_topic(), QoS::AtLeastOnce);
+                    let _ = c.client.try_subscribe(sp.dcmd_filter(), QoS::AtLeastOnce);
+                    match sp.state_topic() {
+                        // Births wait for the host's retained STATE.
+                        Some(state) => {
+                            let _ = c.client.try_subscribe(state, QoS::AtLeastOnce);
+                        }
+                        None => self.births(c, "connect"),
+                    }
+                }
             }
+            Event::Outgoing(rumqttc::Outgoing::Disconnect) if c.leaving => c.left = true,
             Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
                 if let Some(tag) = c.inflight.written(pkid) {
                     self.done(s, c, tag);
@@ -476,6 +504,7 @@ impl Link {
                 let parsed = command::parse_chat(&p.payload);
                 self.command(s, &p.payload, parsed);
             }
+            Event::Incoming(Incoming::Publish(p)) if self.sparkplug.is_some() => self.sparkplug_in(s, c, &p),
             _ => {}
         }
     }
@@ -552,12 +581,12 @@ impl Link {
     /// The connection failed (or never came up): count it and say so, at most every 30 s while down.
     /// The oldest unacknowledged verdict takes a strike; at [`POISON_STRIKES`] it is dead-lettered.
     /// Verdicts in flight from memory go back to the memory queue.
-    fn connection_lost(&mut self, s: &mut Session, c: &mut Conn, failure: &ConnectionError) {
+    fn connection_lost(&mut self, s: &mut Session, c: &mut Conn, failure: &str) {
         s.resend_below = s.resend_below.max(c.cursor);
         let was = c.connected;
         self.state.connected.store(false, Ordering::SeqCst);
         self.metrics.mqtt_connected(false);
-        if was {
+        if was && !c.leaving {
             self.metrics.publishes_lost(c.inflight.verdicts().max(1) as u64);
             if let Some(k) = c.inflight.oldest_written() {
                 let n = s.strikes.entry(k).or_insert(0);
@@ -578,7 +607,13 @@ impl Link {
                 s.memory.insert(seq, Held { msg: *msg, captured_at: Instant::now() });
             }
         }
-        if was || s.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+        if c.leaving {
+            tracing::info!(
+                "disconnected from the MQTT broker: {failure}; {} verdict(s) wait in the outbox; reconnecting in {} ms",
+                self.outbox.len() + s.memory.len() as u64,
+                s.backoff.as_millis()
+            );
+        } else if was || s.last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
             tracing::warn!(
                 "MQTT broker unreachable: {failure}; {} verdict(s) kept in the outbox; retrying in {} ms",
                 self.outbox.len() + s.memory.len() as u64,
@@ -649,6 +684,13 @@ impl Link {
 
     async fn close(&mut self, mut c: Conn, s: &mut Session) -> LinkSummary {
         self.last_words(s);
+        if c.connected
+            && let Some(sp) = &self.sparkplug
+        {
+            // A clean disconnect fires no will: the host learns of the death from this.
+            let death = sp.ndeath();
+            let _ = c.client.try_publish(death.topic, QoS::AtLeastOnce, false, death.payload);
+        }
         if c.connected && c.client.try_disconnect().is_ok() {
             let flushed = tokio::time::timeout(Duration::from_secs(2), async {
                 while let Some(ev) = c.events.recv().await {
@@ -725,9 +767,11 @@ impl Link {
     /// outbox is not writable, to the bounded memory queue.
     fn log_batch(&mut self, s: &mut Session, batch: &mut [Outgoing], connected: bool) {
         self.metrics.verdicts_logged(batch.len());
+        // Written while the broker is away (or, in Sparkplug mode, while the node is not born): it will
+        // go out as part of the backlog.
+        let live = connected && self.sparkplug.as_ref().is_none_or(|sp| sp.born);
         for o in batch.iter_mut() {
-            // Written while the broker is away: it will go out as part of the backlog.
-            o.msg.replayed = !connected;
+            o.msg.replayed = !live;
             match self.log {
                 LogVerdicts::All => log_verdict(&o.msg),
                 LogVerdicts::Ng if o.msg.verdict != Outcome::Ok => log_verdict(&o.msg),
@@ -813,23 +857,107 @@ impl Link {
         }
     }
 
-    /// Stamps a verdict for publication; `None` (after dead-lettering it) when it can never be sent.
-    fn stamp(&self, msg: &mut VerdictMessage) -> Result<Vec<u8>, String> {
+    /// Stamps a verdict for publication and gives its topic and payload: JSON on the verdict topic, or
+    /// a Sparkplug DDATA. Err (the caller dead-letters it) when it can never be sent.
+    fn wire(&self, msg: &mut VerdictMessage) -> Result<(String, Vec<u8>), String> {
         let now = SystemTime::now();
         msg.published_at = verdict::rfc3339(now);
         msg.published_unix_ms = verdict::unix_ms(now);
-        let payload = serde_json::to_vec(&msg).unwrap_or_default();
+        let (topic, payload) = match &self.sparkplug {
+            Some(sp) => {
+                let p = sp.ddata(msg);
+                (p.topic, p.payload)
+            }
+            None => (self.topics.verdict(&msg.camera), serde_json::to_vec(&msg).unwrap_or_default()),
+        };
         // Fixed header (at most 5), topic length (2), topic, packet id (2), payload.
-        let size = 9 + self.topics.verdict(&msg.camera).len() + payload.len();
+        let size = 9 + topic.len() + payload.len();
         if size > MAX_PACKET {
             return Err(format!("a packet of {size} bytes is over the limit of {MAX_PACKET} bytes"));
         }
-        Ok(payload)
+        Ok((topic, payload))
+    }
+
+    /// In Sparkplug mode, a camera's DBIRTH before its first DDATA when the births did not include it
+    /// (a camera added by a reload). False when the client would not take it: try again later.
+    fn device_born(&mut self, c: &mut Conn, camera: &str) -> bool {
+        let Some(sp) = &mut self.sparkplug else { return true };
+        let Some(birth) = sp.unborn(camera) else { return true };
+        if c.client.try_publish(birth.topic, self.qos, false, birth.payload).is_err() {
+            return false;
+        }
+        c.inflight.handed(Tag::Other);
+        sp.sent(camera, None);
+        self.metrics.sparkplug_births("new_camera");
+        true
+    }
+
+    /// The Sparkplug births (NBIRTH, then each camera's DBIRTH), for `reason` (the metric's label).
+    fn births(&mut self, c: &mut Conn, reason: &str) {
+        let Some(sp) = &mut self.sparkplug else { return };
+        for b in sp.births() {
+            if c.client.try_publish(b.topic, self.qos, false, b.payload).is_err() {
+                tracing::warn!(
+                    "the MQTT client would not take the Sparkplug births; they are sent on the next connect"
+                );
+                return;
+            }
+            c.inflight.handed(Tag::Other);
+        }
+        sp.births_sent();
+        self.metrics.sparkplug_births(reason);
+        tracing::info!("Sparkplug births sent ({reason}, bdSeq {})", sp.bd_seq());
+    }
+
+    /// A message on a Sparkplug topic: the primary host's STATE, an NCMD or a DCMD.
+    fn sparkplug_in(&mut self, s: &mut Session, c: &mut Conn, p: &rumqttc::Publish) {
+        let Some(sp) = &mut self.sparkplug else { return };
+        if sp.state_topic().is_some_and(|t| t == p.topic) {
+            match sp.on_state(&p.payload) {
+                Some(HostChange::Online) => {
+                    self.metrics.sparkplug_host_online(true);
+                    self.births(c, "host_online");
+                }
+                Some(HostChange::Offline) => {
+                    self.metrics.sparkplug_host_online(false);
+                    if sp.born && !c.leaving {
+                        // Sparkplug 3.0: the node dies and comes back once the host is online again.
+                        let death = sp.ndeath();
+                        tracing::warn!("the Sparkplug primary host went offline: NDEATH, and reconnecting");
+                        let _ = c.client.try_publish(death.topic, QoS::AtLeastOnce, false, death.payload);
+                        c.leaving = c.client.try_disconnect().is_ok();
+                    }
+                }
+                None => {}
+            }
+            return;
+        }
+        let parsed = if p.topic == sp.ncmd_topic() {
+            sp.parse_ncmd(&p.payload)
+        } else if sp.is_dcmd(&p.topic) {
+            sp.parse_dcmd(&p.topic, &p.payload).map(Request::Command)
+        } else {
+            return;
+        };
+        match parsed {
+            Ok(Request::Rebirth) => {
+                self.metrics.command("accepted");
+                if c.connected && sp.born {
+                    self.births(c, "rebirth");
+                }
+            }
+            Ok(Request::Command(e)) => self.command(s, &p.payload, Ok(e)),
+            Err(r) => self.command(s, &p.payload, Err(r)),
+        }
     }
 
     /// Hands verdicts to the client until the window is full: the outbox's first, in key order, then
     /// those held in memory.
     fn fill(&mut self, s: &mut Session, c: &mut Conn) {
+        if self.sparkplug.as_ref().is_some_and(|sp| !sp.born) || c.leaving {
+            // Waiting for the primary host (or leaving): verdicts wait in the outbox.
+            return;
+        }
         while c.inflight.len() < WINDOW && c.isolating.is_none() {
             let entries = match self.outbox.from_key(c.cursor, WINDOW - c.inflight.len()) {
                 Ok(e) if !e.is_empty() => e,
@@ -858,16 +986,22 @@ impl Link {
                     msg.latency_ms.publish = (total - msg.latency_ms.total).max(0.0);
                     msg.latency_ms.total = total;
                 }
-                let payload = match self.stamp(&mut msg) {
-                    Ok(p) => p,
+                if !self.device_born(c, &msg.camera) {
+                    return;
+                }
+                let (topic, payload) = match self.wire(&mut msg) {
+                    Ok(w) => w,
                     Err(why) => {
                         self.dead_letter_key(s, e.key, &why);
                         c.cursor = e.key + 1;
                         continue;
                     }
                 };
-                if c.client.try_publish(self.topics.verdict(&msg.camera), self.qos, false, payload).is_err() {
+                if c.client.try_publish(topic, self.qos, false, payload).is_err() {
                     return;
+                }
+                if let Some(sp) = &mut self.sparkplug {
+                    sp.sent(&msg.camera, Some(&msg));
                 }
                 self.metrics.verdict_published(&msg.camera, again, msg.latency_ms.publish, msg.latency_ms.total);
                 self.metrics.verdict_handed_over(&msg.camera);
@@ -883,8 +1017,12 @@ impl Link {
             && c.isolating.is_none()
             && let Some((seq, mut held)) = s.memory.pop_first()
         {
-            let payload = match self.stamp(&mut held.msg) {
-                Ok(p) => p,
+            if !self.device_born(c, &held.msg.camera) {
+                s.memory.insert(seq, held);
+                break;
+            }
+            let (topic, payload) = match self.wire(&mut held.msg) {
+                Ok(w) => w,
                 Err(why) => {
                     let json = serde_json::to_vec(&held.msg).unwrap_or_default();
                     self.outbox.dead_letter(None, &json, &why);
@@ -892,9 +1030,12 @@ impl Link {
                     continue;
                 }
             };
-            if c.client.try_publish(self.topics.verdict(&held.msg.camera), self.qos, false, payload).is_err() {
+            if c.client.try_publish(topic, self.qos, false, payload).is_err() {
                 s.memory.insert(seq, held);
                 break;
+            }
+            if let Some(sp) = &mut self.sparkplug {
+                sp.sent(&held.msg.camera, Some(&held.msg));
             }
             self.metrics.verdict_handed_over(&held.msg.camera);
             c.inflight.handed(Tag::Memory(seq, Box::new(held.msg)));
