@@ -74,16 +74,18 @@ pub fn run() -> Result<ExitCode> {
             }
             inspect_cmd(&mut det, &e, &images, &out)
         }
-        Command::Enrolments { camera, rollback, to } => {
+        Command::Enrolments { camera, product, rollback, to } => {
             let root = &base.daemon.enrolments;
             if root.as_os_str().is_empty() {
                 bail!("daemon.enrolments is \"\": this configuration keeps no learned versions");
             }
-            let v = crate::enrol::versions::Versions::existing(root, &camera)?;
+            // A recipe's versions are kept under <camera>.<recipe>.
+            let key = product.as_ref().map_or_else(|| camera.clone(), |p| format!("{camera}.{p}"));
+            let v = crate::enrol::versions::Versions::existing(root, &key)?;
             if rollback {
                 let active = v.rollback(to)?;
                 println!(
-                    "camera {camera}: version {active} is active now{}; reload the daemon to apply it (SIGHUP or POST /v1/reload)",
+                    "camera {key}: version {active} is active now{}; reload the daemon to apply it (SIGHUP or POST /v1/reload)",
                     if active == 0 { " (the base enrolment)" } else { "" }
                 );
             }

@@ -85,6 +85,9 @@ pub enum Command {
     Enrolments {
         /// The camera, as named in the config.
         camera: String,
+        /// One of the camera's recipes: its versions (each recipe learns on its own).
+        #[arg(long)]
+        product: Option<String>,
         /// Make the version before the active one active.
         #[arg(long)]
         rollback: bool,

@@ -432,3 +432,55 @@ fn a_sparkplug_host_sees_births_deaths_and_each_triggered_part_once_in_seq_order
     daemon.signal("TERM");
     daemon.wait(Duration::from_secs(30));
 }
+
+/// Each recipe learns on its own line-mode versions, and `?product=` lists and rolls back that recipe's.
+#[test]
+fn a_recipes_learned_version_is_listed_and_rolled_back_over_http() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plate = reference(dir.path(), "plate", 1.0);
+    let token = "0123456789abcdef0123456789abcdef";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let http_port = free_port();
+    let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "p5", "")
+        .replace("[outbox]", &format!("token_file = \"{}\"\n[outbox]", token_file.display()))
+        + &format!(
+            "[store]\ndir = \"\"\n[[camera]]\nname = \"cam\"\nlearn_parts = 8\n\
+             [camera.source]\nkind = \"demo\"\nfps = 0\nframes = 0\n\
+             [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n",
+            plate.display()
+        );
+    let sub = Sub::start(broker.port);
+    let mut daemon = Daemon::start(dir.path(), &config);
+    let learned = |s: &Sub| {
+        s.verdicts().iter().any(|v| v.enrolment.as_ref().is_some_and(|e| e.source.contains("learned version 1")))
+    };
+    sub.wait_for_daemon("a verdict with the learned version", Duration::from_secs(180), Some(&daemon), learned);
+    let (code, body) = http_get(http_port, "/v1/cameras/cam/enrolments?product=plate");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let listed: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed["product"], "plate");
+    assert_eq!((listed["versions"].clone(), listed["active"].clone()), (serde_json::json!([1]), serde_json::json!(1)));
+    assert_eq!(http_get(http_port, "/v1/cameras/cam/enrolments").0, 404, "the camera itself has no single enrolment");
+    assert_eq!(http_get(http_port, "/v1/cameras/cam/enrolments?product=bolt").0, 404);
+    assert_eq!(http_get(http_port, "/v1/cameras/cam/enrolments?product=a%2Fb").0, 400);
+    assert_eq!(http_get(http_port, "/v1/cameras/cam/enrolments?colour=red").0, 400);
+    assert_eq!(http(http_port, "POST", "/v1/cameras/cam/rollback?product=plate", None, "").0, 401);
+    let (code, body) = http(http_port, "POST", "/v1/cameras/cam/rollback?product=plate", Some(token), "");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let seen = sub.verdicts().len();
+    sub.wait_for_daemon("a verdict with the base enrolment", Duration::from_secs(120), Some(&daemon), |s| {
+        s.verdicts()[seen..].iter().any(|v| {
+            v.enrolment.as_ref().is_some_and(|e| !e.source.contains("learned"))
+                && !v.learning
+                && v.product.as_deref() == Some("plate")
+        })
+    });
+    daemon.signal("TERM");
+    daemon.wait(Duration::from_secs(60));
+    let history = std::fs::read_to_string(dir.path().join("enrolments/cam.plate/history.jsonl")).unwrap();
+    assert!(history.contains("\"learned\"") && history.contains("\"rollback\""), "{history}");
+}

@@ -11,7 +11,8 @@
 //!   `GET /v1/frames/{id}/chat` shows the conversation so far. Asking needs the token, as writes do.
 //! - `GET /v1/cameras/{camera}/enrolments`: what line mode learned (versions, the active one, history);
 //!   `POST /v1/cameras/{camera}/rollback` (`{"version": n}`, or no body for the version before the active
-//!   one; 0 is the base enrolment) makes another version active and reloads.
+//!   one; 0 is the base enrolment) makes another version active and reloads. `?product=<recipe>` on
+//!   either addresses that recipe's versions (each recipe learns on its own).
 //! - `GET /v1/cameras/{camera}/recipes`: its recipes (name, enrolment, memory) and the one in use;
 //!   `POST /v1/cameras/{camera}/recipe` (`{"product":"bracket-b"}`, token) switches it at once (docs/PLC.md).
 //! - `GET /v1/dead-letters`: verdicts the broker would not take, with why and when (newest last).
@@ -204,27 +205,48 @@ async fn trigger(State(s): State<HttpState>, body: axum::body::Bytes) -> Respons
     }
 }
 
-/// The camera's version folder, or the response that says why there is none.
-fn versions(s: &HttpState, camera: &str) -> Result<Versions, Box<Response>> {
+/// `?product=` of the version endpoints: a recipe's versions instead of the camera's single enrolment.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionQuery {
+    pub product: Option<String>,
+}
+
+/// The version folder of a camera (or of one of its recipes), or the response that says why there is
+/// none. Recipes keep theirs under `<camera>.<recipe>`.
+fn versions(s: &HttpState, camera: &str, product: Option<&str>) -> Result<Versions, Box<Response>> {
+    let bad = |why: &'static str| Box::new((StatusCode::BAD_REQUEST, why).into_response());
     if !crate::config::daemon::valid_name(camera) {
-        return Err(Box::new((StatusCode::BAD_REQUEST, "not a camera name\n").into_response()));
+        return Err(bad("not a camera name\n"));
+    }
+    if product.is_some_and(|p| !crate::config::daemon::valid_name(p)) {
+        return Err(bad("not a recipe name\n"));
     }
     if s.enrolments.as_os_str().is_empty() {
         let why = "daemon.enrolments is \"\": learned versions are not kept\n";
         return Err(Box::new((StatusCode::NOT_FOUND, why).into_response()));
     }
-    Versions::existing(&s.enrolments, camera)
+    let key = product.map_or_else(|| camera.to_string(), |p| format!("{camera}.{p}"));
+    Versions::existing(&s.enrolments, &key)
         .map_err(|e| Box::new((StatusCode::NOT_FOUND, format!("{e}\n")).into_response()))
 }
 
-async fn enrolments(State(s): State<HttpState>, Path(camera): Path<String>) -> Response {
-    let v = match versions(&s, &camera) {
+async fn enrolments(
+    State(s): State<HttpState>,
+    Path(camera): Path<String>,
+    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return (StatusCode::BAD_REQUEST, "the only query is ?product=<recipe>\n").into_response();
+    };
+    let v = match versions(&s, &camera, q.product.as_deref()) {
         Ok(v) => v,
         Err(r) => return *r,
     };
     let listed = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, VersionError> {
         Ok(serde_json::json!({
             "camera": camera,
+            "product": q.product,
             "versions": v.list()?,
             "active": v.active()?,
             "history": v.history()?,
@@ -306,22 +328,33 @@ struct RollbackBody {
     version: Option<u32>,
 }
 
-async fn rollback(State(s): State<HttpState>, Path(camera): Path<String>, body: axum::body::Bytes) -> Response {
+async fn rollback(
+    State(s): State<HttpState>,
+    Path(camera): Path<String>,
+    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return (StatusCode::BAD_REQUEST, "the only query is ?product=<recipe>\n").into_response();
+    };
     let version = match rollback_body(&body) {
         Ok(v) => v,
         Err(e) => return bad_body(&s, e),
     };
-    let v = match versions(&s, &camera) {
+    let v = match versions(&s, &camera, q.product.as_deref()) {
         Ok(v) => v,
         Err(r) => return *r,
     };
     match tokio::task::spawn_blocking(move || v.rollback(version)).await {
         Ok(Ok(active)) => {
-            tracing::warn!(camera, "enrolment rolled back over HTTP: version {active} is active; reloading");
+            let product = q.product.as_deref().unwrap_or("");
+            tracing::warn!(camera, product, "enrolment rolled back over HTTP: version {active} is active; reloading");
             if s.commands.send(Command::Reload).is_err() {
                 return (StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping\n").into_response();
             }
-            json(StatusCode::OK, &serde_json::json!({"camera": camera, "active": active, "reload": "requested"}))
+            let body =
+                serde_json::json!({"camera": camera, "product": q.product, "active": active, "reload": "requested"});
+            json(StatusCode::OK, &body)
         }
         Ok(Err(e @ (VersionError::NoSuchVersion { .. } | VersionError::AtBase { .. }))) => {
             (StatusCode::CONFLICT, format!("{e}\n")).into_response()
