@@ -278,9 +278,10 @@ pub fn evaluate(
 
 /// The plain PatchCore recipe on anomalyd's encoder, shots and pixel budget: every image squashed to
 /// the first shot's input, strides 8+16 pooled 3x3 and concatenated, L2 nearest neighbour anywhere in
-/// the bank, no background mask, image score = the largest patch distance.
+/// the bank (exactly), no background mask, image score = the largest patch distance.
 pub fn patchcore(cfg: &DetectConfig) -> DetectConfig {
     DetectConfig {
+        search_lists: 0,
         metric: MetricChoice::L2,
         window: 1.0,
         geometry: GeometryChoice::Aligned,

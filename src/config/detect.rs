@@ -42,6 +42,12 @@ pub struct DetectConfig {
     pub scale_augment: Vec<f32>,
     /// Most rows a layer's memory bank may hold; more are reduced by greedy coreset subsampling.
     pub max_bank: usize,
+    /// Approximate nearest-neighbour search for textures' banks of 4096 rows or more (CPU path; the GPU
+    /// searches exactly): an inverted file of this many k-means lists (default 128); 0 searches exactly.
+    /// Measured in docs/RESULTS.md ("Approximate search").
+    pub search_lists: usize,
+    /// With `search_lists`: the lists each patch is compared with.
+    pub search_probe: usize,
     /// Smallest region reported, as a fraction of the image.
     pub min_region: f32,
     /// Mask patches of the plain background out of the score: `auto` does so for an aligned object
@@ -74,6 +80,8 @@ impl Default for DetectConfig {
             scale_augment: vec![0.75, 1.333],
             rotate_map: true,
             max_bank: 16_384,
+            search_lists: 128,
+            search_probe: 8,
             min_region: 0.0005,
             foreground: Switch::Auto,
             false_reject_target: 0.05,

@@ -138,6 +138,12 @@ impl Config {
         if d.max_bank < 256 {
             p.push(format!("detect.max_bank = {}: use at least 256", d.max_bank));
         }
+        if d.search_lists > 0 && !(1..=d.search_lists).contains(&d.search_probe) {
+            p.push(format!(
+                "detect.search_probe = {}: use 1 to detect.search_lists ({})",
+                d.search_probe, d.search_lists
+            ));
+        }
         if !(0.0..0.5).contains(&d.min_region) {
             p.push(format!("detect.min_region = {}: use a fraction below 0.5", d.min_region));
         }

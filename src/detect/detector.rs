@@ -14,6 +14,7 @@
 //! holds the eight rotations and flips of the shots (AnomalyDINO), and their image score comes from a
 //! cosine stride-16 layer whose bank also holds the shots at the `scale_augment` scales.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -23,6 +24,7 @@ use crate::detect::background;
 use crate::detect::enrolment::{ALIGN, Bank, Enrolment, EnrolmentMeta};
 use crate::detect::features::{self, Distance, Patches};
 use crate::detect::inspection::{DetectError, Inspection, Scored, Timings, verdict};
+use crate::detect::ivf::Ivf;
 use crate::detect::map::{self, Grid};
 use crate::engine::encoder::Encoder;
 use crate::util::imageio::{self, Dihedral};
@@ -195,11 +197,22 @@ impl Detector {
         Ok(views)
     }
 
-    /// Scores an image already brought to its encoder-input size against `banks`.
+    /// Scores an image already brought to its encoder-input size against `banks` (searched exactly).
     pub fn score_prepared(
         &mut self,
         meta: &EnrolmentMeta,
         banks: &[Bank],
+        img: &RgbImage,
+    ) -> Result<Scored, DetectError> {
+        self.score_indexed(meta, banks, &[], img)
+    }
+
+    /// [`Detector::score_prepared`], searching a bank through its index where `index` holds one.
+    pub fn score_indexed(
+        &mut self,
+        meta: &EnrolmentMeta,
+        banks: &[Bank],
+        index: &[Option<Arc<Ivf>>],
         img: &RgbImage,
     ) -> Result<Scored, DetectError> {
         let t0 = Instant::now();
@@ -210,7 +223,7 @@ impl Detector {
         let maps = self.encoder.run(tensor, img.height() as usize, img.width() as usize, &outputs)?;
         let t2 = Instant::now();
         let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool, &meta.distances);
-        let mut grids = distances(&patches, banks, meta.window, &meta.distances);
+        let mut grids = distances(&patches, banks, index, meta, &meta.distances);
         if let Some(bg) = &meta.background {
             let fg = background::foreground(img, bg);
             grids = grids.iter().map(|g| mask_background(g, img.width(), img.height(), &fg)).collect();
@@ -291,7 +304,7 @@ impl Detector {
         let (w, h) = enrolment.meta.geometry.input_size(img.width(), img.height());
         let prepared = imageio::resize(img, w, h);
         let resize_ms = t0.elapsed().as_secs_f32() * 1e3;
-        let mut scored = self.score_prepared(&enrolment.meta, &enrolment.banks, &prepared)?;
+        let mut scored = self.score_indexed(&enrolment.meta, &enrolment.banks, &enrolment.index, &prepared)?;
         scored.timings.preprocess_ms += resize_ms;
         let th = &enrolment.meta.thresholds;
         Ok(verdict(scored, th, enrolment.meta.min_region, img.width(), img.height()))
@@ -328,15 +341,25 @@ pub(crate) fn group_patches(
         .collect()
 }
 
-/// The decoder's search: each bank layer's nearest-neighbour distance grid (within `window` of each
-/// patch's place when it is below 1).
-pub fn distances(patches: &[Patches], banks: &[Bank], window: f32, distances: &[Distance]) -> Vec<Grid> {
+/// The decoder's search: each bank layer's nearest-neighbour distance grid (within `meta.window` of
+/// each patch's place when it is below 1), through the layer's index when `index` has one.
+pub fn distances(
+    patches: &[Patches],
+    banks: &[Bank],
+    index: &[Option<Arc<Ivf>>],
+    meta: &EnrolmentMeta,
+    distances: &[Distance],
+) -> Vec<Grid> {
     patches
         .iter()
         .zip(banks)
         .zip(distances)
-        .map(|((p, bank), &metric)| {
-            let (dist, _) = features::nearest_within(&p.rows, &p.pos, &bank.rows, &bank.pos, bank.dim, window, metric);
+        .enumerate()
+        .map(|(l, ((p, bank), &metric))| {
+            let (dist, _) = match index.get(l) {
+                Some(Some(ivf)) => ivf.search(&p.rows, meta.search.probe),
+                _ => features::nearest_within(&p.rows, &p.pos, &bank.rows, &bank.pos, bank.dim, meta.window, metric),
+            };
             Grid::new(p.w, p.h, dist)
         })
         .collect()

@@ -1,9 +1,12 @@
 //! What an enrolment holds and the detector applies: how images reach the encoder ([`Geometry`]), the
 //! memory banks, the background model, the thresholds and the calibration evidence behind them.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::detect::features::Distance;
+use crate::detect::ivf::Ivf;
 use crate::detect::map::quantile;
 use crate::detect::normal::NormalModel;
 use crate::engine::encoder::InputSpec;
@@ -91,6 +94,9 @@ pub struct EnrolmentMeta {
     #[serde(rename = "metrics")]
     pub distances: Vec<Distance>,
     pub top_fraction: f32,
+    /// Approximate search on large banks of textures (`detect.search_lists`; 0: exact, as before).
+    #[serde(default)]
+    pub search: Search,
     pub sigma: f32,
     pub min_region: f32,
     pub background: Option<Background>,
@@ -101,6 +107,17 @@ pub struct EnrolmentMeta {
 }
 
 /// A product's enrolment: decisions plus the memory bank.
+/// The decoder's nearest-neighbour search on a bank searched whole (textures): exact (`lists` 0), or an
+/// inverted file of `lists` k-means lists of which each patch probes `probe` ([`Ivf`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Search {
+    pub lists: usize,
+    pub probe: usize,
+}
+
+/// Banks smaller than this are searched exactly whatever [`Search`] says: they are fast already.
+pub const MIN_INDEXED_ROWS: usize = 4096;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Enrolment {
     pub meta: EnrolmentMeta,
@@ -108,11 +125,21 @@ pub struct Enrolment {
     /// Identity of this enrolment's bank in this process (a GPU uploads each bank once). Make a new
     /// enrolment with [`Enrolment::new`] rather than editing `banks` in place.
     pub bank_id: BankId,
+    /// Each bank's approximate-search index, where `meta.search` asks for one (CPU path only).
+    pub index: Vec<Option<Arc<Ivf>>>,
 }
 
 impl Enrolment {
     pub fn new(meta: EnrolmentMeta, banks: Vec<Bank>) -> Self {
-        Self { meta, banks, bank_id: BankId::fresh() }
+        let index = banks
+            .iter()
+            .zip(&meta.distances)
+            .map(|(b, &metric)| {
+                let wanted = meta.search.lists > 0 && meta.window >= 1.0 && b.len() >= MIN_INDEXED_ROWS;
+                wanted.then(|| Arc::new(Ivf::build(&b.rows, b.dim, metric, meta.search.lists, 8, 0x1f)))
+            })
+            .collect();
+        Self { meta, banks, bank_id: BankId::fresh(), index }
     }
 
     /// Memory its banks take (patch features and positions).

@@ -279,7 +279,7 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window, metri
 const CORESET_DIM: usize = 64;
 
 /// Distances from the best similarity values of [`nearest_impl`].
-fn finish(best: &[f32], queries: &[f32], dim: usize, metric: Distance) -> Vec<f32> {
+pub(crate) fn finish(best: &[f32], queries: &[f32], dim: usize, metric: Distance) -> Vec<f32> {
     match metric {
         Distance::Cosine => best.iter().map(|s| (1.0 - s).max(0.0)).collect(),
         Distance::L2 => {
@@ -352,7 +352,7 @@ fn project(rows: &[f32], dim: usize, out: usize) -> Vec<f32> {
     p
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 

@@ -1,6 +1,6 @@
 //! Inspection: the decoder that turns encoder features into an anomaly map, a score, regions and a
 //! verdict. [`detector`] holds the `Detector` and the enrolment values it applies; [`features`] the
-//! patch descriptors and the nearest-neighbour search; [`map`] grid operations; [`regions`] connected
+//! patch descriptors and the nearest-neighbour search; [`ivf`] its approximate form for large banks; [`map`] grid operations; [`regions`] connected
 //! regions; [`background`] the plain-backdrop mask; [`normal`] the model of good parts' score spread;
 //! [`drift`] the watch on the line's scores; [`overlay`] heat maps; [`gpu`] the same on the GPU.
 
@@ -12,6 +12,7 @@ pub mod features;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod inspection;
+pub mod ivf;
 pub mod map;
 pub mod normal;
 pub mod overlay;

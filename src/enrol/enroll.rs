@@ -152,6 +152,7 @@ impl Detector {
             score_scales: if texture && score_group.is_some() { cfg.scale_augment.clone() } else { Vec::new() },
             distances,
             top_fraction: cfg.top_fraction,
+            search: crate::detect::enrolment::Search { lists: cfg.search_lists, probe: cfg.search_probe },
             sigma: cfg.sigma,
             min_region: cfg.min_region,
             background,

@@ -189,6 +189,7 @@ pub fn sample_for_tests() -> Enrolment {
             distances: vec![crate::detect::features::Distance::Cosine, crate::detect::features::Distance::L2],
             pool: 3,
             top_fraction: 0.01,
+            search: Default::default(),
             sigma: 4.0,
             min_region: 0.001,
             background: None,
