@@ -204,25 +204,8 @@ fn nearest_impl(queries: &[f32], bank: &[f32], dim: usize, window: Window, metri
         };
         for b0 in (lo..hi).step_by(BANK_BLOCK) {
             let n = BANK_BLOCK.min(hi - b0);
-            // sims[m x n] = Q[m x dim] * B^T[dim x n]; B is row-major, so B^T has row stride 1.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    dim,
-                    n,
-                    1.0,
-                    queries[q0 * dim..].as_ptr(),
-                    dim as isize,
-                    1,
-                    bank[b0 * dim..].as_ptr(),
-                    1,
-                    dim as isize,
-                    0.0,
-                    sims.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
+            // sims[m x n] = Q[m x dim] * B^T[dim x n].
+            gemm(&queries[q0 * dim..], m, &bank[b0 * dim..], n, dim, &mut sims);
             if metric == Distance::L2 {
                 for i in 0..m {
                     for (v, bsq) in sims[i * n..(i + 1) * n].iter_mut().zip(&bank_sq[b0..b0 + n]) {
@@ -350,6 +333,35 @@ fn project(rows: &[f32], dim: usize, out: usize) -> Vec<f32> {
         );
     }
     p
+}
+
+/// `out[i * n + j] = a_i . b_j` for `m` rows of `a` and `n` rows of `b`, both row-major of width `dim`:
+/// one matrix product (matrixmultiply's SIMD sgemm).
+pub(crate) fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, dim: usize, out: &mut [f32]) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= m * dim && b.len() >= n * dim && out.len() >= m * n);
+    // SAFETY: the bounds are checked above; the strides describe row-major A (m x dim), B^T (dim x n,
+    // B row-major, so B^T has row stride 1) and C (m x n).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            dim,
+            n,
+            1.0,
+            a.as_ptr(),
+            dim as isize,
+            1,
+            b.as_ptr(),
+            1,
+            dim as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
 }
 
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -4,7 +4,7 @@
 //! probe gets a farther row, so its distance can only grow. Exact search
 //! ([`features::nearest_within`](super::features::nearest_within)) stays the reference.
 
-use super::features::{Distance, dot, finish};
+use super::features::{Distance, dot, finish, gemm};
 use crate::util::rng::Rng;
 
 /// Queries compared with one list at a time.
@@ -21,34 +21,6 @@ pub struct Ivf {
     ids: Vec<u32>,
     rows: Vec<f32>,
     rows_sq: Vec<f32>,
-}
-
-/// `out[i * n + j] = a_i . b_j` for `m` rows of `a` and `n` rows of `b`, both row-major of width `dim`.
-fn gemm(a: &[f32], m: usize, b: &[f32], n: usize, dim: usize, out: &mut [f32]) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= m * dim && b.len() >= n * dim && out.len() >= m * n);
-    // SAFETY: the bounds are checked above; strides describe row-major A (m x dim), B^T (dim x n) and
-    // C (m x n).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            dim,
-            n,
-            1.0,
-            a.as_ptr(),
-            dim as isize,
-            1,
-            b.as_ptr(),
-            1,
-            dim as isize,
-            0.0,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
 }
 
 /// What the search maximises for a dot product `s` with a row of squared norm `sq`: `s` for cosine
