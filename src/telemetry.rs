@@ -419,7 +419,7 @@ impl Metrics {
         r.register("modbus_exceptions", "Modbus exception responses by exception code", m.modbus_exceptions.clone());
         r.register(
             "sparkplug_births",
-            "Sparkplug B births sent, by reason: connect, host_online (the primary host came online) or rebirth (an NCMD asked)",
+            "Sparkplug B births sent, by reason: connect, host_online (the primary host came online), rebirth (an NCMD asked) or new_camera",
             m.sparkplug_births.clone(),
         );
         r.register(
