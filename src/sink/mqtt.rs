@@ -465,22 +465,24 @@ impl Link {
                 self.state.connected.store(true, Ordering::SeqCst);
                 self.metrics.mqtt_connected(true);
                 tracing::info!("connected to the MQTT broker");
-                self.status(c, &self.topics.status(), "online");
-                for (topic, payload) in &s.states {
-                    self.status(c, topic, payload);
-                }
+                // Subscribed before `online` is announced: the broker takes them in order, so a client
+                // that commands on seeing `online` is never lost to a subscription not yet made.
                 let _ = c.client.try_subscribe(self.topics.command(), QoS::AtLeastOnce);
                 let _ = c.client.try_subscribe(self.topics.chat_request(), QoS::AtLeastOnce);
                 if let Some(sp) = &self.sparkplug {
                     let _ = c.client.try_subscribe(sp.ncmd_topic(), QoS::AtLeastOnce);
                     let _ = c.client.try_subscribe(sp.dcmd_filter(), QoS::AtLeastOnce);
-                    match sp.state_topic() {
-                        // Births wait for the host's retained STATE.
-                        Some(state) => {
-                            let _ = c.client.try_subscribe(state, QoS::AtLeastOnce);
-                        }
-                        None => self.births(c, "connect"),
+                    // Births wait for the host's retained STATE.
+                    if let Some(state) = sp.state_topic() {
+                        let _ = c.client.try_subscribe(state, QoS::AtLeastOnce);
                     }
+                }
+                self.status(c, &self.topics.status(), "online");
+                for (topic, payload) in &s.states {
+                    self.status(c, topic, payload);
+                }
+                if self.sparkplug.as_ref().is_some_and(|sp| !sp.waits_for_host()) {
+                    self.births(c, "connect");
                 }
             }
             Event::Outgoing(rumqttc::Outgoing::Disconnect) if c.leaving => c.left = true,
