@@ -24,7 +24,7 @@ use crate::control::http::{self, HttpState};
 use crate::control::modbus::ModbusServer;
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
-use crate::detect::enrolment::{Enrolment, EnrolmentMeta};
+use crate::detect::enrolment::EnrolmentMeta;
 use crate::enrol::reference::{self, ReferenceError};
 use crate::enrol::versions::Versions;
 use crate::sink::mqtt::{self, MqttState, Topics};
@@ -1030,9 +1030,9 @@ fn build_model(
     let base_id = enrolment_id(&enrolment);
     // The versions belong to the reference, which a folder re-enrols at every start and reload: its
     // identity leaves out the moment of enrolment.
-    let reference_id = enrolment_id(&Enrolment::new(
-        EnrolmentMeta { created_unix: 0, ..enrolment.meta.clone() },
-        enrolment.banks.clone(),
+    let reference_id = id_of(&crate::enrol::file::encode(
+        &EnrolmentMeta { created_unix: 0, ..enrolment.meta.clone() },
+        &enrolment.banks,
     ));
     let enc = det.encoder();
     let mut model = CameraModel {
@@ -1089,6 +1089,10 @@ fn build_model(
 
 /// First 16 hex digits of an enrolment's sha256: changes whenever the enrolment does.
 pub fn enrolment_id(e: &crate::detect::enrolment::Enrolment) -> String {
-    let digest = Sha256::digest(crate::enrol::file::to_bytes(e));
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    id_of(&crate::enrol::file::to_bytes(e))
+}
+
+/// The first 16 hex digits of the sha256 of an enrolment's bytes.
+fn id_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -39,14 +39,19 @@ pub enum EnrolmentError {
 
 /// Serialises an enrolment to bytes.
 pub fn to_bytes(e: &Enrolment) -> Vec<u8> {
-    let meta = serde_json::to_vec(&e.meta).expect("enrolment metadata serialises");
-    let mut out = Vec::with_capacity(64 + meta.len() + e.banks.iter().map(|b| b.rows.len() * 4 + 20).sum::<usize>());
+    encode(&e.meta, &e.banks)
+}
+
+/// [`to_bytes`] of an enrolment's parts, without making the enrolment (and its search index).
+pub fn encode(meta: &EnrolmentMeta, banks: &[Bank]) -> Vec<u8> {
+    let meta = serde_json::to_vec(meta).expect("enrolment metadata serialises");
+    let mut out = Vec::with_capacity(64 + meta.len() + banks.iter().map(|b| b.rows.len() * 4 + 20).sum::<usize>());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(e.banks.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(banks.len() as u32).to_le_bytes());
     out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
     out.extend_from_slice(&meta);
-    for (i, b) in e.banks.iter().enumerate() {
+    for (i, b) in banks.iter().enumerate() {
         out.extend_from_slice(&(b.stride as u32).to_le_bytes());
         out.extend_from_slice(&(i as u32).to_le_bytes());
         out.extend_from_slice(&(b.dim as u32).to_le_bytes());
