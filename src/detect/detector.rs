@@ -223,7 +223,7 @@ impl Detector {
         let maps = self.encoder.run(tensor, img.height() as usize, img.width() as usize, &outputs)?;
         let t2 = Instant::now();
         let patches = group_patches(&maps, &outputs, &meta.groups, meta.pool, &meta.distances);
-        let mut grids = distances(&patches, banks, index, meta, &meta.distances);
+        let mut grids = distances(&patches, banks, index, meta);
         if let Some(bg) = &meta.background {
             let fg = background::foreground(img, bg);
             grids = grids.iter().map(|g| mask_background(g, img.width(), img.height(), &fg)).collect();
@@ -343,17 +343,11 @@ pub(crate) fn group_patches(
 
 /// The decoder's search: each bank layer's nearest-neighbour distance grid (within `meta.window` of
 /// each patch's place when it is below 1), through the layer's index when `index` has one.
-pub fn distances(
-    patches: &[Patches],
-    banks: &[Bank],
-    index: &[Option<Arc<Ivf>>],
-    meta: &EnrolmentMeta,
-    distances: &[Distance],
-) -> Vec<Grid> {
+pub fn distances(patches: &[Patches], banks: &[Bank], index: &[Option<Arc<Ivf>>], meta: &EnrolmentMeta) -> Vec<Grid> {
     patches
         .iter()
         .zip(banks)
-        .zip(distances)
+        .zip(&meta.distances)
         .enumerate()
         .map(|(l, ((p, bank), &metric))| {
             let (dist, _) = match index.get(l) {
