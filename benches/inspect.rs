@@ -10,6 +10,9 @@ use anomalyd::engine::encoder::Encoder;
 use anomalyd::source::demo::{self, Defect};
 use criterion::{Criterion, criterion_group, criterion_main};
 
+#[path = "common/bank.rs"]
+mod bank;
+
 fn inspect(c: &mut Criterion) {
     let cfg = EngineConfig { providers: vec![Provider::Cpu], ..EngineConfig::default() };
     let encoder = match Encoder::load(&cfg) {
@@ -40,35 +43,8 @@ fn inspect(c: &mut Criterion) {
 fn search(c: &mut Criterion) {
     use anomalyd::detect::features::{Distance, nearest};
     use anomalyd::detect::ivf::Ivf;
-    let (dim, clusters, per) = (152, 512, 34);
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut normal = move || {
-        // Sum of uniforms: close enough to Gaussian for a benchmark's data.
-        (0..4)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .sum::<f32>()
-    };
-    let mut rows = Vec::new();
-    for _ in 0..clusters {
-        let centre: Vec<f32> = (0..dim).map(|_| normal()).collect();
-        for _ in 0..per {
-            let mut r: Vec<f32> = centre.iter().map(|c| c + 0.4 * normal()).collect();
-            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-            r.iter_mut().for_each(|v| *v /= n);
-            rows.extend(r);
-        }
-    }
-    // Every 17th row is a query (a held-out neighbour of the bank's), the rest the bank.
-    let (mut bank, mut queries) = (Vec::new(), Vec::new());
-    for (i, r) in rows.chunks_exact(dim).enumerate() {
-        if i % 17 == 16 { queries.extend_from_slice(r) } else { bank.extend_from_slice(r) }
-    }
-    let (bank, queries) = (&bank[..], &queries[..1008 * dim]);
+    let (bank, queries) = bank::generated();
+    let (bank, queries, dim) = (&bank[..], &queries[..], bank::DIM);
     let ivf = Ivf::build(bank, dim, Distance::Cosine, 128, 8, 0x1f);
     // Recall@1 beside the times: the share of queries whose nearest row the index finds.
     let (_, exact) = nearest(queries, bank, dim);
