@@ -90,9 +90,6 @@ TOML
 } >"$work/load.toml"
 "$bin" --config "$work/load.toml" run >/dev/null 2>"$work/load.log" &
 pids+=($!)
-frames() { curl -s "127.0.0.1:$http/metrics" | awk '/^anomalyd_frames_total/ { n += $2 } END { print n + 0 }'; }
-until curl -sf "127.0.0.1:$http/readyz" >/dev/null; do sleep 0.5; done
-sleep 3
 # The PLC's polling, as a PLC scans: status bits and result registers every 2 ms. It runs on the same
 # cores as anomalyd here (a real PLC does not), so the figure overstates the cost.
 poll() {
@@ -110,21 +107,8 @@ except Exception:
     pass
 PY
 }
-: >"$work/rates"
-for round in 1 2 3 4 5 6 7 8; do
-  for mode in idle polling; do
-    [[ $mode == polling ]] && { poll & ppid=$!; sleep 0.5; }
-    a=$(frames); sleep "$secs"; b=$(frames)
-    [[ $mode == polling ]] && { kill $ppid; wait $ppid 2>/dev/null || true; }
-    echo "$mode $(awk -v a="$a" -v b="$b" -v s="$secs" 'BEGIN { printf "%.1f", (b - a) / s }')" | tee -a "$work/rates"
-  done
-done
-$py - "$work/rates" <<'PY'
-import statistics, sys
-r = {}
-for line in open(sys.argv[1]):
-    mode, v = line.split()
-    r.setdefault(mode, []).append(float(v))
-for mode, v in r.items():
-    print(f"{mode}: median {statistics.median(v):.1f} frames/s (min {min(v):.1f}, max {max(v):.1f}, {len(v)} rounds)")
-PY
+start_poll() { poll & ppid=$!; sleep 0.5; }
+stop_poll() { kill $ppid; wait $ppid 2>/dev/null || true; }
+# shellcheck source=scripts/lib/load-rounds.sh
+. scripts/lib/load-rounds.sh
+load_rounds "$http" "$secs" polling start_poll stop_poll

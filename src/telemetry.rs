@@ -75,6 +75,13 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub camera: String,
+    pub method: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LlmInfoLabels {
     pub model: String,
 }
@@ -162,6 +169,9 @@ pub struct Metrics {
     modbus_triggers: Family<ReasonLabels, Counter>,
     modbus_exceptions: Family<ResultLabel, Counter>,
     modbus_result_seconds: HistFamily<CameraLabel>,
+    opcua_calls: Family<MethodLabels, Counter>,
+    opcua_sessions: Family<ResultLabel, Counter>,
+    opcua_results_missed: Family<CameraLabel, Counter>,
     sparkplug_births: Family<ResultLabel, Counter>,
     sparkplug_host_online: Gauge,
     learned_parts: Family<ReasonLabels, Counter>,
@@ -242,6 +252,9 @@ impl Metrics {
             modbus_triggers: Family::default(),
             modbus_exceptions: Family::default(),
             modbus_result_seconds: Family::new_with_constructor(latency_histogram),
+            opcua_calls: Family::default(),
+            opcua_sessions: Family::default(),
+            opcua_results_missed: Family::default(),
             sparkplug_births: Family::default(),
             sparkplug_host_online: Gauge::default(),
             learned_parts: Family::default(),
@@ -418,6 +431,21 @@ impl Metrics {
         );
         r.register("modbus_exceptions", "Modbus exception responses by exception code", m.modbus_exceptions.clone());
         r.register(
+            "opcua_calls",
+            "OPC UA method calls by camera, method (Trigger, SelectRecipe) and result: good, or the status code's name",
+            m.opcua_calls.clone(),
+        );
+        r.register(
+            "opcua_sessions",
+            "OPC UA session activations: accepted, or refused (anonymous, bad user or password, unknown certificate)",
+            m.opcua_sessions.clone(),
+        );
+        r.register(
+            "opcua_results_missed",
+            "Verdicts the OPC UA server fell too far behind to show (its last result and event skip them)",
+            m.opcua_results_missed.clone(),
+        );
+        r.register(
             "sparkplug_births",
             "Sparkplug B births sent, by reason: connect, host_online (the primary host came online), rebirth (an NCMD asked) or new_camera",
             m.sparkplug_births.clone(),
@@ -592,6 +620,22 @@ impl Metrics {
     /// A Modbus part's result was latched, this long after its trigger.
     pub fn modbus_result(&self, cam: &str, seconds: f64) {
         self.modbus_result_seconds.get_or_create(&camera(cam)).observe(seconds);
+    }
+
+    /// An OPC UA method call on a camera, and its result (`good` or a status code's name).
+    pub fn opcua_call(&self, cam: &str, method: &str, outcome: &str) {
+        let labels = MethodLabels { camera: cam.into(), method: method.into(), result: outcome.into() };
+        self.opcua_calls.get_or_create(&labels).inc();
+    }
+
+    /// An OPC UA session tried to activate: `accepted` or `refused`.
+    pub fn opcua_session(&self, outcome: &str) {
+        self.opcua_sessions.get_or_create(&result(outcome)).inc();
+    }
+
+    /// The OPC UA server's view of a camera skipped `n` verdicts (it fell behind the stream).
+    pub fn opcua_results_missed(&self, cam: &str, n: u64) {
+        self.opcua_results_missed.get_or_create(&camera(cam)).inc_by(n);
     }
 
     /// A camera switched its recipe in use from `from` to `to`.

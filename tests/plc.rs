@@ -21,18 +21,25 @@ fn reference(dir: &Path, name: &str, gain: f32) -> std::path::PathBuf {
     d
 }
 
+/// A folder of `good` good demo parts followed by a scratched one, for a `files` source to repeat:
+/// every `good + 1`-th frame is NG.
+fn part_frames(dir: &Path, good: u64) -> std::path::PathBuf {
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for v in 1..=good {
+        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
+    }
+    demo::part(good + 1, Defect::Scratch).save(frames.join(format!("{:02}.png", good + 1))).unwrap();
+    frames
+}
+
 #[test]
 fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trigger() {
     let Some(broker) = Mosquitto::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (plate, dark) = (reference(dir.path(), "plate", 1.0), reference(dir.path(), "dark", 0.6));
-    let frames = dir.path().join("frames");
-    std::fs::create_dir_all(&frames).unwrap();
-    for v in 1..=6 {
-        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
-    }
     // Every seventh part is scratched: NG frames to store under either recipe.
-    demo::part(7, Defect::Scratch).save(frames.join("07.png")).unwrap();
+    let frames = part_frames(dir.path(), 6);
     let http_port = free_port();
     let token = "0123456789abcdef0123456789abcdef";
     let token_file = dir.path().join("token");
@@ -140,6 +147,9 @@ fn recipes_switch_mid_stream_and_each_part_is_judged_with_the_recipe_of_its_trig
     assert_eq!(metric(&m, r#"anomalyd_recipe_active{camera="line",product="plate"}"#), 0.0);
     assert!(metric(&m, r#"anomalyd_recipe_bytes{camera="line",product="plate"}"#) > 0.0);
     assert_eq!(metric(&m, r#"anomalyd_recipe_switches_total{camera="line"}"#), 1.0);
+    // Each command once: 12 triggers and the switch accepted, the switch to "bolt" refused (not both).
+    assert_eq!(metric(&m, r#"anomalyd_commands_total{result="accepted"}"#), 13.0, "{m}");
+    assert_eq!(metric(&m, r#"anomalyd_commands_total{result="unknown"}"#), 1.0);
     let judged_dark: f64 = ["OK", "NG"]
         .iter()
         .map(|v| {
@@ -227,12 +237,7 @@ fn a_pymodbus_plc_runs_the_handshake_for_200_parts_and_is_refused_what_it_must_b
     let Some(broker) = Mosquitto::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let plate = reference(dir.path(), "plate", 1.0);
-    let frames = dir.path().join("frames");
-    std::fs::create_dir_all(&frames).unwrap();
-    for v in 1..=5 {
-        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
-    }
-    demo::part(6, Defect::Scratch).save(frames.join("06.png")).unwrap();
+    let frames = part_frames(dir.path(), 5);
     let modbus_port = free_port();
     let config = base_config(dir.path(), broker.port, "", "p2", "exit_when_sources_end = false\n")
         + &format!(
@@ -316,6 +321,132 @@ fn a_pymodbus_plc_runs_the_handshake_for_200_parts_and_is_refused_what_it_must_b
 }
 
 #[test]
+fn an_asyncua_client_logs_in_triggers_parts_and_gets_each_result_as_an_event() {
+    let Some(py) = python_with("asyncua") else { return };
+    let Some(broker) = Mosquitto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let plate = reference(dir.path(), "plate", 1.0);
+    let dark = reference(dir.path(), "plate-dark", 0.7);
+    let frames = part_frames(dir.path(), 3);
+    // The client's certificate: its first session is refused and filed under the server's
+    // `rejected/`; the client then trusts it as an integrator would, by moving it to `trusted/`.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/plc/opcua_client.py");
+    let certs = dir.path().join("client");
+    let made = std::process::Command::new(&py).arg(&script).arg("make-cert").arg(&certs).status().unwrap();
+    assert!(made.success());
+    let pki = dir.path().join("pki");
+    // A second certificate, configured as a user's: its holder logs in with it instead of a password.
+    let user_cert = dir.path().join("scada");
+    assert!(std::process::Command::new(&py).arg(&script).arg("make-cert").arg(&user_cert).status().unwrap().success());
+    let password = dir.path().join("plc.password");
+    std::fs::write(&password, "a-long-plc-password-7731\n").unwrap();
+    let port = free_port();
+    let config = base_config(dir.path(), broker.port, "", "ua", "exit_when_sources_end = false\n")
+        + &format!(
+            "[store]\ndir = \"\"\n[opcua]\nlisten = \"127.0.0.1:{port}\"\npki_dir = \"{}\"\n\
+             [[opcua.user]]\nname = \"plc\"\npassword_file = \"{}\"\n\
+             [[opcua.user]]\nname = \"scada\"\ncertificate = \"{}\"\n\
+             [[camera]]\nname = \"station\"\ntrigger = \"triggered\"\nlearn_parts = 0\nstart_recipe = \"plate-dark\"\n\
+             [camera.source]\nkind = \"files\"\npath = \"{}\"\nrepeat = true\n\
+             [[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
+             [[camera.recipe]]\nname = \"plate-dark\"\nreference = \"{}\"\n",
+            pki.display(),
+            password.display(),
+            user_cert.join("client_cert.der").display(),
+            frames.display(),
+            plate.display(),
+            dark.display()
+        );
+    let sub = Sub::start(broker.port);
+    let daemon = Daemon::start(dir.path(), &config);
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg("run")
+        .args(["--url", &format!("opc.tcp://127.0.0.1:{port}/"), "--user", "plc", "--parts", "40"])
+        .arg("--password-file")
+        .arg(&password)
+        .arg("--cert")
+        .arg(certs.join("client_cert.der"))
+        .arg("--key")
+        .arg(certs.join("client_key.pem"))
+        .arg("--pki")
+        .arg(&pki)
+        .arg("--user-cert")
+        .arg(user_cert.join("client_cert.der"))
+        .arg("--user-key")
+        .arg(user_cert.join("client_key.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["cameras"], serde_json::json!(["station"]));
+    assert_eq!(r["trusted_after_rejection"].as_array().map(Vec::len), Some(1), "an unknown client is refused first");
+    for n in ["State", "ActiveRecipe", "Recipes", "Result", "Trigger", "SelectRecipe"] {
+        assert!(r["camera_children"].as_array().unwrap().iter().any(|c| c == n), "{n}: {}", r["camera_children"]);
+    }
+    assert_eq!(r["recipes"], serde_json::json!(["plate", "plate-dark"]));
+    assert_eq!(r["event_type_under_base"], true, "ResultReadyEventType is browsable under BaseEventType");
+    let c = &r["checks"];
+    assert_eq!(c["x509_user"], "", "a configured user certificate logs in: {c}");
+    for refused in ["anonymous_refused", "wrong_password_refused", "unknown_user_refused", "x509_unknown_refused"] {
+        assert!(c[refused].as_str().is_some_and(|e| !e.is_empty()), "{refused}: {c}");
+    }
+    assert_eq!(c["select_plate"], "Good:\"plate\"", "{c}");
+    assert_eq!(c["active_after_select"], "plate");
+    for (k, status) in [
+        ("select_unknown", "BadInvalidArgument"),
+        ("select_malformed", "BadInvalidArgument"),
+        ("select_no_argument", "BadArgumentsMissing"),
+        ("select_wrong_type", "BadTypeMismatch"),
+        ("trigger_too_many", "BadTooManyArguments"),
+        ("trigger_bad_part", "BadInvalidArgument"),
+    ] {
+        assert_eq!(c[k], status, "{k}: {c}");
+    }
+    // Each part: one event, the variables read back after it agree with it, the results count up.
+    let parts = r["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 40);
+    for (i, p) in parts.iter().enumerate() {
+        let id = format!("UA-{i:04}");
+        assert_eq!(p["answer"], id.as_str(), "{p}");
+        assert_eq!(p["event"]["PartId"], id.as_str(), "{p}");
+        assert_eq!(p["event"], p["read"], "the Result variables hold the event's result: {p}");
+        assert_eq!(p["event"]["ProductId"], "plate", "{p}");
+        assert_eq!(p["source_name"], "station");
+        let v = p["event"]["Verdict"].as_str().unwrap();
+        assert!(v == "OK" || v == "NG", "{p}");
+        assert_eq!(p["event_score"], p["read_score"]);
+    }
+    let seqs: Vec<u64> = parts.iter().map(|p| p["event"]["ResultSeq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(parts.iter().any(|p| p["event"]["Verdict"] == "NG"), "the scratched part comes every fourth frame");
+    assert_eq!(c["unknown_product"]["verdict"], "ERROR", "{c}");
+    assert_eq!(c["unknown_product"]["product"], "bolt", "{c}");
+
+    // Over MQTT, the same parts with the same outcomes.
+    sub.wait_for_daemon("the verdicts of 41 OPC UA parts", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts().iter().filter(|v| v.part_id.as_deref().is_some_and(|p| p.starts_with("UA-"))).count() >= 41
+    });
+    let verdicts = sub.verdicts();
+    for p in parts {
+        let id = p["event"]["PartId"].as_str().unwrap();
+        let of: Vec<_> = verdicts.iter().filter(|v| v.part_id.as_deref() == Some(id)).collect();
+        assert_eq!(of.len(), 1, "{id}: {of:?}");
+        assert_eq!(of[0].verdict.as_str(), p["event"]["Verdict"].as_str().unwrap(), "{id}");
+        assert_eq!(of[0].frame_id.as_str(), p["event"]["ResultId"].as_str().unwrap(), "{id}");
+    }
+    let log = daemon.log();
+    assert!(!log.contains("a-long-plc-password"), "the password never reaches the log");
+    eprintln!("OPC UA: trigger to ResultReady event as asyncua saw it {}", r["trigger_to_event_ms"]);
+}
+
+#[test]
 fn an_every_frame_camera_switched_mid_stream_changes_product_once_and_loses_no_frame() {
     let Some(broker) = Mosquitto::start() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -361,15 +492,10 @@ fn an_every_frame_camera_switched_mid_stream_changes_product_once_and_loses_no_f
 #[test]
 fn a_sparkplug_host_sees_births_deaths_and_each_triggered_part_once_in_seq_order() {
     let Some(py) = python_with("pysparkplug") else { return };
-    let Some(broker) = Mosquitto::start() else { return };
+    let Some(mut broker) = Mosquitto::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let plate = reference(dir.path(), "plate", 1.0);
-    let frames = dir.path().join("frames");
-    std::fs::create_dir_all(&frames).unwrap();
-    for v in 1..=3 {
-        demo::part(v, Defect::None).save(frames.join(format!("{v:02}.png"))).unwrap();
-    }
-    demo::part(4, Defect::Scratch).save(frames.join("04.png")).unwrap();
+    let frames = part_frames(dir.path(), 3);
     let token = dir.path().join("token");
     std::fs::write(&token, "sparkplug-test-token-0123456789\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -406,6 +532,9 @@ fn a_sparkplug_host_sees_births_deaths_and_each_triggered_part_once_in_seq_order
             daemon.child.kill().unwrap();
             daemon.child.wait().unwrap();
             daemon = Daemon::start(dir.path(), &config);
+        } else if line == "RESTART_BROKER" {
+            broker.stop();
+            broker.restart();
         } else {
             result = serde_json::from_str::<Value>(&line).ok();
         }
@@ -425,6 +554,18 @@ fn a_sparkplug_host_sees_births_deaths_and_each_triggered_part_once_in_seq_order
     assert_eq!(r["held"], serde_json::json!([["OFF-0", true], ["OFF-1", true], ["OFF-2", true]]));
     assert_eq!(r["will_bd_seq"], 1, "the broker published the will of the killed connection");
     assert_eq!(r["bd_seq_after_restart"], 2, "bdSeq is kept across restarts");
+    assert_eq!(r["host_reconnected"], true);
+    // Only the lost session's own death, if any: never one that names another bdSeq.
+    assert!(r["deaths_after_broker_restart"].as_array().unwrap().iter().all(|d| d == 2), "{r}");
+    // At least once: what the killed daemon had not seen acknowledged may come again, as historical data.
+    assert!(
+        r["replayed_after_kill"].as_array().unwrap().iter().all(|p| p.as_str().unwrap().starts_with("OFF-")),
+        "{r}"
+    );
+    // Each connection attempt carries a will of its own, so attempts while the broker was down count too.
+    let bd3 = r["bd_seq_after_broker_restart"].as_i64().unwrap();
+    assert!(bd3 >= 3, "a new connection after the broker restarted, a new bdSeq: {bd3}");
+    assert_eq!(r["after_broker_restart"], serde_json::json!([["BR-0", false], ["BR-1", false], ["BR-2", false]]));
     eprintln!(
         "Sparkplug B: DCMD trigger to DDATA {} ({} parts/s one at a time)",
         r["trigger_to_ddata_ms"], r["parts_per_s"]

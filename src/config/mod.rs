@@ -1,5 +1,5 @@
 //! The TOML configuration: `[engine]` and `[detect]` (the inspection core), `[llm]` (words and
-//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]`, `[modbus]` and `[[camera]]` (the daemon). Every key is
+//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]`, `[modbus]`, `[opcua]` and `[[camera]]` (the daemon). Every key is
 //! optional but the cameras; unknown keys are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
 //! `ANOMALYD__MQTT__BROKER=10.0.0.5:1883`). `config/anomalyd.toml` documents every key.
 
@@ -31,6 +31,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub llm: LlmConfig,
     pub modbus: crate::config::plc::ModbusConfig,
+    pub opcua: crate::config::plc::OpcUaConfig,
     pub camera: Vec<CameraConfig>,
 }
 
@@ -82,6 +83,7 @@ impl Config {
         let mut p = self.validate();
         p.extend(crate::config::daemon::validate(self));
         p.extend(self.modbus.validate());
+        p.extend(self.opcua.validate());
         p
     }
 
@@ -183,6 +185,8 @@ mod tests {
             ("config/examples/replay.toml", include_str!("../../config/examples/replay.toml")),
             ("config/examples/recipes.toml", include_str!("../../config/examples/recipes.toml")),
             ("config/examples/modbus.toml", include_str!("../../config/examples/modbus.toml")),
+            ("config/examples/opcua.toml", include_str!("../../config/examples/opcua.toml")),
+            ("config/examples/sparkplug.toml", include_str!("../../config/examples/sparkplug.toml")),
         ] {
             let cfg = Config::parse(text, Path::new(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!cfg.camera.is_empty(), "{name}");

@@ -1,6 +1,7 @@
-//! `[modbus]`: the controller protocols (docs/PLC.md).
+//! `[modbus]` and `[opcua]`: the controller protocols (docs/PLC.md).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,106 @@ impl ModbusConfig {
             if Allowed::parse(a).is_none() {
                 p.push(format!("modbus.allow: {a:?} is not an address or a block such as \"10.0.0.0/24\""));
             }
+        }
+        p
+    }
+}
+
+/// `[opcua]`: an OPC UA server with a node tree shaped after OPC 40100 (Machine Vision): per camera
+/// its state, recipe and last result, a `ResultReady` event, and the methods `Trigger` and
+/// `SelectRecipe`. Off unless `listen` is set; anonymous sessions are refused unless `anonymous`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpcUaConfig {
+    /// `address:port` the server listens on (4840 is OPC UA's port); "" (the default) turns it off.
+    pub listen: String,
+    /// Security policies of the endpoints, each with SignAndEncrypt: `basic256sha256`,
+    /// `aes128sha256rsaoaep`, `aes256sha256rsapss`; `none` adds an unsigned endpoint (the password is
+    /// still encrypted with the server's certificate), for test benches only.
+    pub security: Vec<String>,
+    /// The server's certificate store: `own/` (its certificate, made at the first start), `private/`,
+    /// `trusted/` (client certificates allowed in: copy them there from `rejected/`). Default:
+    /// `<state dir>/opcua-pki`.
+    pub pki_dir: Option<PathBuf>,
+    /// The host name in the endpoint URLs and the server certificate; default: the listen address.
+    pub host: Option<String>,
+    /// Sessions with no user at all; off by default.
+    pub anonymous: bool,
+    /// Who may log in: a name with a password file, or a user certificate.
+    pub user: Vec<OpcUaUser>,
+}
+
+impl Default for OpcUaConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            security: vec!["basic256sha256".into()],
+            pki_dir: None,
+            host: None,
+            anonymous: false,
+            user: Vec::new(),
+        }
+    }
+}
+
+/// `[[opcua.user]]`: a user name with its password (the first line of `password_file`), or a user
+/// certificate (X.509, DER or PEM) whose holder logs in with it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpcUaUser {
+    pub name: String,
+    pub password_file: Option<PathBuf>,
+    pub certificate: Option<PathBuf>,
+}
+
+/// The security policies `[opcua].security` may name.
+pub const OPCUA_SECURITY: [&str; 4] = ["basic256sha256", "aes128sha256rsaoaep", "aes256sha256rsapss", "none"];
+
+impl OpcUaConfig {
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.listen.is_empty() {
+            return p;
+        }
+        if self.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "opcua.listen = {:?}: use \"address:port\" (e.g. \"10.0.0.2:4840\") or \"\" for off",
+                self.listen
+            ));
+        }
+        if self.security.is_empty() {
+            p.push("opcua.security is empty: name at least one policy, e.g. [\"basic256sha256\"]".into());
+        }
+        for s in &self.security {
+            if !OPCUA_SECURITY.contains(&s.as_str()) {
+                p.push(format!("opcua.security: {s:?} is not one of {}", OPCUA_SECURITY.join(", ")));
+            }
+        }
+        if self.user.is_empty() && !self.anonymous {
+            p.push("opcua: nobody can log in: add an [[opcua.user]] with a password_file or a certificate".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, u) in self.user.iter().enumerate() {
+            let at = format!("opcua.user[{i}]");
+            if u.name.is_empty() || u.name.len() > 64 || u.name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                p.push(format!("{at}.name = {:?}: 1-64 characters, no spaces", u.name));
+            }
+            if !seen.insert(u.name.clone()) {
+                p.push(format!("{at}.name = {:?} is listed twice", u.name));
+            }
+            if u.password_file.is_some() == u.certificate.is_some() {
+                p.push(format!("{at}: give exactly one of password_file and certificate"));
+            }
+            for (key, path) in [("password_file", &u.password_file), ("certificate", &u.certificate)] {
+                if let Some(path) = path
+                    && !path.is_file()
+                {
+                    p.push(format!("{at}.{key} = {}: no such file", path.display()));
+                }
+            }
+        }
+        if !cfg!(feature = "opcua") {
+            p.push("opcua.listen is set, but this build has no OPC UA server (build with --features opcua)".into());
         }
         p
     }

@@ -91,6 +91,9 @@ pub enum DaemonError {
     Llm(#[from] crate::describe::llm::LlmError),
     #[error(transparent)]
     Modbus(#[from] crate::control::modbus::BindError),
+    #[cfg(feature = "opcua")]
+    #[error(transparent)]
+    OpcUa(#[from] crate::control::opcua::OpcUaError),
 }
 
 /// A running camera: its source thread, its queue's worker and the stop flag they share.
@@ -191,6 +194,9 @@ pub struct Daemon {
     /// The Modbus TCP server (`[modbus]`), when it is on, and its task.
     modbus: Option<(Arc<ModbusServer>, tokio::task::JoinHandle<()>)>,
     modbus_addr: Option<SocketAddr>,
+    /// The OPC UA server (`[opcua]`), when it is on.
+    #[cfg(feature = "opcua")]
+    opcua: Option<Arc<crate::control::opcua::OpcUaServer>>,
 }
 
 impl Daemon {
@@ -273,7 +279,13 @@ impl Daemon {
             metrics: metrics.clone(),
             verdict_tx: Some(verdict_tx),
             publisher,
-            states: StateReporter { metrics: metrics.clone(), retained: retained_tx, topics },
+            states: StateReporter {
+                metrics: metrics.clone(),
+                retained: retained_tx,
+                topics,
+                #[cfg(feature = "opcua")]
+                opcua: Default::default(),
+            },
             commands,
             shared: shared.clone(),
             cameras: BTreeMap::new(),
@@ -292,6 +304,8 @@ impl Daemon {
             trigger_flood_logged: None,
             modbus: None,
             modbus_addr: None,
+            #[cfg(feature = "opcua")]
+            opcua: None,
         };
 
         if !cfg.http.listen.is_empty() {
@@ -301,6 +315,13 @@ impl Daemon {
         // A PLC may connect while the cameras load: their units read not Ready until then.
         if !cfg.modbus.listen.is_empty()
             && let Err(e) = daemon.start_modbus(&cfg).await
+        {
+            daemon.abort().await;
+            return Err(e);
+        }
+        #[cfg(feature = "opcua")]
+        if !cfg.opcua.listen.is_empty()
+            && let Err(e) = daemon.start_opcua(&cfg).await
         {
             daemon.abort().await;
             return Err(e);
@@ -329,6 +350,37 @@ impl Daemon {
 
     pub fn modbus_addr(&self) -> Option<SocketAddr> {
         self.modbus_addr
+    }
+
+    /// Starts the OPC UA server on `opcua.listen`; each camera's nodes appear as it loads.
+    #[cfg(feature = "opcua")]
+    async fn start_opcua(&mut self, cfg: &Config) -> Result<(), DaemonError> {
+        let pki = cfg.opcua.pki_dir.clone().unwrap_or_else(|| state_dir(cfg).join("opcua-pki"));
+        let server = crate::control::opcua::OpcUaServer::start(
+            &cfg.opcua,
+            &cfg.daemon.node,
+            &pki,
+            self.shared.clone(),
+            self.metrics.clone(),
+        )
+        .await?;
+        tracing::info!("OPC UA on opc.tcp://{} (certificates in {})", server.addr(), pki.display());
+        let _ = self.states.opcua.set(server.clone());
+        self.opcua = Some(server);
+        Ok(())
+    }
+
+    /// The OPC UA server's address, when it is on.
+    #[cfg(feature = "opcua")]
+    pub fn opcua_addr(&self) -> Option<SocketAddr> {
+        self.opcua.as_ref().map(|o| o.addr())
+    }
+
+    #[cfg(feature = "opcua")]
+    fn stop_opcua(&mut self) {
+        if let Some(o) = self.opcua.take() {
+            o.stop();
+        }
     }
 
     /// After a reload: the Modbus units follow the cameras' order in the new configuration.
@@ -472,6 +524,10 @@ impl Daemon {
         self.recipe_metrics(&shared);
         shared.set_trigger(cam.trigger, Duration::from_millis(cam.trigger_timeout_ms));
         sync::lock(&self.shared).insert(cam.name.clone(), shared.clone());
+        #[cfg(feature = "opcua")]
+        if let Some(o) = &self.opcua {
+            o.attach(&shared);
+        }
         self.metrics.queue_capacity(&cam.name, cam.queue);
         let (queue_tx, queue_rx) = crossbeam_channel::bounded(cam.queue);
         let worker = worker::Worker {
@@ -660,7 +716,10 @@ impl Daemon {
             Some(c) => c.switch_recipe(product).map_err(|e| Refusal::Unknown(e.to_string())),
         };
         match (&outcome, &cam) {
-            (Ok(_), Some(c)) => self.model_metric(camera, &c.model()),
+            (Ok(_), Some(c)) => {
+                self.metrics.command("accepted");
+                self.model_metric(camera, &c.model());
+            }
             (Err(r), _) => {
                 self.metrics.command(r.kind());
                 tracing::warn!("recipe switch refused: {r}");
@@ -773,6 +832,9 @@ impl Daemon {
         // The PLC's handshake stops first: a trigger it took now could not be answered.
         self.stop_modbus();
         let frames = self.stop_frame_path().await;
+        // OPC UA after the frame path, so the drained frames' results are shown.
+        #[cfg(feature = "opcua")]
+        self.stop_opcua();
         let link = (&mut self.publisher).await.unwrap_or_default();
         let published = link.acked;
         drop(self.store_tx.take());
@@ -794,6 +856,8 @@ impl Daemon {
     /// which a failed start may not have.
     async fn abort(&mut self) {
         self.stop_modbus();
+        #[cfg(feature = "opcua")]
+        self.stop_opcua();
         self.stop_frame_path().await;
         self.stop_http(None).await;
     }
@@ -843,12 +907,19 @@ struct StateReporter {
     metrics: Arc<Metrics>,
     retained: mpsc::UnboundedSender<(String, String)>,
     topics: Topics,
+    /// The OPC UA server, once it has started: its `State` variables follow.
+    #[cfg(feature = "opcua")]
+    opcua: std::sync::OnceLock<Arc<crate::control::opcua::OpcUaServer>>,
 }
 
 impl StateReporter {
     fn set(&self, camera: &str, state: &str) {
         self.metrics.camera_state(camera, state, &CAMERA_STATES);
         let _ = self.retained.send((self.topics.camera_state(camera), state.to_string()));
+        #[cfg(feature = "opcua")]
+        if let Some(o) = self.opcua.get() {
+            o.set_state(camera, state);
+        }
     }
 }
 

@@ -738,7 +738,10 @@ impl Link {
         });
         match checked {
             Ok(e) => {
-                self.metrics.command("accepted");
+                // A recipe switch is counted by the daemon, which alone knows whether the product exists.
+                if !matches!(e.command, Command::Recipe { .. }) {
+                    self.metrics.command("accepted");
+                }
                 // Chat and recipe commands are answered by the daemon, once it has acted on them.
                 if e.request_id.is_some() && !matches!(e.command, Command::Chat { .. } | Command::Recipe { .. }) {
                     self.reply(s, e.request_id.as_deref(), Some(e.command.name()), None);

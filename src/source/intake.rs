@@ -87,7 +87,13 @@ pub struct CameraShared {
     pub heartbeat: AtomicU64,
     /// Whoever waits for the verdict of a part id (the Modbus handshake): at most one per part.
     part_waiters: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<VerdictMessage>>>,
+    /// Every verdict, for the readers that show the last result (the OPC UA server). Bounded: a reader
+    /// that falls [`RESULT_BACKLOG`] behind skips ahead, and the frame path never waits for it.
+    results: tokio::sync::broadcast::Sender<Arc<VerdictMessage>>,
 }
+
+/// Verdicts a [`CameraShared::results`] reader may lag behind before it skips.
+pub const RESULT_BACKLOG: usize = 256;
 
 /// What became of a PLC trigger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +139,13 @@ impl CameraShared {
             metrics,
             heartbeat: AtomicU64::new(verdict::unix_ms(SystemTime::now())),
             part_waiters: Mutex::new(Default::default()),
+            results: tokio::sync::broadcast::channel(RESULT_BACKLOG).0,
         }
+    }
+
+    /// Every verdict of this camera from now on, in order.
+    pub fn results(&self) -> tokio::sync::broadcast::Receiver<Arc<VerdictMessage>> {
+        self.results.subscribe()
     }
 
     /// Milliseconds since the inspection worker last showed a sign of life.
@@ -376,6 +388,9 @@ impl CameraShared {
             if let Some(tx) = waiter {
                 let _ = tx.send(msg.clone());
             }
+        }
+        if self.results.receiver_count() > 0 {
+            let _ = self.results.send(Arc::new(msg.clone()));
         }
         if self.verdicts.send(Outgoing { msg, captured_at }).is_err() {
             // Only after the publisher has finished, which happens after every camera has stopped.
