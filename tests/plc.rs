@@ -548,6 +548,7 @@ fn a_sparkplug_host_sees_births_deaths_and_each_triggered_part_once_in_seq_order
     assert_eq!(r["no_token"], "unauthorized");
     assert_eq!(r["wrong_type"], "bad_field");
     assert_eq!(r["unknown_metric"], "invalid");
+    assert_eq!(r["malformed_ncmd"], "invalid");
     assert_eq!(r["rebirth_last_part"], "SP-0059", "the DBIRTH of a rebirth carries the last result");
     assert_eq!(r["offline_death_bd_seq"], 0, "the death is the connection's");
     assert_eq!(r["bd_seq_after_reconnect"], 1);

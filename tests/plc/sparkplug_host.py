@@ -239,6 +239,8 @@ def main():
     out["wrong_type"] = h.response("the refusal of an Int32 trigger")["reason"]
     h.dcmd([Metric(timestamp=now_ms(), name="Command/Explode", datatype=DataType.BOOLEAN, value=True)])
     out["unknown_metric"] = h.response("the refusal of an unknown metric")["reason"]
+    h.c.publish(h.topic("NCMD"), b"\xff\x00not a protobuf", qos=1)
+    out["malformed_ncmd"] = h.response("the refusal of a malformed NCMD")["reason"]
 
     # 4. Rebirth on request: NBIRTH seq 0, the same bdSeq, the camera's last result in its DBIRTH.
     h.c.publish(h.topic("NCMD"), NCmd(timestamp=now_ms(), metrics=(
