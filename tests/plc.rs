@@ -406,6 +406,7 @@ fn an_asyncua_client_logs_in_triggers_parts_and_gets_each_result_as_an_event() {
         ("select_wrong_type", "BadTypeMismatch"),
         ("trigger_too_many", "BadTooManyArguments"),
         ("trigger_bad_part", "BadInvalidArgument"),
+        ("trigger_made_id", "Good:\"UA-1\""),
     ] {
         assert_eq!(c[k], status, "{k}: {c}");
     }

@@ -215,6 +215,8 @@ struct CameraNodes {
     object: NodeId,
     /// Results shown since the server started.
     results: AtomicU64,
+    /// Part ids made for triggers that named none (`UA-<n>`).
+    made_ids: AtomicU64,
     /// The camera whose results are being shown (a reload keeps it, so nothing is shown twice).
     source: Mutex<std::sync::Weak<CameraShared>>,
 }
@@ -536,7 +538,12 @@ impl OpcUaServer {
             let me = me.upgrade().ok_or(StatusCode::BadShutdown)?;
             me.counted(&name, "SelectRecipe", me.select_recipe(&name, args))
         });
-        CameraNodes { object, results: AtomicU64::new(0), source: Mutex::new(std::sync::Weak::new()) }
+        CameraNodes {
+            object,
+            results: AtomicU64::new(0),
+            made_ids: AtomicU64::new(0),
+            source: Mutex::new(std::sync::Weak::new()),
+        }
     }
 
     fn counted(
@@ -566,7 +573,8 @@ impl OpcUaServer {
             return Err(StatusCode::BadInvalidState);
         }
         let part = if part.is_empty() {
-            format!("UA-{}", sync::lock(&self.shown).get(camera).map_or(0, |n| n.results.load(Ordering::Relaxed)) + 1)
+            let n = sync::lock(&self.shown).get(camera).map_or(0, |n| n.made_ids.fetch_add(1, Ordering::Relaxed));
+            format!("UA-{}", n + 1)
         } else {
             command::check_part_id(&part).map_err(|_| StatusCode::BadInvalidArgument)?;
             part

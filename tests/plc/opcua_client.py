@@ -222,6 +222,7 @@ async def run(args) -> dict:
         checks["select_wrong_type"] = await status_of(cam.call_method(select, ua.Variant(7, ua.VariantType.Int32)))
         checks["trigger_too_many"] = await status_of(cam.call_method(trigger, "P", "", "x"))
         checks["trigger_bad_part"] = await status_of(cam.call_method(trigger, "bad\npart", ""))
+        checks["trigger_made_id"] = await status_of(cam.call_method(trigger, "", ""))
 
         async def part(part_id: str, product: str):
             t0 = time.perf_counter()
