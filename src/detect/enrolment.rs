@@ -131,15 +131,20 @@ pub struct Enrolment {
 
 impl Enrolment {
     pub fn new(meta: EnrolmentMeta, banks: Vec<Bank>) -> Self {
-        let index = banks
+        let index = Self::index_for(&meta, &banks);
+        Self { meta, banks, bank_id: BankId::fresh(), index }
+    }
+
+    /// The search index of each bank layer the meta's search settings ask for (None: searched exactly).
+    pub fn index_for(meta: &EnrolmentMeta, banks: &[Bank]) -> Vec<Option<Arc<Ivf>>> {
+        banks
             .iter()
             .zip(&meta.distances)
             .map(|(b, &metric)| {
                 let wanted = meta.search.lists > 0 && meta.window >= 1.0 && b.len() >= MIN_INDEXED_ROWS;
                 wanted.then(|| Arc::new(Ivf::build(&b.rows, b.dim, metric, meta.search.lists, 8, 0x1f)))
             })
-            .collect();
-        Self { meta, banks, bank_id: BankId::fresh(), index }
+            .collect()
     }
 
     /// Memory its banks take (patch features and positions).

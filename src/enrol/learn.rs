@@ -194,10 +194,13 @@ impl Learner {
             [accepted.iter().copied().step_by(2).collect(), accepted.iter().copied().skip(1).step_by(2).collect()];
         let mut held = vec![0.0f32; self.parts.len()];
         let mut maps = vec![None; self.parts.len()];
+        // Scored with the search the line will inspect with (the index, where the bank has one), so
+        // that the threshold and the scores it judges are measured alike.
         for (f, fold) in folds.iter().enumerate() {
             let banks = grow(fold);
+            let index = Enrolment::index_for(meta, &banks);
             for &i in &folds[1 - f] {
-                let s = det.score_prepared(meta, &banks, &self.parts[i].0)?;
+                let s = det.score_indexed(meta, &banks, &index, &self.parts[i].0)?;
                 held[i] = s.score;
                 maps[i] = Some(s.map);
             }
