@@ -65,12 +65,6 @@ for _ in $(seq "$rounds"); do
   round json
   round sparkplug
 done
-$py - "$work/rates" <<'PY'
-import statistics, sys
-r = {}
-for line in open(sys.argv[1]):
-    mode, v = line.split()
-    r.setdefault(mode, []).append(float(v))
-for mode, v in r.items():
-    print(f"{mode}: median {statistics.median(v):.1f} frames/s (min {min(v):.1f}, max {max(v):.1f}, {len(v)} rounds)")
-PY
+# shellcheck source=scripts/lib/load-rounds.sh
+. scripts/lib/load-rounds.sh
+rates_summary "$work/rates"

@@ -2,7 +2,7 @@
 # interleaved, from the daemon's /metrics.
 #   load_rounds HTTP_PORT SECONDS NAME START STOP
 # START (a function) starts the load in the background and returns once it runs; STOP ends it.
-# Prints each round, then the median, least and most of each mode.
+# Prints each round, then the median, least and most of each mode (`rates_summary`).
 load_rounds() {
   local http=$1 secs=$2 name=$3 start=$4 stop=$5 rates a b round mode
   rates=$(mktemp)
@@ -17,7 +17,13 @@ load_rounds() {
       echo "$mode $(awk -v a="$a" -v b="$b" -v s="$secs" 'BEGIN { printf "%.1f", (b - a) / s }')" | tee -a "$rates"
     done
   done
-  python3 - "$rates" <<'PY'
+  rates_summary "$rates"
+  rm -f "$rates"
+}
+
+# The median, least and most frames/s of each mode in FILE (lines "MODE RATE").
+rates_summary() {
+  python3 - "$1" <<'PY'
 import statistics, sys
 r = {}
 for line in open(sys.argv[1]):
@@ -26,5 +32,4 @@ for line in open(sys.argv[1]):
 for mode, v in r.items():
     print(f"{mode}: median {statistics.median(v):.1f} frames/s (min {min(v):.1f}, max {max(v):.1f}, {len(v)} rounds)")
 PY
-  rm -f "$rates"
 }

@@ -45,21 +45,6 @@ pub const NAMESPACE: &str = "urn:anomalyd";
 /// How often subscriptions are checked and may publish, in ms.
 const POLL_MS: u64 = 10;
 
-/// The result variables under each camera's `Result` object, in the order they are written.
-pub const RESULT_VARIABLES: [&str; 11] = [
-    "ResultSeq",
-    "ResultId",
-    "PartId",
-    "ProductId",
-    "Verdict",
-    "Score",
-    "Threshold",
-    "Regions",
-    "Answer",
-    "EnrolmentId",
-    "CaptureTime",
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum OpcUaError {
     #[error("opcua.listen = {addr}: {cause}")]
@@ -486,41 +471,30 @@ impl OpcUaServer {
                 array_dimensions: None,
                 description: LocalizedText::new("en", what),
             };
-            let trigger = var(ns, camera, "Trigger");
-            MethodBuilder::new(&trigger, QualifiedName::new(ns, "Trigger"), "Trigger")
-                .component_of(object.clone())
-                .executable(true)
-                .user_executable(true)
-                .input_args(
-                    &mut *space,
-                    &var(ns, camera, "Trigger.InputArguments"),
-                    &[
-                        string_arg("PartId", "the part's id; empty: one is made (UA-<n>)"),
-                        string_arg("ProductId", "the recipe to judge it with; empty: the one in use"),
-                    ],
-                )
-                .output_args(
-                    &mut *space,
-                    &var(ns, camera, "Trigger.OutputArguments"),
-                    &[string_arg("PartId", "the part's id, as its ResultReady event will carry it")],
-                )
-                .insert(&mut *space);
-            let select = var(ns, camera, "SelectRecipe");
-            MethodBuilder::new(&select, QualifiedName::new(ns, "SelectRecipe"), "SelectRecipe")
-                .component_of(object.clone())
-                .executable(true)
-                .user_executable(true)
-                .input_args(
-                    &mut *space,
-                    &var(ns, camera, "SelectRecipe.InputArguments"),
-                    &[string_arg("ProductId", "a recipe of this camera")],
-                )
-                .output_args(
-                    &mut *space,
-                    &var(ns, camera, "SelectRecipe.OutputArguments"),
-                    &[string_arg("ActiveRecipe", "the recipe in use from now on")],
-                )
-                .insert(&mut *space);
+            let method = |space: &mut AddressSpace, name: &str, inputs: &[Argument], outputs: &[Argument]| {
+                MethodBuilder::new(&var(ns, camera, name), QualifiedName::new(ns, name), name)
+                    .component_of(object.clone())
+                    .executable(true)
+                    .user_executable(true)
+                    .input_args(space, &var(ns, camera, &format!("{name}.InputArguments")), inputs)
+                    .output_args(space, &var(ns, camera, &format!("{name}.OutputArguments")), outputs)
+                    .insert(space);
+            };
+            method(
+                &mut space,
+                "Trigger",
+                &[
+                    string_arg("PartId", "the part's id; empty: one is made (UA-<n>)"),
+                    string_arg("ProductId", "the recipe to judge it with; empty: the one in use"),
+                ],
+                &[string_arg("PartId", "the part's id, as its ResultReady event will carry it")],
+            );
+            method(
+                &mut space,
+                "SelectRecipe",
+                &[string_arg("ProductId", "a recipe of this camera")],
+                &[string_arg("ActiveRecipe", "the recipe in use from now on")],
+            );
         }
         // The recipe in use is read when asked: any protocol may have switched it.
         let (cameras, name) = (self.cameras.clone(), camera.to_string());
