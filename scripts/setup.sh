@@ -2,7 +2,7 @@
 # Installs what anomalyd needs: GStreamer (build headers and base plugins, for camera sources), and the
 # ONNX Runtime shared library from PyPI's onnxruntime wheel into the project's own venv (.venv), where
 # anomalyd finds it without configuration. With --test, also mosquitto (the tests' MQTT broker and its
-# command-line clients). Only what is missing is installed; apt is used on Debian/Ubuntu.
+# command-line clients) and headless Chromium. Only what is missing is installed; apt is used on Debian/Ubuntu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_VERSION=${ORT_VERSION:-1.32.0}
@@ -10,9 +10,10 @@ NVRTC_VERSION=${NVRTC_VERSION:-12.9.86}
 
 packages=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
   gstreamer1.0-plugins-good)
-# With --test, also what the tests need: mosquitto (a real broker and its clients), and cmake and
-# libclang for building llama.cpp (the local language model, feature llm).
-[[ ${1:-} == --test ]] && packages+=(mosquitto mosquitto-clients cmake libclang-dev)
+# With --test, also what the tests need: mosquitto (a real broker and its clients), cmake and
+# libclang for building llama.cpp (the local language model, feature llm), and headless Chromium with
+# its WebDriver (the operator station's pages are tested in a real browser).
+[[ ${1:-} == --test ]] && packages+=(mosquitto mosquitto-clients cmake libclang-dev chromium chromium-driver)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

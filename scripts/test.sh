@@ -10,6 +10,8 @@ export ANOMALYD_REQUIRE_MOSQUITTO=1
 export ANOMALYD_REQUIRE_LLM=1
 # The PLC protocol tests drive anomalyd with real clients from PyPI (setup.sh --test installed them).
 export ANOMALYD_REQUIRE_PLC_CLIENTS=1
+# The operator station's test drives Debian's headless Chromium (setup.sh --test installed it).
+export ANOMALYD_REQUIRE_BROWSER=1
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust 1.95 with rustup" >&2; exit 1; }
 # NVRTC from .venv compiles the GPU kernels in the tests (no GPU needed; the parity tests skip).
 nvrtc=$(ls -d .venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null | head -1 || true)

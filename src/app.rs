@@ -18,6 +18,18 @@ use crate::enrol::{file as enrolment, reference};
 use crate::source::demo;
 use crate::util::imageio;
 
+/// `anomalyd passwd`: the argon2 hash of the first line of standard input.
+fn passwd_cmd() -> Result<ExitCode> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.chars().count() < 8 {
+        bail!("the password (the first line of standard input) must have at least 8 characters");
+    }
+    println!("{}", crate::control::ui::auth::hash_password(password));
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
@@ -25,13 +37,16 @@ pub fn run() -> Result<ExitCode> {
     if let Command::Validate { file } = &cli.command {
         return validate_cmd(file.as_deref().or(cli.config.as_deref()));
     }
+    if let Command::Passwd = cli.command {
+        return passwd_cmd();
+    }
     let base = match &cli.config {
         Some(p) => Config::load(p)?,
         None if matches!(cli.command, Command::Run { .. }) => Config::demo(),
         None => Config::default(),
     };
     match cli.command {
-        Command::Validate { .. } => unreachable!("handled above"),
+        Command::Validate { .. } | Command::Passwd => unreachable!("handled above"),
         Command::Run { duration } => run_cmd(base, cli.config.clone(), duration),
         Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
         Command::Enroll { reference, out, refine, opts } => {

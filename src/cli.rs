@@ -36,6 +36,9 @@ pub enum Command {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
     },
+    /// Print the argon2 hash of a password read from standard input (its first line), for a
+    /// `[[ui.operator]]`'s password_hash. The password itself is never printed or kept.
+    Passwd,
     /// Inspect the built-in demo parts against their built-in reference (no dataset needed).
     Demo {
         /// Folder for the generated images, overlays and enrolment.

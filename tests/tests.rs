@@ -12,3 +12,4 @@ mod layering;
 mod line;
 mod llm;
 mod plc;
+mod ui;

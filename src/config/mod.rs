@@ -1,5 +1,5 @@
 //! The TOML configuration: `[engine]` and `[detect]` (the inspection core), `[llm]` (words and
-//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]`, `[modbus]`, `[opcua]` and `[[camera]]` (the daemon). Every key is
+//! dialogue), and `[daemon]`, `[mqtt]`, `[http]`, `[store]`, `[modbus]`, `[opcua]`, `[ui]` and `[[camera]]` (the daemon). Every key is
 //! optional but the cameras; unknown keys are refused. Environment variables `ANOMALYD__<SECTION>__<KEY>` override the file (e.g.
 //! `ANOMALYD__MQTT__BROKER=10.0.0.5:1883`). `config/anomalyd.toml` documents every key.
 
@@ -18,6 +18,7 @@ pub mod engine;
 pub mod llm;
 pub mod plc;
 pub mod source;
+pub mod ui;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +33,7 @@ pub struct Config {
     pub llm: LlmConfig,
     pub modbus: crate::config::plc::ModbusConfig,
     pub opcua: crate::config::plc::OpcUaConfig,
+    pub ui: crate::config::ui::UiConfig,
     pub camera: Vec<CameraConfig>,
 }
 
@@ -84,6 +86,7 @@ impl Config {
         p.extend(crate::config::daemon::validate(self));
         p.extend(self.modbus.validate());
         p.extend(self.opcua.validate());
+        p.extend(self.ui.validate());
         p
     }
 

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -22,11 +21,13 @@ use crate::config::engine::EngineConfig;
 use crate::control::broker::{self, Login};
 use crate::control::http::{self, HttpState};
 use crate::control::modbus::ModbusServer;
+use crate::control::ui;
 use crate::describe::explainer::{Description, Explainer, FrameFacts};
 use crate::detect::detector::Detector;
 use crate::detect::enrolment::EnrolmentMeta;
 use crate::enrol::reference::{self, ReferenceError};
 use crate::enrol::versions::Versions;
+use crate::sink::audit::AuditLog;
 use crate::sink::mqtt::{self, MqttState, Topics};
 use crate::sink::outbox::{DeadLetters, Outbox};
 use crate::sink::sparkplug;
@@ -147,6 +148,17 @@ pub trait Notifier: Send + Sync {
 #[derive(Debug, Default)]
 pub struct NoNotify;
 impl Notifier for NoNotify {}
+
+/// What the HTTP server (and the operator station on it) is given at start.
+struct HttpParts {
+    store: Option<Arc<Store>>,
+    commands: mpsc::UnboundedSender<Command>,
+    mqtt_state: Arc<MqttState>,
+    loaded: Arc<AtomicBool>,
+    dead_letters: DeadLetters,
+    /// Where audit entries are published: the notes channel and the audit topic.
+    audit_notes: ui::AuditNotes,
+}
 
 /// The running HTTP API: its task and the signal that stops it.
 struct HttpServer {
@@ -309,7 +321,9 @@ impl Daemon {
         };
 
         if !cfg.http.listen.is_empty() {
-            daemon.start_http(&cfg, store, http_commands, mqtt_state, loaded, dead_letters).await?;
+            let audit_notes = (daemon.notes_tx.clone(), daemon.states.topics.audit());
+            let parts = HttpParts { store, commands: http_commands, mqtt_state, loaded, dead_letters, audit_notes };
+            daemon.start_http(&cfg, parts).await?;
         }
 
         // A PLC may connect while the cameras load: their units read not Ready until then.
@@ -392,15 +406,8 @@ impl Daemon {
 
     /// Starts the HTTP API on `http.listen`: metrics, health and readiness (cameras loaded, broker
     /// connected, no stalled worker), frames, and the commands that need the token.
-    async fn start_http(
-        &mut self,
-        cfg: &Config,
-        store: Option<Arc<Store>>,
-        http_commands: mpsc::UnboundedSender<Command>,
-        mqtt_state: Arc<MqttState>,
-        loaded: Arc<AtomicBool>,
-        dead_letters: DeadLetters,
-    ) -> Result<(), DaemonError> {
+    async fn start_http(&mut self, cfg: &Config, parts: HttpParts) -> Result<(), DaemonError> {
+        let HttpParts { store, commands: http_commands, mqtt_state, loaded, dead_letters, audit_notes } = parts;
         let (listener, addr) = http::bind(&cfg.http.listen).await?;
         let ready_shared = self.shared.clone();
         let ready: http::ReadyFn = Arc::new(move || {
@@ -423,11 +430,11 @@ impl Daemon {
             if why.is_empty() { Ok(()) } else { Err(why) }
         });
         let token = sections::http_token(&cfg.http).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
-        let router = http::router(HttpState {
+        let mut router = http::router(HttpState {
             metrics: self.metrics.clone(),
-            store,
+            store: store.clone(),
             ready,
-            commands: http_commands,
+            commands: http_commands.clone(),
             token,
             protect_reads: cfg.http.protect_reads,
             explainer: self.explainer.clone(),
@@ -435,16 +442,46 @@ impl Daemon {
             dead_letters,
             cameras: self.shared.clone(),
         });
+        // Live pages end their streams when the server stops, so that the graceful shutdown does not wait.
+        let (pages_stop, pages_stopped) = tokio::sync::watch::channel(false);
+        if cfg.ui.enabled {
+            let audit_path = cfg.ui.audit.clone().unwrap_or_else(|| state_dir(cfg).join("audit.jsonl"));
+            let audit = AuditLog::open(&audit_path).map_err(|e| DaemonError::Invalid(vec![e.to_string()]))?;
+            let station = ui::Ui::new(
+                &cfg.ui,
+                ui::UiParts {
+                    node: cfg.daemon.node.clone(),
+                    protect_reads: cfg.http.protect_reads,
+                    cameras: self.shared.clone(),
+                    store,
+                    explainer: self.explainer.clone(),
+                    audit,
+                    notes: Some(audit_notes),
+                    commands: http_commands,
+                    teacher: ui::teach::Teacher::new(cfg.engine.clone(), cfg.detect.clone()),
+                    stop: pages_stopped.clone(),
+                },
+            );
+            tokio::spawn(station.board.clone().run(self.shared.clone(), pages_stopped));
+            if cfg.ui.operator.is_empty() {
+                tracing::warn!("the operator station is read-only: no [[ui.operator]] is configured (anomalyd passwd)");
+            }
+            router = router.merge(ui::router(station));
+        }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
                 let _ = stop_rx.await;
+                let _ = pages_stop.send(true);
             });
             if let Err(e) = serve.await {
                 tracing::error!("HTTP API stopped: {e}");
             }
         });
         tracing::info!("HTTP API on http://{addr} (/metrics, /healthz, /readyz, /v1/frames/ID, /v1/frames/ID/chat)");
+        if cfg.ui.enabled {
+            tracing::info!("operator station on http://{addr}/ui/");
+        }
         self.http = Some(HttpServer { task, stop: stop_tx });
         self.http_addr = Some(addr);
         Ok(())
@@ -1101,7 +1138,7 @@ fn build_model(
     let base_id = enrolment_id(&enrolment);
     // The versions belong to the reference, which a folder re-enrols at every start and reload: its
     // identity leaves out the moment of enrolment.
-    let reference_id = id_of(&crate::enrol::file::encode(
+    let reference_id = crate::enrol::file::id_of(&crate::enrol::file::encode(
         &EnrolmentMeta { created_unix: 0, ..enrolment.meta.clone() },
         &enrolment.banks,
     ));
@@ -1160,10 +1197,5 @@ fn build_model(
 
 /// First 16 hex digits of an enrolment's sha256: changes whenever the enrolment does.
 pub fn enrolment_id(e: &crate::detect::enrolment::Enrolment) -> String {
-    id_of(&crate::enrol::file::to_bytes(e))
-}
-
-/// The first 16 hex digits of the sha256 of an enrolment's bytes.
-fn id_of(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::enrol::file::id(e)
 }

@@ -38,6 +38,16 @@ pub enum EnrolmentError {
 }
 
 /// Serialises an enrolment to bytes.
+/// An enrolment's id (`EnrolmentRef::id`): the first 16 hex digits of the sha256 of its bytes.
+pub fn id(e: &Enrolment) -> String {
+    id_of(&to_bytes(e))
+}
+
+/// The first 16 hex digits of the sha256 of some bytes.
+pub fn id_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn to_bytes(e: &Enrolment) -> Vec<u8> {
     encode(&e.meta, &e.banks)
 }

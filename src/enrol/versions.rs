@@ -6,7 +6,7 @@
 //! base          the id of the enrolment the versions grew from (its reference, enrolled)
 //! v0001.anomalyd, v0002.anomalyd, ...   learned versions, never rewritten
 //! active        the version in use: a number, or 0 for the base enrolment itself
-//! history.jsonl one line per change (learned, rolled back), oldest first
+//! history.jsonl one line per change (learned, taught by an operator, rolled back), oldest first
 //! ```
 //! When the camera's reference changes, its base id changes and the old versions no longer apply: the
 //! folder is started afresh (the old one is renamed aside, not deleted).
@@ -35,7 +35,7 @@ pub enum VersionError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Change {
     pub unix: u64,
-    /// `learned` or `rollback`.
+    /// `learned`, `taught` or `rollback`.
     pub action: String,
     /// The version active after the change (0 = base).
     pub version: u32,
@@ -130,9 +130,15 @@ impl Versions {
 
     /// Stores a learned enrolment as the next version and makes it active.
     pub fn add(&self, e: &Enrolment, note: &str) -> Result<u32, VersionError> {
+        self.add_as(e, "learned", note)
+    }
+
+    /// Stores an enrolment as the next version and makes it active, recording `action` (`learned`,
+    /// `taught`) in the history.
+    pub fn add_as(&self, e: &Enrolment, action: &str, note: &str) -> Result<u32, VersionError> {
         let n = self.list()?.last().copied().unwrap_or(0) + 1;
         file::save(e, &self.path(n))?;
-        self.set_active(n, "learned", Some(e.meta.thresholds.image), note)?;
+        self.set_active(n, action, Some(e.meta.thresholds.image), note)?;
         Ok(n)
     }
 

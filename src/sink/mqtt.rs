@@ -69,6 +69,10 @@ impl Topics {
     pub fn description(&self, camera: &str) -> String {
         format!("{}/{}/{camera}/description", self.prefix, self.node)
     }
+    /// Operator actions on the station (docs/MQTT.md), one message each, not retained.
+    pub fn audit(&self) -> String {
+        format!("{}/{}/audit", self.prefix, self.node)
+    }
     pub fn chat_request(&self) -> String {
         format!("{}/{}/chat/request", self.prefix, self.node)
     }

@@ -1,0 +1,305 @@
+//! The operator station in a real browser: Debian's headless Chromium, driven over WebDriver
+//! (chromedriver) by the fantoccini client, against a running daemon with a real broker.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anomalyd::source::demo::{self, Defect};
+use anomalyd::types::verdict::{Outcome, VerdictMessage};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// Chromium and chromedriver, or None (skip) when they are missing and not required.
+fn browser() -> Option<(PathBuf, PathBuf)> {
+    let chromium = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+    let driver = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
+    match (chromium, driver) {
+        (Some(c), Some(d)) => Some((c, d)),
+        _ => {
+            assert!(
+                std::env::var_os("ANOMALYD_REQUIRE_BROWSER").is_none(),
+                "chromium and chromium-driver are missing (scripts/setup.sh --test installs them)"
+            );
+            eprintln!("skipping: chromium or chromedriver is missing (scripts/setup.sh --test installs them)");
+            None
+        }
+    }
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect(chromium: &Path, driver: &Path) -> (Driver, Client) {
+    let port = free_port();
+    let child = Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let guard = Driver(child);
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,800", "--hide-scrollbars"],
+        }),
+    );
+    let t0 = Instant::now();
+    loop {
+        let mut b = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        b.capabilities(caps.clone());
+        match b.connect(&format!("http://127.0.0.1:{port}")).await {
+            Ok(c) => return (guard, c),
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(30), "chromedriver did not take a session: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Where screenshots go: `ANOMALYD_UI_SHOTS` (docs/ui when refreshing the committed ones), else a
+/// folder of the test's own.
+fn shots(dir: &Path) -> PathBuf {
+    let d = std::env::var_os("ANOMALYD_UI_SHOTS").map(PathBuf::from).unwrap_or_else(|| dir.join("shots"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn shot(c: &Client, dir: &Path, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
+/// Polls `done` (a JavaScript expression) in the page until it is true.
+async fn until_js(c: &Client, what: &str, expr: &str, timeout: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let v = c.execute(&format!("return !!({expr});"), vec![]).await.unwrap();
+        if v == Value::Bool(true) {
+            return;
+        }
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what} ({expr})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A POST from the page (with its session cookie), returning the status.
+async fn post_from_page(c: &Client, path: &str, body: &str) -> u64 {
+    let v = c
+        .execute(
+            "return fetch(arguments[0], {method: 'POST', body: new URLSearchParams(arguments[1])}).then(r => r.status);",
+            vec![json!(path), json!(body)],
+        )
+        .await
+        .unwrap();
+    v.as_u64().unwrap()
+}
+
+/// The scene: a good part as the reference, and a line that shows a good part and a marked one in turn.
+fn line_scene(dir: &Path) -> (PathBuf, PathBuf) {
+    let reference = dir.join("ref");
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&reference).unwrap();
+    std::fs::create_dir_all(&frames).unwrap();
+    demo::part(0, Defect::None).save(reference.join("good_0.png")).unwrap();
+    demo::part(1, Defect::None).save(frames.join("00_good.png")).unwrap();
+    let mut marked = demo::part(2, Defect::None);
+    for dy in 0..22 {
+        for dx in 0..22 {
+            marked.put_pixel(200 + dx, 150 + dy, image::Rgb([250, 240, 90]));
+        }
+    }
+    marked.save(frames.join("01_marked.png")).unwrap();
+    (reference, frames)
+}
+
+fn taught(m: &VerdictMessage) -> bool {
+    m.enrolment.as_ref().is_some_and(|e| e.source.contains("taught version"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_back_and_asks() {
+    let Some((chromium, driver)) = browser() else { return };
+    let Some(broker) = Mosquitto::start() else { return };
+    let sub = Sub::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = line_scene(dir.path());
+    let http_port = free_port();
+    let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
+    let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "station", "")
+        + &format!(
+            "[store]\ndir = \"{}\"\n[llm]\nbackend = \"off\"\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\n\
+             password_hash = \"{hash}\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\nlearn_parts = 0\n\
+             [camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n",
+            dir.path().join("store").display(),
+            dir.path().join("audit.jsonl").display(),
+            reference.display(),
+            frames.display()
+        );
+    let daemon = Daemon::start(dir.path(), &config);
+    until("the HTTP server", Duration::from_secs(120), &daemon, || {
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
+    let shots = shots(dir.path());
+    let (_driver, c) = connect(&chromium, &driver).await;
+    let base = format!("http://127.0.0.1:{http_port}");
+
+    // 1. Log in: a wrong password is refused, the right one opens the line page.
+    c.goto(&format!("{base}/ui/login")).await.unwrap();
+    c.find(Locator::Css("#name")).await.unwrap().send_keys("anna").await.unwrap();
+    c.find(Locator::Css("#password")).await.unwrap().send_keys("wrong password").await.unwrap();
+    c.find(Locator::Css("#login")).await.unwrap().click().await.unwrap();
+    assert_eq!(text(&c, "#error").await, "Wrong name or password.");
+    shot(&c, &shots, "login").await;
+    c.find(Locator::Css("#password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
+    c.find(Locator::Css("#login")).await.unwrap().click().await.unwrap();
+    assert_eq!(text(&c, "#user").await, "anna");
+    assert!(c.current_url().await.unwrap().path().ends_with("/ui/"));
+    let cookies = c.get_all_cookies().await.unwrap();
+    let session = cookies.iter().find(|k| k.name() == "anomalyd_ui").expect("the session cookie");
+    assert_eq!(session.http_only(), Some(true), "no script may read the session cookie");
+
+    // 2. A live NG arrives on the line page without a reload.
+    // The page is made again once the camera is running (its first event names a camera it lacks).
+    c.wait().at_most(Duration::from_secs(120)).for_element(Locator::Css("#tile-cam")).await.unwrap();
+    // The NG the page was rendered with (if any) does not count: a new one must arrive.
+    c.execute("window.firstNg = document.getElementById('tile-cam').dataset.lastNg || '';", vec![]).await.unwrap();
+    until_js(
+        &c,
+        "a live NG on the tile",
+        "(document.getElementById('tile-cam').dataset.lastNg || '') !== window.firstNg",
+        Duration::from_secs(120),
+    )
+    .await;
+    let ng_id: String = c
+        .execute("return document.getElementById('tile-cam').dataset.lastNg;", vec![])
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .into();
+    until_js(&c, "the NG picture", "document.querySelector('#tile-cam img').naturalWidth > 0", Duration::from_secs(20))
+        .await;
+    let update_ms =
+        c.execute("return Number(document.getElementById('tile-cam').dataset.updateMs);", vec![]).await.unwrap();
+    eprintln!("verdict to tile update: {update_ms} ms");
+    shot(&c, &shots, "line").await;
+
+    // 3. Open it.
+    c.find(Locator::Css("#tile-cam a[data-f=link]")).await.unwrap().click().await.unwrap();
+    assert_eq!(text(&c, "#verdict").await, "NG");
+    assert!(c.current_url().await.unwrap().path().ends_with(&ng_id));
+    assert!(!c.find_all(Locator::Css("#view rect.region")).await.unwrap().is_empty(), "region boxes");
+    c.find(Locator::Css("#toggle-heat")).await.unwrap().click().await.unwrap();
+    let src = c.find(Locator::Css("#picture")).await.unwrap().attr("src").await.unwrap().unwrap();
+    assert!(src.ends_with("/image"), "the heat map toggles off: {src}");
+    shot(&c, &shots, "frame").await;
+
+    // An action without the CSRF token is refused, and nothing changes.
+    assert_eq!(post_from_page(&c, &format!("/ui/frames/{ng_id}/false-reject"), "").await, 403);
+    assert_eq!(post_from_page(&c, "/ui/frames/nope-1-1/false-reject", "").await, 403);
+
+    // 4. Mark it a false reject: the preview says what would change; apply; the part comes back OK.
+    c.find(Locator::Css("#false-reject")).await.unwrap().click().await.unwrap();
+    let before: f64 = text(&c, "#th-before").await.parse().unwrap();
+    let after: f64 = text(&c, "#th-after").await.parse().unwrap();
+    let part_after = text(&c, "#score-after").await;
+    assert!(part_after.contains("(OK)"), "the part itself passes after the lesson: {part_after}");
+    assert!(after >= before, "a good part's evidence does not lower the threshold: {before} -> {after}");
+    shot(&c, &shots, "preview").await;
+    c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
+    let applied = text(&c, "#message").await;
+    assert!(applied.starts_with("Version 1 is active on cam"), "{applied}");
+    let n_before = sub.verdicts().len();
+    sub.wait_for_daemon("6 verdicts with the taught enrolment", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts()[n_before..].iter().filter(|m| taught(m)).count() >= 6
+    });
+    let replayed: Vec<VerdictMessage> = sub.verdicts()[n_before..].iter().filter(|m| taught(m)).cloned().collect();
+    assert!(
+        replayed.iter().all(|m| m.verdict == Outcome::Ok),
+        "after the lesson, the marked part comes back OK on replay: {:?}",
+        replayed.iter().map(|m| (m.verdict, m.score)).collect::<Vec<_>>()
+    );
+
+    // 5. Roll back: the marked part is NG again.
+    c.goto(&format!("{base}/ui/cameras/cam")).await.unwrap();
+    assert_eq!(text(&c, ".active-version").await, "1");
+    shot(&c, &shots, "camera").await;
+    c.find(Locator::Css("button.rollback")).await.unwrap().click().await.unwrap();
+    let rolled = text(&c, "#message").await;
+    assert!(rolled.starts_with("Version 0 is active on cam"), "{rolled}");
+    let n_rolled = sub.verdicts().len();
+    sub.wait_for_daemon("an NG after the rollback", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts()[n_rolled..].iter().any(|m| !taught(m) && m.verdict == Outcome::Ng)
+    });
+
+    // 9. Ask about the frame: the answer arrives on the page.
+    c.goto(&format!("{base}/ui/frames/{ng_id}")).await.unwrap();
+    c.find(Locator::Css("#question")).await.unwrap().send_keys("Where is the defect?").await.unwrap();
+    c.find(Locator::Css("#ask button")).await.unwrap().click().await.unwrap();
+    let answer = c
+        .wait()
+        .at_most(Duration::from_secs(60))
+        .for_element(Locator::Css("#chat li.answered .answer"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!answer.is_empty() && answer != "…", "an answer: {answer}");
+    shot(&c, &shots, "ask").await;
+
+    // Review: the gallery holds the NG frame.
+    c.goto(&format!("{base}/ui/review?camera=cam")).await.unwrap();
+    c.find(Locator::Css(&format!("#gallery a[data-frame='{ng_id}']"))).await.unwrap();
+    shot(&c, &shots, "review").await;
+    c.goto(&format!("{base}/ui/review?since=yesterday")).await.unwrap();
+    assert!(c.source().await.unwrap().contains("since: use YYYY-MM-DDTHH:MM"));
+    c.goto(&format!("{base}/ui/frames/cam-0-999999")).await.unwrap();
+    assert!(text(&c, "#message").await.contains("is not stored"));
+
+    // The audit log: on the page, on disk and on MQTT.
+    c.goto(&format!("{base}/ui/audit")).await.unwrap();
+    let audit = text(&c, "#audit").await;
+    for action in ["login_refused", "login", "false_reject", "rollback"] {
+        assert!(audit.contains(action), "{action} in the audit page:\n{audit}");
+    }
+    assert!(audit.contains("0 → 1") && audit.contains("1 → 0"), "versions before and after:\n{audit}");
+    shot(&c, &shots, "audit").await;
+    let on_mqtt: Vec<Value> = sub
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| t == "anomalyd/station/audit")
+        .map(|(_, p)| serde_json::from_str(p).unwrap())
+        .collect();
+    let actions: Vec<&str> = on_mqtt.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["login_refused", "login", "false_reject", "rollback"], "{on_mqtt:?}");
+    assert!(!daemon.log().contains(PASSWORD) && !daemon.log().contains("wrong password"), "no password in the log");
+
+    // Log out: the session is gone, and actions are refused.
+    c.find(Locator::Css(".who button")).await.unwrap().click().await.unwrap();
+    assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
+    assert_eq!(post_from_page(&c, &format!("/ui/frames/{ng_id}/false-reject"), "").await, 401);
+    c.close().await.unwrap();
+}
