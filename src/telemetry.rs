@@ -75,6 +75,12 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
     pub camera: String,
     pub method: String,
@@ -174,6 +180,9 @@ pub struct Metrics {
     opcua_results_missed: Family<CameraLabel, Counter>,
     sparkplug_births: Family<ResultLabel, Counter>,
     sparkplug_host_online: Gauge,
+    ui_streams: Gauge,
+    ui_events_skipped: Counter,
+    ui_actions: Family<ActionLabels, Counter>,
     learned_parts: Family<ReasonLabels, Counter>,
     learn_runs: Family<ReasonLabels, Counter>,
 }
@@ -255,6 +264,9 @@ impl Metrics {
             opcua_calls: Family::default(),
             opcua_sessions: Family::default(),
             opcua_results_missed: Family::default(),
+            ui_streams: Gauge::default(),
+            ui_events_skipped: Counter::default(),
+            ui_actions: Family::default(),
             sparkplug_births: Family::default(),
             sparkplug_host_online: Gauge::default(),
             learned_parts: Family::default(),
@@ -444,6 +456,21 @@ impl Metrics {
             "opcua_results_missed",
             "Verdicts the OPC UA server fell too far behind to show (its last result and event skip them)",
             m.opcua_results_missed.clone(),
+        );
+        r.register(
+            "ui_streams",
+            "Operator-station pages following the line live (server-sent event streams)",
+            m.ui_streams.clone(),
+        );
+        r.register(
+            "ui_events_skipped",
+            "Live line-page events skipped because a page (or the station's view of a camera) fell behind",
+            m.ui_events_skipped.clone(),
+        );
+        r.register(
+            "ui_actions",
+            "Operator-station actions by action (login, false_reject_preview, false_reject, rollback, chat, csrf) and result (ok, refused, failed)",
+            m.ui_actions.clone(),
         );
         r.register(
             "sparkplug_births",
@@ -636,6 +663,25 @@ impl Metrics {
     /// The OPC UA server's view of a camera skipped `n` verdicts (it fell behind the stream).
     pub fn opcua_results_missed(&self, cam: &str, n: u64) {
         self.opcua_results_missed.get_or_create(&camera(cam)).inc_by(n);
+    }
+
+    /// An operator-station page started (`true`) or stopped following the line live.
+    pub fn ui_stream(&self, open: bool) {
+        if open {
+            self.ui_streams.inc();
+        } else {
+            self.ui_streams.dec();
+        }
+    }
+
+    /// The station skipped `n` live events (a page or its view of a camera fell behind).
+    pub fn ui_events_skipped(&self, n: u64) {
+        self.ui_events_skipped.inc_by(n);
+    }
+
+    /// An operator-station action and its result (`ok`, `refused`, `failed`).
+    pub fn ui_action(&self, action: &str, outcome: &str) {
+        self.ui_actions.get_or_create(&ActionLabels { action: action.into(), result: outcome.into() }).inc();
     }
 
     /// A camera switched its recipe in use from `from` to `to`.

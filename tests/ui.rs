@@ -174,6 +174,11 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     c.find(Locator::Css("#login")).await.unwrap().click().await.unwrap();
     assert_eq!(text(&c, "#user").await, "anna");
     assert!(c.current_url().await.unwrap().path().ends_with("/ui/"));
+    // The station's metrics count the refused and the accepted login.
+    let (_, m) = http_get(http_port, "/metrics");
+    let m = String::from_utf8_lossy(&m);
+    assert_eq!(metric(&m, "anomalyd_ui_actions_total{action=\"login\",result=\"refused\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "anomalyd_ui_actions_total{action=\"login\",result=\"ok\"}"), 1.0);
     let cookies = c.get_all_cookies().await.unwrap();
     let session = cookies.iter().find(|k| k.name() == "anomalyd_ui").expect("the session cookie");
     assert_eq!(session.http_only(), Some(true), "no script may read the session cookie");
@@ -217,6 +222,13 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     // An action without the CSRF token is refused, and nothing changes.
     assert_eq!(post_from_page(&c, &format!("/ui/frames/{ng_id}/false-reject"), "").await, 403);
     assert_eq!(post_from_page(&c, "/ui/frames/nope-1-1/false-reject", "").await, 403);
+    let (_, m) = http_get(http_port, "/metrics");
+    let m = String::from_utf8_lossy(&m);
+    assert_eq!(metric(&m, "anomalyd_ui_actions_total{action=\"csrf\",result=\"refused\"}"), 2.0);
+    // The line page's stream ends once the browser has left it (noticed at the next event).
+    until("the line page's stream to end", Duration::from_secs(20), &daemon, || {
+        metric(&String::from_utf8_lossy(&http_get(http_port, "/metrics").1), "anomalyd_ui_streams") == 0.0
+    });
 
     // 4. Mark it a false reject: the preview says what would change; apply; the part comes back OK.
     c.find(Locator::Css("#false-reject")).await.unwrap().click().await.unwrap();
@@ -299,6 +311,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
 
     // Log out: the session is gone, and actions are refused.
     c.find(Locator::Css(".who button")).await.unwrap().click().await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#login")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().ends_with("/ui/login"));
     assert_eq!(post_from_page(&c, &format!("/ui/frames/{ng_id}/false-reject"), "").await, 401);
     c.close().await.unwrap();

@@ -451,6 +451,7 @@ impl Daemon {
                 &cfg.ui,
                 ui::UiParts {
                     node: cfg.daemon.node.clone(),
+                    metrics: self.metrics.clone(),
                     protect_reads: cfg.http.protect_reads,
                     cameras: self.shared.clone(),
                     store,

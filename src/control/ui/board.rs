@@ -4,13 +4,13 @@
 //! ahead, and the frame path never notices it.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::source::intake::CameraShared;
+use crate::telemetry::Metrics;
 use crate::types::verdict::{Outcome, VerdictMessage};
 use crate::util::sync;
 
@@ -93,17 +93,14 @@ fn trigger_words(cam: &CameraShared) -> String {
 pub struct Board {
     tiles: Mutex<BTreeMap<String, Tile>>,
     events: broadcast::Sender<Arc<str>>,
-    /// Events pages skipped because they fell behind.
-    pub lagged: AtomicU64,
-}
-
-impl Default for Board {
-    fn default() -> Self {
-        Self { tiles: Mutex::default(), events: broadcast::channel(EVENT_BACKLOG).0, lagged: AtomicU64::new(0) }
-    }
+    pub metrics: Arc<Metrics>,
 }
 
 impl Board {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { tiles: Mutex::default(), events: broadcast::channel(EVENT_BACKLOG).0, metrics }
+    }
+
     /// Every tile as it stands.
     pub fn tiles(&self) -> Vec<Tile> {
         sync::lock(&self.tiles).values().cloned().collect()
@@ -152,9 +149,7 @@ impl Board {
                             tokio::select! {
                                 r = rx.recv() => match r {
                                     Ok(m) => board.update(&cam, &m),
-                                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                                        board.lagged.fetch_add(n, Ordering::Relaxed);
-                                    }
+                                    Err(broadcast::error::RecvError::Lagged(n)) => board.metrics.ui_events_skipped(n),
                                     Err(broadcast::error::RecvError::Closed) => return,
                                 },
                                 _ = stop.changed() => return,

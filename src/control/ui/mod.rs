@@ -32,6 +32,7 @@ use crate::describe::explainer::{ChatError, Explainer};
 use crate::sink::audit::{AuditEntry, AuditLog};
 use crate::sink::store::{Part, Store};
 use crate::source::intake::CameraShared;
+use crate::telemetry::Metrics;
 use crate::types::command::{self, Command};
 use crate::types::verdict::{VerdictMessage, valid_frame_id};
 
@@ -40,6 +41,7 @@ use auth::{Login, Sessions};
 /// Everything the pages need.
 pub struct Ui {
     pub node: String,
+    pub metrics: Arc<Metrics>,
     pub protect_reads: bool,
     pub sessions: Sessions,
     pub cameras: Arc<Mutex<BTreeMap<String, Arc<CameraShared>>>>,
@@ -65,6 +67,7 @@ pub type AuditNotes = (mpsc::UnboundedSender<(String, Vec<u8>)>, String);
 /// What [`Ui::new`] takes besides the configuration.
 pub struct UiParts {
     pub node: String,
+    pub metrics: Arc<Metrics>,
     pub protect_reads: bool,
     pub cameras: Arc<Mutex<BTreeMap<String, Arc<CameraShared>>>>,
     pub store: Option<Arc<Store>>,
@@ -104,6 +107,8 @@ impl Ui {
         let ttl = std::time::Duration::from_secs(60 * cfg.session_minutes);
         Arc::new(Self {
             node: parts.node,
+            board: Arc::new(board::Board::new(parts.metrics.clone())),
+            metrics: parts.metrics,
             protect_reads: parts.protect_reads,
             sessions: Sessions::new(&cfg.operator, ttl),
             cameras: parts.cameras,
@@ -112,7 +117,6 @@ impl Ui {
             audit: parts.audit,
             notes: parts.notes,
             commands: parts.commands,
-            board: Arc::default(),
             teacher: parts.teacher,
             stop: parts.stop,
             env,
@@ -222,6 +226,7 @@ async fn action_guard(State(ui): State<UiState>, req: Request, next: Next) -> Re
     let form_token = form_field(&bytes, "csrf");
     if !auth::csrf_ok(&login, header_token.as_deref().or(form_token.as_deref())) {
         tracing::warn!(user = %login.user, path = %parts.uri.path(), "ui: an action without its CSRF token was refused");
+        ui.metrics.ui_action("csrf", "refused");
         return ui.message(
             StatusCode::FORBIDDEN,
             Some(&login),
@@ -303,6 +308,7 @@ async fn login(
     let ok = tokio::task::spawn_blocking(move || checker.sessions.verify(&who, &password)).await.unwrap_or(false);
     if !ok {
         tracing::warn!(name = %name.escape_debug(), "ui: a login was refused (wrong name or password)");
+        ui.metrics.ui_action("login", "refused");
         let shown: String = name.chars().take(64).collect();
         let _ = ui.record(&AuditEntry::now(&shown, "login_refused", "", "wrong name or password".into()));
         let ctx = serde_json::json!({
@@ -314,6 +320,7 @@ async fn login(
     let (token, _) = ui.sessions.open(&name);
     let _ = ui.record(&AuditEntry::now(&name, "login", "", String::new()));
     tracing::info!(user = %name, "ui: operator logged in");
+    ui.metrics.ui_action("login", "ok");
     let mut r = Redirect::to(&safe_next(f.next.as_deref())).into_response();
     if let Ok(v) = ui.sessions.set_cookie(&token).parse() {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -346,7 +353,7 @@ async fn line(State(ui): State<UiState>, headers: HeaderMap) -> Response {
 async fn events(State(ui): State<UiState>) -> Response {
     let rx = ui.board.subscribe();
     let stop = ui.stop.clone();
-    let board = ui.board.clone();
+    let board = Following::new(ui.metrics.clone());
     let stream = futures_util::stream::unfold((rx, stop, board), |(mut rx, mut stop, board)| async move {
         loop {
             tokio::select! {
@@ -355,9 +362,7 @@ async fn events(State(ui): State<UiState>) -> Response {
                         let ev = Event::default().event("tile").data(&*json);
                         return Some((Ok::<_, std::convert::Infallible>(ev), (rx, stop, board)));
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        board.lagged.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => board.0.ui_events_skipped(n),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 },
                 _ = stop.changed() => return None,
@@ -365,6 +370,22 @@ async fn events(State(ui): State<UiState>) -> Response {
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Counts an open live stream while it lives.
+struct Following(Arc<Metrics>);
+
+impl Following {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.ui_stream(true);
+        Self(metrics)
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.ui_stream(false);
+    }
 }
 
 /// The review page's filters (all optional).
@@ -558,6 +579,7 @@ async fn chat(
     tracing::info!(user = %login.user, frame = %id, "ui: a question about a frame");
     let ex = ui.explainer.clone();
     let answer = tokio::task::spawn_blocking(move || ex.chat(&id, &f.question)).await;
+    ui.metrics.ui_action("chat", if matches!(answer, Ok(Ok(_))) { "ok" } else { "failed" });
     let ev = match answer {
         Ok(Ok(a)) => Event::default().event("done").data(serde_json::to_string(&a).unwrap_or_default()),
         Ok(Err(e @ (ChatError::UnknownFrame(_) | ChatError::Stopping))) | Ok(Err(e)) => {

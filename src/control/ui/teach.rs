@@ -100,8 +100,20 @@ impl Teacher {
     }
 }
 
+/// A refused or failed action: counted (by the action named in `title`'s handler) and explained.
 fn refuse(ui: &UiState, login: &Login, status: StatusCode, title: &str, why: &str, back: &str) -> Response {
     ui.message(status, Some(login), title, why, back)
+}
+
+/// Counts an action's outcome: `ok` for a success, else `refused` (4xx) or `failed` (5xx).
+fn counted(ui: &UiState, action: &str, r: Response) -> Response {
+    let outcome = match r.status() {
+        s if s.is_success() => "ok",
+        s if s.is_client_error() => "refused",
+        _ => "failed",
+    };
+    ui.metrics.ui_action(action, outcome);
+    r
 }
 
 /// The camera and the model of the product a frame was judged with, for teaching.
@@ -211,10 +223,15 @@ pub async fn preview(
 /// `POST /ui/lessons/{lesson}/apply`: the previewed lesson becomes the camera's next enrolment version
 /// and is swapped in between two frames.
 pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>, Path(key): Path<String>) -> Response {
-    let Some(p) = ui.teacher.take(&key) else {
+    let r = apply_lesson(&ui, &login, &key).await;
+    counted(&ui, "false_reject", r)
+}
+
+async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
+    let Some(p) = ui.teacher.take(key) else {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::NOT_FOUND,
             "Preview gone",
             "This preview is gone: applied already, older than 15 minutes, or the daemon restarted. Preview again.",
@@ -224,8 +241,8 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
     let back = format!("/ui/frames/{}", p.frame_id);
     let Some(cam) = ui.camera(&p.camera) else {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::CONFLICT,
             "Cannot apply",
             &format!("camera {} is not running", p.camera),
@@ -234,12 +251,12 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
     };
     let current = match cam.recipe_model(p.product.as_deref()) {
         Ok(m) => m,
-        Err(e) => return refuse(&ui, &login, StatusCode::CONFLICT, "Cannot apply", &e.to_string(), &back),
+        Err(e) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &e.to_string(), &back),
     };
     if current.enrolment_ref.id != p.base_id {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::CONFLICT,
             "Cannot apply",
             "The camera's enrolment changed since this preview (learning, another lesson, a rollback or a reload): \
@@ -249,8 +266,8 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
     }
     let Some(versions) = current.versions.clone() else {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::CONFLICT,
             "Cannot apply",
             "this camera keeps no enrolment versions",
@@ -268,9 +285,9 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
     let (before, n, id) = match saved {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            return refuse(&ui, &login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back);
+            return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back);
         }
-        Err(e) => return refuse(&ui, &login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back),
+        Err(e) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back),
     };
     let base_source = current.enrolment_ref.source.split(" (").next().unwrap_or("").to_string();
     let new = CameraModel {
@@ -316,7 +333,7 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
         msg.push_str(&format!(" The audit log could not be written: {e}."));
     }
     let page = format!("/ui/cameras/{}", p.camera);
-    ui.message(StatusCode::OK, Some(&login), "Applied", &msg, &page)
+    ui.message(StatusCode::OK, Some(login), "Applied", &msg, &page)
 }
 
 /// `GET /ui/cameras/{camera}`: each recipe's versions and history, with a rollback button.
@@ -378,26 +395,31 @@ pub async fn rollback(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
+    let r = roll_back(&ui, &login, &name, &body).await;
+    counted(&ui, "rollback", r)
+}
+
+async fn roll_back(ui: &UiState, login: &Login, name: &str, body: &[u8]) -> Response {
     let back = format!("/ui/cameras/{name}");
-    let Some(cam) = ui.camera(&name) else {
+    let Some(cam) = ui.camera(name) else {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::NOT_FOUND,
             "No such camera",
             &format!("No camera {name:?} is running."),
             "/ui/",
         );
     };
-    let product = super::form_field(&body, "product").filter(|p| !p.is_empty());
+    let product = super::form_field(body, "product").filter(|p| !p.is_empty());
     let model = match cam.recipe_model(product.as_deref()) {
         Ok(m) => m,
-        Err(e) => return refuse(&ui, &login, StatusCode::NOT_FOUND, "Cannot roll back", &e.to_string(), &back),
+        Err(e) => return refuse(ui, login, StatusCode::NOT_FOUND, "Cannot roll back", &e.to_string(), &back),
     };
     let Some(versions) = model.versions.clone() else {
         return refuse(
-            &ui,
-            &login,
+            ui,
+            login,
             StatusCode::CONFLICT,
             "Cannot roll back",
             "No versions are kept for this camera.",
@@ -411,12 +433,12 @@ pub async fn rollback(
     .await;
     let (before, to) = match done {
         Ok(Ok(x)) => x,
-        Ok(Err(e)) => return refuse(&ui, &login, StatusCode::CONFLICT, "Cannot roll back", &e.to_string(), &back),
+        Ok(Err(e)) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot roll back", &e.to_string(), &back),
         Err(e) => {
-            return refuse(&ui, &login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot roll back", &e.to_string(), &back);
+            return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot roll back", &e.to_string(), &back);
         }
     };
-    let target = product.as_ref().map_or_else(|| name.clone(), |p| format!("{name}/{p}"));
+    let target = product.as_ref().map_or_else(|| name.to_string(), |p| format!("{name}/{p}"));
     let mut entry = AuditEntry::now(&login.user, "rollback", &target, format!("from version {before} to {to}"));
     entry.version_before = Some(before);
     entry.version_after = Some(to);
@@ -430,5 +452,5 @@ pub async fn rollback(
     if let Err(e) = recorded {
         msg.push_str(&format!(" The audit log could not be written: {e}."));
     }
-    ui.message(StatusCode::OK, Some(&login), "Rolled back", &msg, &back)
+    ui.message(StatusCode::OK, Some(login), "Rolled back", &msg, &back)
 }

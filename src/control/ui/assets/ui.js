@@ -13,6 +13,8 @@ function fmt(x, digits) {
 
 function liveTiles(root) {
   const source = new EventSource(root.dataset.live);
+  // Leaving the page ends the stream at once (a page kept for the back button must not hold it).
+  window.addEventListener("pagehide", () => source.close());
   source.addEventListener("tile", (ev) => {
     const t = JSON.parse(ev.data);
     const tile = document.getElementById("tile-" + t.camera);
