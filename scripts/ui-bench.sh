@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The figures of the README's operator-station section: the frame path's frames/s with the line page
 # open in headless Chromium (live over server-sent events) against without it (interleaved, 8 rounds
-# each), and the time from a verdict to its event reaching a page-like client (Python, reading
-# /ui/events as the page does). Needs a release build and chromium (`scripts/setup.sh --test`).
+# each), and the time from a verdict to its tile's event reaching a page-like client (Python, reading
+# /ui/events as the page does; a tile goes out at most every 200 ms, with the newest verdict). Needs a release build and chromium (`scripts/setup.sh --test`).
 #   scripts/ui-bench.sh [seconds per round]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ chromium=$(command -v chromium || command -v chromium-browser || true)
 export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$(ls "$PWD"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* | head -1)}
 work=$(mktemp -d)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 http=$(port)
