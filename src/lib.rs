@@ -14,12 +14,14 @@
 //! - [`detect`]: the decoder: patch features and nearest-neighbour search, anomaly map, score,
 //!   regions, background mask, verdict; the same on the GPU.
 //! - [`enrol`]: from normal shots to an enrolment: geometry, banks, automatic thresholds from
-//!   simulated anomalies and nuisance views, the enrolment file, references.
+//!   simulated anomalies and nuisance views, the enrolment file, references; line mode and operators'
+//!   lessons, kept as versions.
 //! - [`describe`]: words: template answers, the answer check, language-model back ends and the
 //!   explainer that runs them off the frame path.
 //! - [`source`]: cameras and replay, and the intake every frame enters by.
-//! - [`sink`]: where verdicts go: the MQTT link and its outbox, the flagged-frame store.
-//! - [`control`]: what steers the daemon: the HTTP API and the embedded MQTT broker.
+//! - [`sink`]: where verdicts go: the MQTT link and its outbox, the flagged-frame store, the audit log.
+//! - [`control`]: what steers the daemon: the HTTP API, the PLC servers, the embedded MQTT broker and
+//!   the operator station's pages.
 //! - [`daemon`]: `anomalyd run`: wiring, inspection workers, reload, shutdown, systemd.
 //! - [`commands`]: `eval`, `bench`, `chat`.
 //! - [`cli`], [`app`]: the command line and its glue (the only place with `anyhow`).

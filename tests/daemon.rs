@@ -282,6 +282,9 @@ fn mqtt_contract_examples_parse() {
         } else if v.get("question").is_some() {
             anomalyd::types::command::parse_chat(b.as_bytes()).unwrap_or_else(|e| panic!("{e}: {b}"));
             notes += 1;
+        } else if v.get("action").is_some() {
+            let _: anomalyd::sink::audit::AuditEntry = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}: {b}"));
+            notes += 1;
         } else if v.get("accepted").is_some() {
             assert!(v.get("request_id").is_some() && v.get("reason").is_some(), "{b}");
             notes += 1;
@@ -290,7 +293,7 @@ fn mqtt_contract_examples_parse() {
             commands += 1;
         }
     }
-    assert_eq!((verdicts, commands, notes), (5, 3, 5));
+    assert_eq!((verdicts, commands, notes), (5, 3, 6));
 }
 
 #[test]

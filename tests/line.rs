@@ -128,3 +128,26 @@ fn the_drift_alarm_stays_quiet_on_a_steady_line_and_fires_as_the_light_brightens
     let climb = climb.expect("false rejects never climbed");
     assert!(alarm < climb + 32, "alarm at part {alarm}, false rejects climbed at part {climb}");
 }
+
+/// An operator's false reject teaches that part, not everything: the part passes afterwards, the
+/// threshold does not fall, a different defect elsewhere is still found, and good parts still pass.
+#[test]
+fn a_false_reject_lesson_passes_that_part_and_still_finds_other_defects() {
+    let mut det = detector();
+    let cfg = DetectConfig::default();
+    let e = det.enroll(&[("ref".into(), demo::part(0, Defect::None))], &cfg, &mut |_| {}).unwrap();
+    // The blob (bottom right) is declared a good part's feature.
+    let blob = demo::part(6, Defect::Blob);
+    assert!(det.inspect(&e, &blob).unwrap().verdict.anomalous, "the blob is rejected before the lesson");
+    let lesson = anomalyd::enrol::teach::false_reject(&mut det, &e, &blob, &cfg).unwrap();
+    assert!(lesson.part_passes(), "{} against {}", lesson.score_after, lesson.threshold_after);
+    assert!(lesson.threshold_after >= lesson.threshold_before, "a good part's evidence never lowers the threshold");
+    assert!(lesson.bank_after > lesson.bank_before && lesson.bank_after <= cfg.max_bank);
+    assert_eq!(lesson.enrolment.meta.thresholds.source, "taught");
+    let taught = &lesson.enrolment;
+    assert!(!det.inspect(taught, &demo::part(9, Defect::Blob)).unwrap().verdict.anomalous, "another such part passes");
+    assert!(det.inspect(taught, &demo::part(5, Defect::Scratch)).unwrap().verdict.anomalous, "a scratch is still NG");
+    for v in 1..4 {
+        assert!(!det.inspect(taught, &demo::part(v, Defect::None)).unwrap().verdict.anomalous, "good part {v} passes");
+    }
+}
