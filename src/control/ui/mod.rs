@@ -38,24 +38,11 @@ use crate::types::verdict::{VerdictMessage, valid_frame_id};
 
 use auth::{Login, Sessions};
 
-/// Everything the pages need.
+/// Everything the pages need: what the daemon gives, and the station's own state.
 pub struct Ui {
-    pub node: String,
-    pub metrics: Arc<Metrics>,
-    pub protect_reads: bool,
+    pub given: UiParts,
     pub sessions: Sessions,
-    pub cameras: Arc<Mutex<BTreeMap<String, Arc<CameraShared>>>>,
-    pub store: Option<Arc<Store>>,
-    pub explainer: Arc<Explainer>,
-    pub audit: AuditLog,
-    /// (topic, payload) notes the MQTT link publishes once: each audit entry goes out on `audit_topic`.
-    pub notes: Option<AuditNotes>,
-    /// The daemon's command channel (reloads after a rollback).
-    pub commands: mpsc::UnboundedSender<Command>,
     pub board: Arc<board::Board>,
-    pub teacher: teach::Teacher,
-    /// Turns true when the server stops: live streams end so that shutdown does not wait for them.
-    pub stop: watch::Receiver<bool>,
     env: Environment<'static>,
 }
 
@@ -64,7 +51,7 @@ pub type UiState = Arc<Ui>;
 /// The channel of notes the MQTT link publishes once, and the audit topic.
 pub type AuditNotes = (mpsc::UnboundedSender<(String, Vec<u8>)>, String);
 
-/// What [`Ui::new`] takes besides the configuration.
+/// What the daemon gives the station.
 pub struct UiParts {
     pub node: String,
     pub metrics: Arc<Metrics>,
@@ -73,9 +60,12 @@ pub struct UiParts {
     pub store: Option<Arc<Store>>,
     pub explainer: Arc<Explainer>,
     pub audit: AuditLog,
+    /// Where each audit entry is also published (the MQTT link's notes, the audit topic).
     pub notes: Option<AuditNotes>,
+    /// The daemon's command channel (a reload after a rollback).
     pub commands: mpsc::UnboundedSender<Command>,
     pub teacher: teach::Teacher,
+    /// Turns true when the server stops: live streams end so that shutdown does not wait for them.
     pub stop: watch::Receiver<bool>,
 }
 
@@ -106,19 +96,9 @@ impl Ui {
         let env = templates();
         let ttl = std::time::Duration::from_secs(60 * cfg.session_minutes);
         Arc::new(Self {
-            node: parts.node,
-            board: Arc::new(board::Board::new(parts.metrics.clone())),
-            metrics: parts.metrics,
-            protect_reads: parts.protect_reads,
             sessions: Sessions::new(&cfg.operator, ttl),
-            cameras: parts.cameras,
-            store: parts.store,
-            explainer: parts.explainer,
-            audit: parts.audit,
-            notes: parts.notes,
-            commands: parts.commands,
-            teacher: parts.teacher,
-            stop: parts.stop,
+            board: Arc::new(board::Board::new(parts.metrics.clone())),
+            given: parts,
             env,
         })
     }
@@ -126,7 +106,7 @@ impl Ui {
     /// Renders a page; `ctx` is merged over the fields every page has (node, user, CSRF token).
     fn page(&self, status: StatusCode, name: &str, login: Option<&Login>, ctx: serde_json::Value) -> Response {
         let mut all = serde_json::json!({
-            "node": self.node,
+            "node": self.given.node,
             "user": login.map(|l| l.user.clone()),
             "csrf": login.map(|l| l.csrf.clone()).unwrap_or_default(),
         });
@@ -154,18 +134,18 @@ impl Ui {
     /// Keeps an operator action: on disk first (fsync), then on MQTT. An action whose record cannot be
     /// written is reported as an error to the operator, and logged.
     fn record(&self, entry: &AuditEntry) -> Result<(), String> {
-        self.audit.record(entry).map_err(|e| {
+        self.given.audit.record(entry).map_err(|e| {
             tracing::error!("{e}: an operator action is not recorded");
             e.to_string()
         })?;
-        if let Some((tx, topic)) = &self.notes {
+        if let Some((tx, topic)) = &self.given.notes {
             let _ = tx.send((topic.clone(), serde_json::to_vec(entry).unwrap_or_default()));
         }
         Ok(())
     }
 
     fn camera(&self, name: &str) -> Option<Arc<CameraShared>> {
-        crate::util::sync::lock(&self.cameras).get(name).cloned()
+        crate::util::sync::lock(&self.given.cameras).get(name).cloned()
     }
 }
 
@@ -199,7 +179,7 @@ pub fn router(ui: UiState) -> Router {
 
 /// With `http.protect_reads`, a page needs a login: the browser is sent to the login page.
 async fn read_guard(State(ui): State<UiState>, req: Request, next: Next) -> Response {
-    if ui.protect_reads && ui.sessions.get(req.headers()).is_none() {
+    if ui.given.protect_reads && ui.sessions.get(req.headers()).is_none() {
         let next_page = req.uri().path().to_string();
         return Redirect::to(&format!("/ui/login?next={}", urlencode(&next_page))).into_response();
     }
@@ -226,7 +206,7 @@ async fn action_guard(State(ui): State<UiState>, req: Request, next: Next) -> Re
     let form_token = form_field(&bytes, "csrf");
     if !auth::csrf_ok(&login, header_token.as_deref().or(form_token.as_deref())) {
         tracing::warn!(user = %login.user, path = %parts.uri.path(), "ui: an action without its CSRF token was refused");
-        ui.metrics.ui_action("csrf", "refused");
+        ui.given.metrics.ui_action("csrf", "refused");
         return ui.message(
             StatusCode::FORBIDDEN,
             Some(&login),
@@ -308,7 +288,7 @@ async fn login(
     let ok = tokio::task::spawn_blocking(move || checker.sessions.verify(&who, &password)).await.unwrap_or(false);
     if !ok {
         tracing::warn!(name = %name.escape_debug(), "ui: a login was refused (wrong name or password)");
-        ui.metrics.ui_action("login", "refused");
+        ui.given.metrics.ui_action("login", "refused");
         let shown: String = name.chars().take(64).collect();
         let _ = ui.record(&AuditEntry::now(&shown, "login_refused", "", "wrong name or password".into()));
         let ctx = serde_json::json!({
@@ -320,7 +300,7 @@ async fn login(
     let (token, _) = ui.sessions.open(&name);
     let _ = ui.record(&AuditEntry::now(&name, "login", "", String::new()));
     tracing::info!(user = %name, "ui: operator logged in");
-    ui.metrics.ui_action("login", "ok");
+    ui.given.metrics.ui_action("login", "ok");
     let mut r = Redirect::to(&safe_next(f.next.as_deref())).into_response();
     if let Ok(v) = ui.sessions.set_cookie(&token).parse() {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -352,8 +332,8 @@ async fn line(State(ui): State<UiState>, headers: HeaderMap) -> Response {
 /// stream ends when the server stops.
 async fn events(State(ui): State<UiState>) -> Response {
     let rx = ui.board.subscribe();
-    let stop = ui.stop.clone();
-    let board = Following::new(ui.metrics.clone());
+    let stop = ui.given.stop.clone();
+    let board = Following::new(ui.given.metrics.clone());
     let stream = futures_util::stream::unfold((rx, stop, board), |(mut rx, mut stop, board)| async move {
         loop {
             tokio::select! {
@@ -450,7 +430,7 @@ async fn review(
             return ui.page(StatusCode::BAD_REQUEST, "review.html", login.as_ref(), ctx);
         }
     };
-    let Some(store) = ui.store.clone() else {
+    let Some(store) = ui.given.store.clone() else {
         return ui.message(
             StatusCode::NOT_FOUND,
             login.as_ref(),
@@ -492,7 +472,7 @@ async fn stored_verdict(ui: &UiState, login: Option<&Login>, id: &str) -> Result
             "/ui/review",
         )));
     }
-    let Some(store) = ui.store.clone() else {
+    let Some(store) = ui.given.store.clone() else {
         return Err(Box::new(ui.message(
             StatusCode::NOT_FOUND,
             login,
@@ -521,7 +501,7 @@ async fn frame(State(ui): State<UiState>, headers: HeaderMap, Path(id): Path<Str
         Ok(m) => m,
         Err(r) => return *r,
     };
-    let ex = ui.explainer.clone();
+    let ex = ui.given.explainer.clone();
     let fid = id.clone();
     let transcript = tokio::task::spawn_blocking(move || ex.transcript(&fid)).await.ok().flatten();
     let (description, turns) = match transcript {
@@ -542,7 +522,7 @@ async fn frame_file(State(ui): State<UiState>, Path(id): Path<String>, part: Par
     if !valid_frame_id(&id) {
         return (StatusCode::BAD_REQUEST, "not a frame id\n").into_response();
     }
-    let Some(store) = ui.store.clone() else {
+    let Some(store) = ui.given.store.clone() else {
         return (StatusCode::NOT_FOUND, "the flagged-frame store is off\n").into_response();
     };
     match tokio::task::spawn_blocking(move || store.get(&id, part)).await.ok().flatten() {
@@ -577,9 +557,9 @@ async fn chat(
         return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
     }
     tracing::info!(user = %login.user, frame = %id, "ui: a question about a frame");
-    let ex = ui.explainer.clone();
+    let ex = ui.given.explainer.clone();
     let answer = tokio::task::spawn_blocking(move || ex.chat(&id, &f.question)).await;
-    ui.metrics.ui_action("chat", if matches!(answer, Ok(Ok(_))) { "ok" } else { "failed" });
+    ui.given.metrics.ui_action("chat", if matches!(answer, Ok(Ok(_))) { "ok" } else { "failed" });
     let ev = match answer {
         Ok(Ok(a)) => Event::default().event("done").data(serde_json::to_string(&a).unwrap_or_default()),
         Ok(Err(e @ (ChatError::UnknownFrame(_) | ChatError::Stopping))) | Ok(Err(e)) => {
@@ -593,7 +573,7 @@ async fn chat(
 
 async fn audit(State(ui): State<UiState>, headers: HeaderMap) -> Response {
     let login = ui.sessions.get(&headers);
-    let entries = ui.audit.recent(500);
+    let entries = ui.given.audit.recent(500);
     match entries {
         Ok(entries) => ui.page(
             StatusCode::OK,

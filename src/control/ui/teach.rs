@@ -112,7 +112,7 @@ fn counted(ui: &UiState, action: &str, r: Response) -> Response {
         s if s.is_client_error() => "refused",
         _ => "failed",
     };
-    ui.metrics.ui_action(action, outcome);
+    ui.given.metrics.ui_action(action, outcome);
     r
 }
 
@@ -153,7 +153,7 @@ pub async fn preview(
         Ok(x) => x,
         Err(why) => return refuse(&ui, &login, StatusCode::CONFLICT, "Cannot teach", &why, &back),
     };
-    let Some(store) = ui.store.clone() else {
+    let Some(store) = ui.given.store.clone() else {
         return refuse(&ui, &login, StatusCode::NOT_FOUND, "Cannot teach", "The flagged-frame store is off.", &back);
     };
     let work = ui.clone();
@@ -185,7 +185,7 @@ pub async fn preview(
             }
         }
         let checked = others.len();
-        let (lesson, flips) = work.teacher.lesson(&model2, &img, &others)?;
+        let (lesson, flips) = work.given.teacher.lesson(&model2, &img, &others)?;
         Ok((lesson, flips, checked))
     })
     .await;
@@ -205,7 +205,7 @@ pub async fn preview(
         "ui: false-reject preview: threshold {:.4} -> {:.4}, the part {:.4} -> {:.4}, {} of {checked} stored NG frames would pass",
         lesson.threshold_before, lesson.threshold_after, lesson.score_before, lesson.score_after, flips.len()
     );
-    let key = ui.teacher.keep(Pending {
+    let key = ui.given.teacher.keep(Pending {
         camera: m.camera.clone(),
         product: m.product.clone(),
         frame_id: m.frame_id.clone(),
@@ -228,7 +228,7 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
 }
 
 async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
-    let Some(p) = ui.teacher.take(key) else {
+    let Some(p) = ui.given.teacher.take(key) else {
         return refuse(
             ui,
             login,
@@ -446,7 +446,7 @@ async fn roll_back(ui: &UiState, login: &Login, name: &str, body: &[u8]) -> Resp
     tracing::warn!(user = %login.user, camera = %name, "ui: enrolment rolled back from version {before} to {to}; reloading");
     let mut msg =
         format!("Version {to} is active on {target} (0 is the base enrolment); the daemon reloads to use it.");
-    if ui.commands.send(Command::Reload).is_err() {
+    if ui.given.commands.send(Command::Reload).is_err() {
         msg = format!("Version {to} is active on {target}, but the daemon is stopping: it applies at the next start.");
     }
     if let Err(e) = recorded {
