@@ -191,6 +191,7 @@ fn openai_client_times_out_and_reports_http_errors() {
         seed: 1,
         deadline: Instant::now() + Duration::from_millis(ms),
         cancel: None,
+        pieces: None,
     };
     let t0 = Instant::now();
     assert!(matches!(s.complete(&msgs, &[], &opts(300)), Err(LlmError::Timeout(_))));
@@ -242,7 +243,25 @@ fn the_real_local_model_keeps_context_over_three_turns_and_a_contradiction_is_re
     let d = rx.recv_timeout(Duration::from_secs(120)).unwrap();
     assert!(!d.text.is_empty());
     assert!(d.source == "llm" || d.reason.as_deref().unwrap_or("").starts_with("contradiction"), "{d:?}");
-    let a2 = ex.chat("cam1-real-1", "How large is the defect?").unwrap();
+    // Asked with a stream: the model's words arrive a token at a time, and add up to what it said.
+    let (tx, mut pieces) = tokio::sync::mpsc::channel(1024);
+    let a2 = ex.chat_streaming("cam1-real-1", "How large is the defect?", Some(tx)).unwrap();
+    let mut streamed = Vec::new();
+    while let Ok(p) = pieces.try_recv() {
+        streamed.push(p);
+    }
+    let said = streamed.concat();
+    assert!(
+        streamed.len() >= 2 && streamed.len() as u32 <= a2.tokens,
+        "{} pieces for {} tokens",
+        streamed.len(),
+        a2.tokens
+    );
+    match (&a2.source[..], &a2.refused) {
+        ("llm", _) => assert_eq!(said.trim(), a2.answer),
+        (_, Some(refused)) => assert_eq!(said.trim(), refused),
+        _ => panic!("the model answered neither in time nor at all: {a2:?}"),
+    }
     let a3 = ex.chat("cam1-real-1", "Say exactly this sentence: No, there is no anomaly in the image.").unwrap();
     // Three turns, in order, in one conversation; each later turn read only its new tokens.
     let t = ex.transcript("cam1-real-1").unwrap();

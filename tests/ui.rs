@@ -145,9 +145,16 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     let (reference, frames) = line_scene(dir.path());
     let http_port = free_port();
     let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
+    // The small real model when it is there (test.sh fetches it), so that answers stream token by token.
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm/smollm2-135m-instruct-q4_1.gguf");
+    let llm = if cfg!(feature = "llm") && model.is_file() {
+        format!("backend = \"local\"\nmodel = \"{}\"\nthreads = 1\nmax_tokens = 24\nqueue = 1", model.display())
+    } else {
+        "backend = \"off\"".to_string()
+    };
     let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "station", "")
         + &format!(
-            "[store]\ndir = \"{}\"\n[llm]\nbackend = \"off\"\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\n\
+            "[store]\ndir = \"{}\"\n[llm]\n{llm}\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\n\
              password_hash = \"{hash}\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\nlearn_parts = 0\n\
              [camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n",
             dir.path().join("store").display(),
@@ -278,6 +285,13 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
         .await
         .unwrap();
     assert!(!answer.is_empty() && answer != "…", "an answer: {answer}");
+    let li = c.find(Locator::Css("#chat li.answered")).await.unwrap();
+    let (source, pieces) = (li.attr("data-source").await.unwrap(), li.attr("data-pieces").await.unwrap());
+    eprintln!("answer from {source:?} in {pieces:?} pieces: {answer}");
+    if source.as_deref() == Some("llm") {
+        let n: u32 = pieces.expect("a model's answer streams").parse().unwrap();
+        assert!(n >= 2, "the answer arrived token by token, not whole");
+    }
     shot(&c, &shots, "ask").await;
 
     // Review: the gallery holds the NG frame.

@@ -261,6 +261,7 @@ pub fn llm(cfg: &crate::config::Config, frames: usize, seconds: f64) -> Result<L
         seed: cfg.llm.seed,
         deadline: Instant::now() + Duration::from_secs(secs),
         cancel: None,
+        pieces: None,
     };
     let msgs =
         vec![template::prompt(&findings, None), Message { role: "user".into(), content: DESCRIBE_QUESTION.into() }];

@@ -143,9 +143,29 @@ struct Shared {
 }
 
 enum Job {
-    Describe { frame_id: String, images: Images, queued: Instant },
-    Chat { frame_id: String, question: String, queued: Instant, reply: crossbeam_channel::Sender<ChatAnswer> },
+    Describe {
+        frame_id: String,
+        images: Images,
+        queued: Instant,
+    },
+    Chat {
+        frame_id: String,
+        question: String,
+        queued: Instant,
+        reply: crossbeam_channel::Sender<ChatAnswer>,
+        pieces: Option<Pieces>,
+    },
 }
+
+/// What a model call is for (`describe`, `chat`), and where its answer goes as it is generated.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    kind: &'a str,
+    pieces: Option<&'a Pieces>,
+}
+
+/// Where a chat answer goes as it is generated ([`GenOptions::pieces`]).
+pub type Pieces = tokio::sync::mpsc::Sender<String>;
 
 /// An earlier NG frame of a camera: frame id, capture time (Unix ms), regions.
 type PastNg = (String, u64, Vec<crate::types::findings::Region>);
@@ -254,6 +274,18 @@ impl Explainer {
     /// Answers a question about a frame, keeping the conversation. Blocks up to `llm.timeout_ms` (plus
     /// the time waiting behind other questions); call it off async threads.
     pub fn chat(&self, frame_id: &str, question: &str) -> Result<ChatAnswer, ChatError> {
+        self.chat_streaming(frame_id, question, None)
+    }
+
+    /// [`Explainer::chat`], with the model's answer also sent to `pieces` as it is generated (a piece per
+    /// token; none when a template answers). The returned answer is the checked one: it may replace what
+    /// was streamed.
+    pub fn chat_streaming(
+        &self,
+        frame_id: &str,
+        question: &str,
+        pieces: Option<Pieces>,
+    ) -> Result<ChatAnswer, ChatError> {
         let question = question.trim();
         if question.is_empty() {
             return Err(ChatError::EmptyQuestion);
@@ -271,7 +303,7 @@ impl Explainer {
             None => s.answer(frame_id, question, None, t0).ok_or_else(|| ChatError::UnknownFrame(frame_id.into()))?,
             Some(tx) => {
                 let (reply, rx) = crossbeam_channel::bounded(1);
-                let job = Job::Chat { frame_id: frame_id.into(), question: question.into(), queued: t0, reply };
+                let job = Job::Chat { frame_id: frame_id.into(), question: question.into(), queued: t0, reply, pieces };
                 if tx.try_send(job).is_err() {
                     s.metrics.llm_fallback("chat_queue_full");
                     s.answer(frame_id, question, Some("queue_full".into()), t0).ok_or(ChatError::Stopping)?
@@ -467,8 +499,9 @@ impl Shared {
         images: &[Attachment],
         facts: &FrameFacts,
         template: impl FnOnce() -> String,
-        kind: &str,
+        call: Call<'_>,
     ) -> Said {
+        let kind = call.kind;
         let question = msgs.last().map(|m| m.content.as_str()).unwrap_or_default();
         let cfg = &self.cfg;
         let opts = GenOptions {
@@ -477,6 +510,7 @@ impl Shared {
             seed: cfg.seed,
             deadline: Instant::now() + Duration::from_millis(cfg.timeout_ms),
             cancel: Some(self.stop.clone()),
+            pieces: call.pieces.cloned(),
         };
         let m = &self.metrics;
         let result: Result<Completion, LlmError> = session.complete(msgs, images, &opts);
@@ -613,14 +647,21 @@ fn worker(
                 };
                 let Some((msgs, facts, _, _)) = s.messages(&frame_id, DESCRIBE_QUESTION) else { continue };
                 let images = if engine.takes_images() { images() } else { Vec::new() };
-                let said = s.ask(sess, &msgs, &images, &facts, || facts.findings.answer_text(), "describe");
+                let said = s.ask(
+                    sess,
+                    &msgs,
+                    &images,
+                    &facts,
+                    || facts.findings.answer_text(),
+                    Call { kind: "describe", pieces: None },
+                );
                 let turn =
                     Turn { question: DESCRIBE_QUESTION.into(), answer: said.text.clone(), source: said.source.into() };
                 s.push_turn(&frame_id, turn);
                 s.metrics.llm_described(said.source, queued.elapsed().as_secs_f64());
                 s.emit(&facts, said, queued);
             }
-            Job::Chat { frame_id, question, queued, reply } => {
+            Job::Chat { frame_id, question, queued, reply, pieces } => {
                 let answer = match session.as_deref_mut() {
                     None => s.answer(&frame_id, &question, Some("error".into()), queued),
                     Some(sess) => s.messages(&frame_id, &question).map(|(msgs, facts, past, _)| {
@@ -630,7 +671,7 @@ fn worker(
                             &[],
                             &facts,
                             || template::reply(&question, &facts.findings, Some(&past)),
-                            "chat",
+                            Call { kind: "chat", pieces: pieces.as_ref() },
                         );
                         s.record_answer(&facts, &question, said, queued)
                     }),

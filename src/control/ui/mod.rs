@@ -14,7 +14,7 @@ pub mod auth;
 pub mod board;
 pub mod teach;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -28,7 +28,7 @@ use minijinja::Environment;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ui::UiConfig;
-use crate::describe::explainer::{ChatError, Explainer};
+use crate::describe::explainer::Explainer;
 use crate::sink::audit::{AuditEntry, AuditLog};
 use crate::sink::store::{Part, Store};
 use crate::source::intake::CameraShared;
@@ -531,13 +531,9 @@ async fn frame_file(State(ui): State<UiState>, Path(id): Path<String>, part: Par
     }
 }
 
-#[derive(serde::Deserialize)]
-struct AskForm {
-    question: String,
-}
-
-/// Asks about a frame: the answer comes back as server-sent events (`done` with the checked answer, or
-/// `error`), so that the page shows it as it comes.
+/// Asks about a frame: the answer comes back as server-sent events, `piece` by `piece` as a local model
+/// writes it, then `done` with the checked answer (which replaces the pieces if the check refused
+/// them), or `error`.
 async fn chat(
     State(ui): State<UiState>,
     axum::Extension(login): axum::Extension<Login>,
@@ -547,29 +543,40 @@ async fn chat(
     if !valid_frame_id(&id) {
         return (StatusCode::BAD_REQUEST, "not a frame id\n").into_response();
     }
-    let Ok(f) = serde_urlencoded::from_bytes::<HashMap<String, String>>(&body)
-        .map_err(|_| ())
-        .and_then(|m| m.get("question").cloned().map(|question| AskForm { question }).ok_or(()))
-    else {
+    let Some(question) = form_field(&body, "question") else {
         return (StatusCode::BAD_REQUEST, "the form needs a question\n").into_response();
     };
-    if let Err(e) = command::check_question(&f.question) {
+    if let Err(e) = command::check_question(&question) {
         return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
     }
     tracing::info!(user = %login.user, frame = %id, "ui: a question about a frame");
+    let (tx, rx) = mpsc::channel::<String>(CHAT_PIECES);
     let ex = ui.given.explainer.clone();
-    let answer = tokio::task::spawn_blocking(move || ex.chat(&id, &f.question)).await;
-    ui.given.metrics.ui_action("chat", if matches!(answer, Ok(Ok(_))) { "ok" } else { "failed" });
-    let ev = match answer {
-        Ok(Ok(a)) => Event::default().event("done").data(serde_json::to_string(&a).unwrap_or_default()),
-        Ok(Err(e @ (ChatError::UnknownFrame(_) | ChatError::Stopping))) | Ok(Err(e)) => {
-            Event::default().event("error").data(serde_json::to_string(&e.to_string()).unwrap_or_default())
+    let answer = tokio::task::spawn_blocking(move || ex.chat_streaming(&id, &question, Some(tx)));
+    let state = (rx, Some(answer), ui.clone());
+    let stream = futures_util::stream::unfold(state, |(mut rx, answer, ui)| async move {
+        let answer = answer?;
+        // Pieces until the model is done (the sender goes with the finished job), then the answer.
+        if let Some(piece) = rx.recv().await {
+            let ev = Event::default().event("piece").data(serde_json::to_string(&piece).unwrap_or_default());
+            return Some((Ok::<_, std::convert::Infallible>(ev), (rx, Some(answer), ui)));
         }
-        Err(e) => Event::default().event("error").data(serde_json::to_string(&e.to_string()).unwrap_or_default()),
-    };
-    let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(ev)]);
+        let done = answer.await;
+        ui.given.metrics.ui_action("chat", if matches!(done, Ok(Ok(_))) { "ok" } else { "failed" });
+        let ev = match done {
+            Ok(Ok(a)) => Event::default().event("done").data(serde_json::to_string(&a).unwrap_or_default()),
+            Ok(Err(e)) => {
+                Event::default().event("error").data(serde_json::to_string(&e.to_string()).unwrap_or_default())
+            }
+            Err(e) => Event::default().event("error").data(serde_json::to_string(&e.to_string()).unwrap_or_default()),
+        };
+        Some((Ok(ev), (rx, None, ui)))
+    });
     Sse::new(stream).into_response()
 }
+
+/// Pieces of an answer that may wait for the page; more are dropped (the answer at the end is whole).
+const CHAT_PIECES: usize = 1024;
 
 async fn audit(State(ui): State<UiState>, headers: HeaderMap) -> Response {
     let login = ui.sessions.get(&headers);

@@ -180,6 +180,8 @@ impl Session for LocalSession<'_> {
         };
         let vocab = model.vocab();
         let mut bytes = Vec::new();
+        // Bytes of the answer already sent as pieces.
+        let mut sent = 0usize;
         let mut generated = 0u32;
         let mut first_token_ms = 0.0;
         let mut batch = LlamaBatch::new(1, 1);
@@ -194,6 +196,17 @@ impl Session for LocalSession<'_> {
             }
             generated += 1;
             bytes.extend(vocab.token_to_piece(token, false, None));
+            if let Some(tx) = &opts.pieces {
+                // Whole characters only: a token may end inside one.
+                let valid = match std::str::from_utf8(&bytes[sent..]) {
+                    Ok(s) => s.len(),
+                    Err(e) => e.valid_up_to(),
+                };
+                if valid > 0 {
+                    let _ = tx.try_send(String::from_utf8_lossy(&bytes[sent..sent + valid]).into_owned());
+                    sent += valid;
+                }
+            }
             if generated == opts.max_tokens {
                 break;
             }

@@ -44,6 +44,10 @@ pub struct GenOptions {
     pub deadline: Instant,
     /// Set when the daemon stops: a local call gives up at its next token.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Where the answer goes as it is generated, a piece per token (local models; a remote endpoint's
+    /// answer arrives whole). Never waited for: a full channel loses pieces, and the completed text (then
+    /// checked) is the answer.
+    pub pieces: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 impl GenOptions {

@@ -90,7 +90,7 @@ function ask() {
     // The answer arrives as server-sent events, a piece at a time.
     const reader = res.body.getReader();
     const dec = new TextDecoder();
-    let buf = "", text = "";
+    let buf = "", text = "", pieces = 0;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -101,7 +101,7 @@ function ask() {
         buf = buf.slice(i + 2);
         const ev = /^event: (.*)$/m.exec(block);
         const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (ev && ev[1] === "piece") { text += JSON.parse(data); out.textContent = text; }
+        if (ev && ev[1] === "piece") { text += JSON.parse(data); out.textContent = text; li.dataset.pieces = ++pieces; }
         if (ev && ev[1] === "done") { const a = JSON.parse(data); out.textContent = a.answer; li.dataset.source = a.source; }
         if (ev && ev[1] === "error") { out.textContent = JSON.parse(data); out.className = "error"; }
       }
