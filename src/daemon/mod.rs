@@ -321,7 +321,7 @@ impl Daemon {
         };
 
         if !cfg.http.listen.is_empty() {
-            let audit_notes = (daemon.notes_tx.clone(), daemon.states.topics.audit());
+            let audit_notes = (daemon.notes_tx.downgrade(), daemon.states.topics.audit());
             let parts = HttpParts { store, commands: http_commands, mqtt_state, loaded, dead_letters, audit_notes };
             daemon.start_http(&cfg, parts).await?;
         }

@@ -176,11 +176,17 @@ impl Board {
             sync::lock(&self.tiles).entry(cam.name.clone()).or_insert_with(|| Tile::new(&cam));
             let (board, mut rx, mut stop) = (self.clone(), cam.results(), stop.clone());
             let name = cam.name.clone();
+            // Weak: a camera's shared state holds the verdict channel, which must close when the daemon
+            // stops the camera (the publisher finishes then), whoever still follows it.
+            let cam = Arc::downgrade(&cam);
             let task = tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         r = rx.recv() => match r {
-                            Ok(m) => board.update(&cam, &m),
+                            Ok(m) => match cam.upgrade() {
+                                Some(cam) => board.update(&cam, &m),
+                                None => return,
+                            },
                             Err(broadcast::error::RecvError::Lagged(n)) => board.metrics.ui_events_skipped(n),
                             Err(broadcast::error::RecvError::Closed) => return,
                         },

@@ -48,8 +48,10 @@ pub struct Ui {
 
 pub type UiState = Arc<Ui>;
 
-/// The channel of notes the MQTT link publishes once, and the audit topic.
-pub type AuditNotes = (mpsc::UnboundedSender<(String, Vec<u8>)>, String);
+/// The channel of notes the MQTT link publishes once, and the audit topic. Weak: the link finishes when
+/// the daemon's own senders are gone, and the station must not keep it waiting (a stopping daemon then
+/// keeps its audit entries on disk only).
+pub type AuditNotes = (mpsc::WeakUnboundedSender<(String, Vec<u8>)>, String);
 
 /// What the daemon gives the station.
 pub struct UiParts {
@@ -138,7 +140,9 @@ impl Ui {
             tracing::error!("{e}: an operator action is not recorded");
             e.to_string()
         })?;
-        if let Some((tx, topic)) = &self.given.notes {
+        if let Some((tx, topic)) = &self.given.notes
+            && let Some(tx) = tx.upgrade()
+        {
             let _ = tx.send((topic.clone(), serde_json::to_vec(entry).unwrap_or_default()));
         }
         Ok(())
