@@ -1,4 +1,4 @@
-// The anomaly map: background masking, layer averaging, bilinear upsampling, Gaussian smoothing
+// The anomaly map: background and zone masking, layer averaging, bilinear upsampling, Gaussian smoothing
 // (reflected edges, host weights) and the image score (mean of the top k patch scores).
 
 // Zeroes a grid cell whose cell (dilated by one) shows no foreground pixel of the prepared image.
@@ -23,6 +23,13 @@ extern "C" __global__ void mask_background(float* grid, int gw, int gh, int fram
             if (d > tol) return;
         }
     grid[idx] = 0.0f;
+}
+
+// Zeroes the cells the operator's zones leave out: `keep` holds one flag per cell of one frame.
+extern "C" __global__ void mask_cells(float* grid, int cells, int frames, const u8* keep) {
+    long long idx = gid();
+    if (idx >= (long long)frames * cells) return;
+    if (!keep[idx % cells]) grid[idx] = 0.0f;
 }
 
 // dst (frames x dh x dw) = [dst +] bilinear resize of src (frames x sh x sw): a horizontal pass on

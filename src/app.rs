@@ -49,11 +49,15 @@ pub fn run() -> Result<ExitCode> {
         Command::Validate { .. } | Command::Passwd => unreachable!("handled above"),
         Command::Run { duration } => run_cmd(base, cli.config.clone(), duration),
         Command::Demo { out, opts } => demo_cmd(&configure(base, &opts)?, &out),
-        Command::Enroll { reference, out, refine, opts } => {
+        Command::Enroll { reference, out, refine, zones, opts } => {
             let cfg = configure(base, &opts)?;
+            let zones = zones.as_deref().map(reference::load_zones).transpose()?.unwrap_or_default();
+            if refine.is_some() && !zones.is_empty() {
+                bail!("--zones is for a new enrolment, not --refine (a refined enrolment keeps its own zones)");
+            }
             let mut det = detector(&cfg)?;
             let e = match (&refine, reference.as_slice()) {
-                (None, _) => enroll_from(&mut det, &reference, &cfg)?,
+                (None, _) => reference::enroll_from(&mut det, &reference, &zones, &cfg.detect, &mut log_progress)?,
                 (Some(dir), [one]) => {
                     let base = load_reference(&mut det, one, &cfg)?;
                     let (e, r) = reference::refine(&mut det, &base, dir, &cfg.detect, &mut log_progress)?;
@@ -172,7 +176,7 @@ pub fn run() -> Result<ExitCode> {
                     (e, imgs)
                 }
                 None => {
-                    let refs = vec![("demo-reference".to_string(), demo::part(0, demo::Defect::None))];
+                    let refs = demo::reference();
                     (det.enroll(&refs, &cfg.detect, &mut log_progress)?, demo_frames())
                 }
             };
@@ -330,7 +334,7 @@ fn load_dir(dir: &Path) -> Result<Vec<(String, RgbImage)>> {
 }
 
 fn enroll_from(det: &mut Detector, reference: &[PathBuf], cfg: &Config) -> Result<Enrolment> {
-    Ok(reference::enroll_from(det, reference, &cfg.detect, &mut log_progress)?)
+    Ok(reference::enroll_from(det, reference, &[], &cfg.detect, &mut log_progress)?)
 }
 
 /// An enrolment file, or a folder of references enrolled on the spot.

@@ -59,6 +59,10 @@ pub enum Command {
         /// guard sets defects aside, the rest grow the bank and refine the thresholds.
         #[arg(long)]
         refine: Option<PathBuf>,
+        /// Regions to ignore or to inspect: a JSON list of {"kind": "ignore" | "inspect", "points":
+        /// [[x, y], ...]}, corners in fractions of the frame (docs/CALIBRATION.md, "Zones").
+        #[arg(long)]
+        zones: Option<PathBuf>,
         #[command(flatten)]
         opts: DetectArgs,
     },

@@ -10,6 +10,7 @@ use anomalyd::config::engine::{GpuEncoder, Provider};
 use anomalyd::detect::detector::Detector;
 use anomalyd::detect::enrolment::Enrolment;
 use anomalyd::detect::inspection::Inspection;
+use anomalyd::detect::zones::{Zone, ZoneKind};
 use anomalyd::engine::encoder::{Manifest, Memory};
 use anomalyd::engine::netplan::Plan;
 use anomalyd::source::demo::{self, Defect};
@@ -57,6 +58,8 @@ struct Case {
     reference: RgbImage,
     frames: Vec<RgbImage>,
     cfg: DetectConfig,
+    /// Regions to ignore or inspect (the same cell flags on both paths).
+    zones: Vec<Zone>,
 }
 
 /// The demo part on a plain border, so that foreground masking is chosen.
@@ -88,6 +91,7 @@ fn cases() -> Vec<Case> {
             reference: part(0, Defect::None),
             frames: vec![part(1, Defect::None), part(2, Defect::Scratch), part(3, Defect::Blob), part(4, Defect::None)],
             cfg: DetectConfig::default(),
+            zones: Vec::new(),
         },
         Case {
             name: "part on a plain background (foreground mask, resized frames)",
@@ -98,6 +102,7 @@ fn cases() -> Vec<Case> {
                 on_plain_background(&part(7, Defect::Scratch)),
             ],
             cfg: DetectConfig::default(),
+            zones: Vec::new(),
         },
         Case {
             name: "texture (8 rotations, cosine score layer)",
@@ -105,6 +110,17 @@ fn cases() -> Vec<Case> {
             frames: vec![texture(2, false), texture(3, true), texture(4, true)],
             // The GPU searches exactly: so does the CPU here, without the inverted file it uses by default.
             cfg: DetectConfig { geometry: GeometryChoice::Texture, search_lists: 0, ..DetectConfig::default() },
+            zones: Vec::new(),
+        },
+        Case {
+            name: "aligned part with an ignore zone over the blob and an inspect zone (zone masking)",
+            reference: part(0, Defect::None),
+            frames: vec![part(3, Defect::Blob), part(2, Defect::Scratch), part(4, Defect::None)],
+            cfg: DetectConfig::default(),
+            zones: vec![
+                Zone { kind: ZoneKind::Ignore, points: vec![[0.68, 0.72], [0.86, 0.72], [0.86, 0.95], [0.68, 0.95]] },
+                Zone { kind: ZoneKind::Inspect, points: vec![[0.02, 0.02], [0.98, 0.02], [0.5, 0.98]] },
+            ],
         },
     ]
 }
@@ -187,7 +203,8 @@ fn parity(gpu: &mut Detector, encoder: &str) {
     for case in cases() {
         let (enrolment, cpu) = {
             let mut cpu = common::detector();
-            let e = cpu.enroll(&[("ref".into(), case.reference.clone())], &case.cfg, &mut |_| {}).unwrap();
+            let refs = [("ref".to_string(), case.reference.clone())];
+            let e = cpu.enroll_with_zones(&refs, &case.zones, &case.cfg, &mut |_| {}).unwrap();
             let single: Vec<Inspection> = case.frames.iter().map(|f| cpu.inspect_cpu(&e, f).unwrap()).collect();
             (e, single)
         };

@@ -13,3 +13,4 @@ mod line;
 mod llm;
 mod plc;
 mod ui;
+mod zones;

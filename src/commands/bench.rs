@@ -223,7 +223,7 @@ pub fn llm(cfg: &crate::config::Config, frames: usize, seconds: f64) -> Result<L
     let engine = crate::describe::llm::open(&cfg.llm)?.ok_or(BenchError::NoModel)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut det = Detector::load(&cfg.engine)?;
-    let refs = vec![("demo-reference".to_string(), crate::source::demo::part(0, crate::source::demo::Defect::None))];
+    let refs = crate::source::demo::reference();
     let e = det.enroll(&refs, &cfg.detect, &mut |m: &str| tracing::info!("{m}"))?;
     // Like the demo camera: every third part defective, scratches and blobs in turn.
     let stream: Vec<RgbImage> = (0..12u64)

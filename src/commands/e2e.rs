@@ -117,8 +117,7 @@ pub async fn run(base: &Config, seconds: f64) -> Result<E2eReport, DaemonError> 
         let (engine, detect) = (base.engine.clone(), base.detect.clone());
         tokio::task::spawn_blocking(move || -> Result<(f64, f64), DaemonError> {
             let mut det = crate::daemon::load_detector(&engine, "bench")?;
-            let refs =
-                vec![("demo-reference".to_string(), crate::source::demo::part(0, crate::source::demo::Defect::None))];
+            let refs = crate::source::demo::reference();
             let err = |e| DaemonError::Reference {
                 camera: "bench".into(),
                 cause: crate::enrol::reference::ReferenceError::Detect(e),

@@ -486,9 +486,7 @@ async fn frames(
     let listed = tokio::task::spawn_blocking(move || {
         let limit = q.limit.unwrap_or(50);
         let mut out = Vec::new();
-        for id in store.recent(MAX_FRAMES_SCANNED).iter().rev() {
-            let Some(bytes) = store.get(id, Part::Verdict) else { continue };
-            let Ok(m) = serde_json::from_slice::<crate::types::verdict::VerdictMessage>(&bytes) else { continue };
+        for m in store.newest_verdicts(MAX_FRAMES_SCANNED) {
             if q.matches(&m) {
                 out.push(serde_json::json!({
                     "frame_id": m.frame_id, "camera": m.camera, "product": m.product, "part_id": m.part_id,

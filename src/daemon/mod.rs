@@ -1130,8 +1130,7 @@ fn build_model(
     let (enrolment, source) = match reference {
         Some(r) => (reference::load(det, r, detect, &mut progress).map_err(err)?, r.display().to_string()),
         None => {
-            let refs =
-                vec![("demo-reference".to_string(), crate::source::demo::part(0, crate::source::demo::Defect::None))];
+            let refs = crate::source::demo::reference();
             let e = det.enroll(&refs, detect, &mut progress).map_err(|e| err(ReferenceError::Detect(e)))?;
             (e, "built-in demo part".into())
         }

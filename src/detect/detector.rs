@@ -228,6 +228,7 @@ impl Detector {
             let fg = background::foreground(img, bg);
             grids = grids.iter().map(|g| mask_background(g, img.width(), img.height(), &fg)).collect();
         }
+        grids.iter_mut().for_each(|g| crate::detect::zones::mask(g, &meta.zones));
         let score_grid = meta.score_group.and_then(|i| grids.get(i).cloned());
         let grid = average(grids.into_iter().enumerate().filter(|(i, _)| Some(*i) != meta.score_group).map(|(_, g)| g));
         let score = map::top_mean(&score_grid.as_ref().unwrap_or(&grid).data, meta.top_fraction);

@@ -100,6 +100,10 @@ pub struct EnrolmentMeta {
     pub sigma: f32,
     pub min_region: f32,
     pub background: Option<Background>,
+    /// Regions an operator set to ignore or to inspect ([`crate::detect::zones`]); left out of the file
+    /// when there are none, so that an enrolment's identity does not change with this field's arrival.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<crate::detect::zones::Zone>,
     pub thresholds: Thresholds,
     pub calibration: Calibration,
     pub references: Vec<String>,

@@ -608,7 +608,7 @@ impl Pipeline {
 
     /// Bank layer `g`: its query matrix from the pooled parts (bilinear to the layer's grid), the
     /// nearest bank row of each query (GEMM in chunks, fused row-min, positional window), and the
-    /// distance grid, masked to the foreground on a plain backdrop.
+    /// distance grid, masked to the foreground on a plain backdrop and to the operator's zones.
     fn layer_distance(
         &mut self,
         meta: &EnrolmentMeta,
@@ -763,6 +763,16 @@ impl Pipeline {
                     Arg::F(bg.rgb[2]),
                     Arg::F(bg.tolerance),
                 ],
+            )?;
+        }
+        if !meta.zones.is_empty() {
+            let zones = &meta.zones;
+            let key = format!("zones-{:x}-{gw}x{gh}", crate::detect::zones::key(zones));
+            let keep = self.table(key, || crate::detect::zones::cell_mask(zones, gw, gh).unwrap_or_default())?;
+            self.gpu.launch_n(
+                "mask_cells",
+                nq,
+                &[Arg::P(dist), Arg::I((gw * gh) as i32), Arg::I(n as i32), Arg::P(keep)],
             )?;
         }
         Ok((dist, gw, gh))

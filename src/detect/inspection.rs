@@ -27,6 +27,8 @@ pub enum DetectError {
     #[error("enrolment was made with model {enrolled} but the encoder is {running}; enrol again with this model")]
     ModelMismatch { enrolled: String, running: String },
     #[error(transparent)]
+    Zones(#[from] crate::detect::zones::ZoneError),
+    #[error(transparent)]
     Device(#[from] crate::engine::device::DeviceError),
     #[cfg(feature = "cuda")]
     #[error("{0}")]

@@ -2,7 +2,8 @@
 //! verdict. [`detector`] holds the `Detector` and the enrolment values it applies; [`features`] the
 //! patch descriptors and the nearest-neighbour search; [`ivf`] its approximate form for large banks; [`map`] grid operations; [`regions`] connected
 //! regions; [`background`] the plain-backdrop mask; [`normal`] the model of good parts' score spread;
-//! [`drift`] the watch on the line's scores; [`overlay`] heat maps; [`gpu`] the same on the GPU.
+//! [`drift`] the watch on the line's scores; [`overlay`] heat maps; [`zones`] the regions an operator
+//! ignores or inspects; [`gpu`] the same on the GPU.
 
 pub mod background;
 pub mod detector;
@@ -17,3 +18,4 @@ pub mod map;
 pub mod normal;
 pub mod overlay;
 pub mod regions;
+pub mod zones;

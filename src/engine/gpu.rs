@@ -44,7 +44,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every kernel the module must export.
-const KERNELS: [&str; 18] = [
+const KERNELS: [&str; 19] = [
     "resize_v",
     "resize_h",
     "to_nchw",
@@ -59,6 +59,7 @@ const KERNELS: [&str; 18] = [
     "knn_merge",
     "knn_finish",
     "mask_background",
+    "mask_cells",
     "grid_resize",
     "divide",
     "blur",

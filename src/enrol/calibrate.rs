@@ -8,6 +8,10 @@
 //!
 //! The image threshold and the mask threshold are then chosen from these distributions by the rule
 //! written down in [`choose_image_threshold`] and [`choose_pixel_threshold`].
+//!
+//! Regions an operator set to ignore or to inspect ([`crate::detect::zones`]) take part in every score
+//! (they are in the enrolment the scores are taken with), and simulated anomalies are placed where the
+//! zones inspect.
 
 use image::RgbImage;
 
@@ -18,6 +22,7 @@ use crate::detect::features::{self, Patches};
 use crate::detect::inspection::DetectError;
 use crate::detect::map::Grid;
 use crate::detect::normal::NormalModel;
+use crate::detect::zones;
 use crate::enrol::bank;
 use crate::enrol::synth::{self, Kind};
 use crate::util::imageio::{self, Dihedral};
@@ -159,13 +164,25 @@ pub(crate) fn simulate_anomalies(
         let donor = &bases[(i + 1) % k];
         let donor = imageio::resize(donor, base.width().min(donor.width()), base.height().min(donor.height()));
         let kind = Kind::ALL[a % Kind::ALL.len()];
-        let (img, mask) = synth::anomaly(&base, &donor, kind, rng);
+        // A defect belongs where the operator's zones inspect: placed again (a few times at most) until
+        // half of it lies there.
+        let mut made = synth::anomaly(&base, &donor, kind, rng);
+        for _ in 0..PLACEMENT_TRIES {
+            if zones::share_inspected(&meta.zones, &made.1) >= 0.5 {
+                break;
+            }
+            made = synth::anomaly(&base, &donor, kind, rng);
+        }
+        let (img, mask) = made;
         let s = det.score_prepared(meta, banks, &img)?;
         scores.push(s.score);
         pixel_samples.push((s.map, Some(mask)));
     }
     Ok(scores)
 }
+
+/// Placements a simulated defect gets to land where the zones inspect.
+const PLACEMENT_TRIES: usize = 16;
 
 /// Scores each part (a reference, or half of one) against a bank built from the other parts.
 fn leave_one_out(

@@ -21,6 +21,19 @@ impl Detector {
         cfg: &DetectConfig,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Enrolment, DetectError> {
+        self.enroll_with_zones(references, &[], cfg, progress)
+    }
+
+    /// [`Detector::enroll`] of a product with regions to ignore or inspect: calibration scores its
+    /// evidence with them, and simulated defects are placed where they inspect.
+    pub fn enroll_with_zones(
+        &mut self,
+        references: &[(String, RgbImage)],
+        zones: &[crate::detect::zones::Zone],
+        cfg: &DetectConfig,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Enrolment, DetectError> {
+        crate::detect::zones::check(zones)?;
         let Some((first_name, first)) = references.first() else {
             return Err(DetectError::NoReferences);
         };
@@ -156,6 +169,7 @@ impl Detector {
             sigma: cfg.sigma,
             min_region: cfg.min_region,
             background,
+            zones: zones.to_vec(),
             thresholds: Thresholds::default(),
             calibration: Calibration::default(),
             references: references.iter().map(|(n, _)| n.clone()).collect(),

@@ -208,6 +208,7 @@ pub fn sample_for_tests() -> Enrolment {
             sigma: 4.0,
             min_region: 0.001,
             background: None,
+            zones: Vec::new(),
             thresholds: Thresholds { image: 0.3, pixel: 0.25, source: "auto".into() },
             calibration: Calibration { normal: vec![0.1], anomaly: vec![0.5], ..Default::default() },
             references: vec!["a.png".into()],

@@ -27,6 +27,18 @@ pub enum ReferenceError {
     Enrolment(#[from] EnrolmentError),
     #[error(transparent)]
     Detect(#[from] DetectError),
+    #[error("zones file {path}: {cause}")]
+    Zones { path: PathBuf, cause: String },
+}
+
+/// Reads a zones file: a JSON list of `{"kind": "ignore" | "inspect", "points": [[x, y], ...]}`, the
+/// corners in fractions of the frame's width and height; checked ([`crate::detect::zones::check`]).
+pub fn load_zones(path: &Path) -> Result<Vec<crate::detect::zones::Zone>, ReferenceError> {
+    let err = |cause: String| ReferenceError::Zones { path: path.into(), cause };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let zones: Vec<crate::detect::zones::Zone> = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    crate::detect::zones::check(&zones).map_err(|e| err(e.to_string()))?;
+    Ok(zones)
 }
 
 /// Images of a folder (name, RGB), refusing an empty folder and reporting any unreadable file.
@@ -42,10 +54,12 @@ pub fn load_files(files: &[PathBuf]) -> Result<Vec<(String, RgbImage)>, Referenc
     files.iter().map(|p| Ok((p.display().to_string(), imageio::load_rgb(p)?))).collect()
 }
 
-/// Enrols the images of every folder or file in `reference`.
+/// Enrols the images of every folder or file in `reference`, with the operator's `zones` (none: the
+/// whole frame is inspected).
 pub fn enroll_from(
     det: &mut Detector,
     reference: &[PathBuf],
+    zones: &[crate::detect::zones::Zone],
     cfg: &DetectConfig,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Enrolment, ReferenceError> {
@@ -59,7 +73,7 @@ pub fn enroll_from(
             return Err(ReferenceError::Missing(r.clone()));
         }
     }
-    Ok(det.enroll(&refs, cfg, progress)?)
+    Ok(det.enroll_with_zones(&refs, zones, cfg, progress)?)
 }
 
 /// An enrolment file (checked against the detector's model), or an image or folder of images of
@@ -78,7 +92,7 @@ pub fn load(
     if !reference.exists() {
         return Err(ReferenceError::Missing(reference.into()));
     }
-    enroll_from(det, &[reference.to_path_buf()], cfg, progress)
+    enroll_from(det, &[reference.to_path_buf()], &[], cfg, progress)
 }
 
 /// `anomalyd enroll --refine DIR`: line mode offline. Every image of `dir` (unlabelled line images) is

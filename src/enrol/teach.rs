@@ -9,7 +9,13 @@
 //! 2. **Appearance.** The part's patches join the bank ([`bank::grow`]: farthest from the bank first),
 //!    bounded by `detect.max_bank`, so a part like it matches there and scores low.
 //!
-//! The lesson is a new enrolment; applying it (a new version, with history and rollback) is the caller's.
+//! Regions to ignore or to inspect ([`zones`]) are the other lesson: the enrolment takes the zones, and
+//! its thresholds are calibrated again with them from the product's reference images when they are at
+//! hand (the nuisance views, the held-out references and the simulated defects are all scored with the
+//! zones, and the defects placed where they inspect). Without the images the thresholds are kept and a
+//! warning says so: masking only lowers scores, so no part that passed is rejected after the lesson.
+//!
+//! A lesson is a new enrolment; applying it (a new version, with history and rollback) is the caller's.
 
 use image::RgbImage;
 
@@ -17,12 +23,33 @@ use crate::config::detect::DetectConfig;
 use crate::detect::detector::Detector;
 use crate::detect::enrolment::{Calibration, Enrolment, Thresholds};
 use crate::detect::inspection::DetectError;
+use crate::detect::zones::{self, Zone};
 use crate::enrol::{bank, calibrate};
 use crate::util::imageio;
 
-/// What a false-reject lesson would change, and the enrolment it makes.
+/// What the operator taught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LessonKind {
+    /// A rejected part is good.
+    FalseReject,
+    /// Regions to ignore or to inspect.
+    Zones,
+}
+
+impl LessonKind {
+    /// The action's name in the audit log and the versions' history.
+    pub fn action(self) -> &'static str {
+        match self {
+            LessonKind::FalseReject => "false_reject",
+            LessonKind::Zones => "zones",
+        }
+    }
+}
+
+/// What a lesson would change, and the enrolment it makes.
 #[derive(Debug, Clone)]
 pub struct Lesson {
+    pub kind: LessonKind,
     pub enrolment: Enrolment,
     pub threshold_before: f32,
     pub threshold_after: f32,
@@ -76,6 +103,7 @@ pub fn false_reject(
     let taught = Enrolment::new(new_meta, banks);
     let score_after = det.inspect(&taught, img)?.verdict.score;
     Ok(Lesson {
+        kind: LessonKind::FalseReject,
         threshold_before: meta.thresholds.image,
         threshold_after: choice.threshold,
         score_before,
@@ -83,6 +111,92 @@ pub fn false_reject(
         bank_before,
         bank_after: taught.banks.first().map_or(0, |b| b.len()),
         evidence: choice.evidence,
+        enrolment: taught,
+    })
+}
+
+/// The lesson "ignore these regions, inspect those" for `enrolment`, shown on the frame `img`. With the
+/// product's reference images (`references`, as enrolled), the thresholds are calibrated again with the
+/// zones; without them they are kept, with a warning.
+pub fn zones(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    img: &RgbImage,
+    zones: &[Zone],
+    references: Option<&[RgbImage]>,
+    cfg: &DetectConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Lesson, DetectError> {
+    zones::check(zones)?;
+    let meta = &enrolment.meta;
+    let score_before = det.inspect(enrolment, img)?.verdict.score;
+    let mut new_meta = meta.clone();
+    new_meta.zones = zones.to_vec();
+    let (thresholds, cal) = match references.filter(|r| !r.is_empty()) {
+        Some(refs) => {
+            let prepared: Vec<RgbImage> = refs
+                .iter()
+                .map(|r| {
+                    let (w, h) = meta.geometry.input_size(r.width(), r.height());
+                    imageio::resize(r, w, h)
+                })
+                .collect();
+            let mut per_ref = Vec::with_capacity(prepared.len());
+            for p in &prepared {
+                per_ref.push(det.reference_patches(&new_meta, p)?);
+            }
+            let target = if meta.calibration.false_reject_target > 0.0 {
+                meta.calibration.false_reject_target
+            } else {
+                cfg.false_reject_target
+            };
+            let cfg = DetectConfig { false_reject_target: target, ..cfg.clone() };
+            let (mut th, mut cal) =
+                calibrate::calibrate(det, &new_meta, &enrolment.banks, &per_ref, &prepared, &cfg, progress)?;
+            th.source = "zones".into();
+            cal.stationarity = meta.calibration.stationarity;
+            cal.learned_parts = meta.calibration.learned_parts;
+            cal.refused_parts = meta.calibration.refused_parts;
+            if meta.calibration.learned_parts > 0 {
+                cal.warnings.push(format!(
+                    "the thresholds were calibrated again on the {} reference(s) with the zones; the {} parts learned \
+                     on the line were scored without them, so their scores are not evidence any more",
+                    prepared.len(),
+                    meta.calibration.learned_parts
+                ));
+            }
+            (th, cal)
+        }
+        None => {
+            let mut cal = meta.calibration.clone();
+            cal.warnings.push(
+                "the zones were set after enrolment and the reference images are not at hand: the thresholds are \
+                 kept. Masking only lowers scores, so no part that passed is rejected now; enrol again from \
+                 images to calibrate with the zones"
+                    .into(),
+            );
+            (Thresholds { source: "zones".into(), ..meta.thresholds.clone() }, cal)
+        }
+    };
+    let evidence = if references.is_some_and(|r| !r.is_empty()) {
+        format!("{}, scored with the zones", cal.evidence)
+    } else {
+        "the thresholds before the zones (no reference images at hand)".to_string()
+    };
+    new_meta.thresholds = thresholds;
+    new_meta.calibration = cal;
+    let taught = Enrolment { meta: new_meta, ..enrolment.clone() };
+    let score_after = det.inspect(&taught, img)?.verdict.score;
+    let bank = enrolment.banks.first().map_or(0, |b| b.len());
+    Ok(Lesson {
+        kind: LessonKind::Zones,
+        threshold_before: meta.thresholds.image,
+        threshold_after: taught.meta.thresholds.image,
+        score_before,
+        score_after,
+        bank_before: bank,
+        bank_after: bank,
+        evidence,
         enrolment: taught,
     })
 }

@@ -159,6 +159,14 @@ impl Store {
         g.0.iter().skip(g.0.len().saturating_sub(n)).map(|(id, _)| id.clone()).collect()
     }
 
+    /// The stored verdicts among the newest `scan` frames, newest first (an unreadable one is skipped).
+    pub fn newest_verdicts(&self, scan: usize) -> impl Iterator<Item = crate::types::verdict::VerdictMessage> + '_ {
+        self.recent(scan).into_iter().rev().filter_map(move |id| {
+            let bytes = self.get(&id, Part::Verdict)?;
+            serde_json::from_slice(&bytes).ok()
+        })
+    }
+
     /// The bytes of one stored file; `None` for an unknown or invalid id (never a path outside the store).
     pub fn get(&self, id: &str, part: Part) -> Option<Vec<u8>> {
         if !valid_frame_id(id) {

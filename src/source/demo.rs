@@ -16,6 +16,14 @@ use crate::util::rng::Rng;
 pub const WIDTH: u32 = 320;
 pub const HEIGHT: u32 = 240;
 
+/// The name the built-in reference part is enrolled under.
+pub const REFERENCE_NAME: &str = "demo-reference";
+
+/// The built-in reference: one good part, named [`REFERENCE_NAME`].
+pub fn reference() -> Vec<(String, RgbImage)> {
+    vec![(REFERENCE_NAME.to_string(), part(0, Defect::None))]
+}
+
 /// A defect drawn into a demo part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Defect {

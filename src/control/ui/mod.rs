@@ -445,9 +445,7 @@ async fn review(
     };
     let frames = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        for id in store.recent(crate::control::http::MAX_FRAMES_SCANNED).iter().rev() {
-            let Some(bytes) = store.get(id, Part::Verdict) else { continue };
-            let Ok(m) = serde_json::from_slice::<VerdictMessage>(&bytes) else { continue };
+        for m in store.newest_verdicts(crate::control::http::MAX_FRAMES_SCANNED) {
             if q.matches(&m, since.as_deref()) {
                 out.push(m);
                 if out.len() == REVIEW_LIMIT {
