@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anomalyd::source::demo::{self, Defect};
 use anomalyd::types::verdict::{Outcome, VerdictMessage};
+use fantoccini::actions::{InputSource, MOUSE_BUTTON_LEFT, MouseActions, PointerAction};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -114,6 +115,41 @@ async fn post_from_page(c: &Client, path: &str, body: &str) -> u64 {
     v.as_u64().unwrap()
 }
 
+/// A POST from the page with its session cookie and CSRF token, returning the status and the page's
+/// message.
+async fn post_form(c: &Client, path: &str, fields: Value) -> (u64, String) {
+    let v = c
+        .execute(
+            "const body = new URLSearchParams(arguments[1]); \
+             body.set('csrf', document.querySelector('meta[name=csrf]').content); \
+             return fetch(arguments[0], {method: 'POST', body}).then(async r => [r.status, await r.text()]);",
+            vec![json!(path), fields],
+        )
+        .await
+        .unwrap();
+    (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string())
+}
+
+/// A tap at fractions of the width and height of the element `css` (in view), as a finger (or a
+/// mouse) would: moved to that point of the viewport, pressed and released.
+async fn tap(c: &Client, css: &str, fx: f64, fy: f64) {
+    let r = c
+        .execute(
+            "const r = document.querySelector(arguments[0]).getBoundingClientRect(); \
+             return [r.left, r.top, r.width, r.height];",
+            vec![json!(css)],
+        )
+        .await
+        .unwrap();
+    let r: Vec<f64> = r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let (x, y) = ((r[0] + fx * r[2]).round(), (r[1] + fy * r[3]).round());
+    let finger = MouseActions::new("finger".into())
+        .then(PointerAction::MoveTo { duration: None, x, y })
+        .then(PointerAction::Down { button: MOUSE_BUTTON_LEFT })
+        .then(PointerAction::Up { button: MOUSE_BUTTON_LEFT });
+    c.perform_actions(finger).await.unwrap();
+}
+
 /// The scene: a good part as the reference, and a line that shows a good part and a marked one in turn.
 fn line_scene(dir: &Path) -> (PathBuf, PathBuf) {
     let reference = dir.join("ref");
@@ -136,8 +172,12 @@ fn taught(m: &VerdictMessage) -> bool {
     m.enrolment.as_ref().is_some_and(|e| e.source.contains("taught version"))
 }
 
+fn zoned(m: &VerdictMessage) -> bool {
+    m.enrolment.as_ref().is_some_and(|e| e.source.contains("zones version"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_back_and_asks() {
+async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_back_ignores_a_region_and_asks() {
     let Some((chromium, driver)) = browser() else { return };
     let Some(broker) = Mosquitto::start() else { return };
     let sub = Sub::start(broker.port);
@@ -271,6 +311,57 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
         s.verdicts()[n_rolled..].iter().any(|m| !taught(m) && m.verdict == Outcome::Ng)
     });
 
+    // 7. Draw an ignore region around the mark: the marked part comes back OK on replay.
+    c.goto(&format!("{base}/ui/frames/{ng_id}")).await.unwrap();
+    c.find(Locator::Css("#draw-zones")).await.unwrap().click().await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#canvas")).await.unwrap();
+    // Bad regions are refused with the reason, and nothing changes.
+    let zones_path = format!("/ui/frames/{ng_id}/zones");
+    let outside = r#"[{"kind":"ignore","points":[[0.5,0.5],[1.4,0.5],[1.4,0.9]]}]"#;
+    let (status, page) = post_form(&c, &zones_path, json!({"zones": outside})).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("lies outside the image"), "{page}");
+    let (status, page) = post_form(&c, &zones_path, json!({"zones": "a circle, please"})).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("could not be read"), "{page}");
+    let (status, page) = post_form(&c, "/ui/frames/cam-0-999999/zones", json!({"zones": "[]"})).await;
+    assert_eq!(status, 404, "a region on a frame that is not stored: {page}");
+    // The mark lies at x 200-222, y 150-172 of the 320 x 240 part: tap the corners of a region around it.
+    for (fx, fy) in [(0.58, 0.57), (0.75, 0.57), (0.75, 0.79), (0.58, 0.79)] {
+        tap(&c, "#canvas", fx, fy).await;
+    }
+    assert_eq!(text(&c, "#corners").await, "4");
+    c.find(Locator::Css("#close-ignore")).await.unwrap().click().await.unwrap();
+    let drawn = c.find(Locator::Css("#zones")).await.unwrap().prop("value").await.unwrap().unwrap();
+    let drawn: Value = serde_json::from_str(&drawn).unwrap();
+    assert_eq!(drawn.as_array().unwrap().len(), 1, "{drawn}");
+    assert_eq!(drawn[0]["kind"], "ignore");
+    let (x0, y2) = (drawn[0]["points"][0][0].as_f64().unwrap(), drawn[0]["points"][2][1].as_f64().unwrap());
+    assert!((x0 - 0.58).abs() < 0.01 && (y2 - 0.79).abs() < 0.01, "the taps landed where they were aimed: {drawn}");
+    assert_eq!(c.find_all(Locator::Css("#canvas polygon.zone-ignore")).await.unwrap().len(), 1);
+    shot(&c, &shots, "zones").await;
+    c.find(Locator::Css("#preview-zones")).await.unwrap().click().await.unwrap();
+    let frame_after = text(&c, "#score-after").await;
+    assert!(frame_after.contains("(OK)"), "the marked frame passes with the region ignored: {frame_after}");
+    shot(&c, &shots, "zones-preview").await;
+    c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
+    let applied = text(&c, "#message").await;
+    assert!(applied.starts_with("Version 2 is active on cam"), "{applied}");
+    let n_zoned = sub.verdicts().len();
+    sub.wait_for_daemon("6 verdicts with the regions", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts()[n_zoned..].iter().filter(|m| zoned(m)).count() >= 6
+    });
+    let replayed: Vec<VerdictMessage> = sub.verdicts()[n_zoned..].iter().filter(|m| zoned(m)).cloned().collect();
+    assert!(
+        replayed.iter().all(|m| m.verdict == Outcome::Ok),
+        "with the region ignored, the marked part comes back OK on replay: {:?}",
+        replayed.iter().map(|m| (m.verdict, m.score)).collect::<Vec<_>>()
+    );
+    let (_, m) = http_get(http_port, "/metrics");
+    let m = String::from_utf8_lossy(&m);
+    assert_eq!(metric(&m, "anomalyd_ui_actions_total{action=\"zones\",result=\"refused\"}"), 3.0, "{m}");
+    assert_eq!(metric(&m, "anomalyd_ui_actions_total{action=\"zones\",result=\"ok\"}"), 1.0);
+
     // 9. Ask about the frame: the answer arrives on the page.
     c.goto(&format!("{base}/ui/frames/{ng_id}")).await.unwrap();
     c.find(Locator::Css("#question")).await.unwrap().send_keys("Where is the defect?").await.unwrap();
@@ -306,10 +397,13 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     // The audit log: on the page, on disk and on MQTT.
     c.goto(&format!("{base}/ui/audit")).await.unwrap();
     let audit = text(&c, "#audit").await;
-    for action in ["login_refused", "login", "false_reject", "rollback"] {
+    for action in ["login_refused", "login", "false_reject", "rollback", "zones"] {
         assert!(audit.contains(action), "{action} in the audit page:\n{audit}");
     }
-    assert!(audit.contains("0 → 1") && audit.contains("1 → 0"), "versions before and after:\n{audit}");
+    assert!(
+        audit.contains("0 → 1") && audit.contains("1 → 0") && audit.contains("0 → 2"),
+        "versions before and after:\n{audit}"
+    );
     shot(&c, &shots, "audit").await;
     let on_mqtt: Vec<Value> = sub
         .lines
@@ -320,7 +414,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
         .map(|(_, p)| serde_json::from_str(p).unwrap())
         .collect();
     let actions: Vec<&str> = on_mqtt.iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["login_refused", "login", "false_reject", "rollback"], "{on_mqtt:?}");
+    assert_eq!(actions, ["login_refused", "login", "false_reject", "rollback", "zones"], "{on_mqtt:?}");
     assert!(!daemon.log().contains(PASSWORD) && !daemon.log().contains("wrong password"), "no password in the log");
 
     // Log out: the session is gone, and actions are refused.

@@ -72,13 +72,14 @@ pub struct UiParts {
 }
 
 /// The embedded templates, by name.
-const TEMPLATES: [(&str, &str); 9] = [
+const TEMPLATES: [(&str, &str); 10] = [
     ("base.html", include_str!("assets/base.html")),
     ("login.html", include_str!("assets/login.html")),
     ("line.html", include_str!("assets/line.html")),
     ("review.html", include_str!("assets/review.html")),
     ("frame.html", include_str!("assets/frame.html")),
     ("preview.html", include_str!("assets/preview.html")),
+    ("zones.html", include_str!("assets/zones.html")),
     ("camera.html", include_str!("assets/camera.html")),
     ("audit.html", include_str!("assets/audit.html")),
     ("message.html", include_str!("assets/message.html")),
@@ -161,6 +162,7 @@ pub fn router(ui: UiState) -> Router {
         .route("/ui/frames/:id", get(frame))
         .route("/ui/frames/:id/image", get(|s, p| frame_file(s, p, Part::Image)))
         .route("/ui/frames/:id/overlay", get(|s, p| frame_file(s, p, Part::Overlay)))
+        .route("/ui/frames/:id/zones", get(teach::zones_page))
         .route("/ui/cameras/:camera", get(teach::camera_page))
         .route("/ui/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(ui.clone(), read_guard));
@@ -168,6 +170,7 @@ pub fn router(ui: UiState) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/frames/:id/chat", post(chat))
         .route("/ui/frames/:id/false-reject", post(teach::preview))
+        .route("/ui/frames/:id/zones", post(teach::zones_preview))
         .route("/ui/lessons/:lesson/apply", post(teach::apply))
         .route("/ui/cameras/:camera/rollback", post(teach::rollback))
         .route_layer(middleware::from_fn_with_state(ui.clone(), action_guard));
@@ -640,6 +643,19 @@ mod tests {
             "l": l, "flips": [{"frame_id": "cam-1-8", "before": 1.2, "after": 0.9}], "checked": 1, "lesson": "k"}),
         );
         assert!(p.contains("/ui/lessons/k/apply") && p.contains("cam-1-8"), "{p}");
+        let p = render(
+            "preview.html",
+            serde_json::json!({"kind": "zones", "frame_id": "cam-1-7", "camera": "cam", "product": null,
+            "l": l, "flips": [], "checked": 0, "lesson": "k"}),
+        );
+        assert!(p.contains("Regions: what would change") && !p.contains("bank patches"), "{p}");
+        let zones = r#"[{"kind":"ignore","points":[[0.1,0.1],[0.2,0.1],[0.2,0.2]]}]"#;
+        let z = render(
+            "zones.html",
+            serde_json::json!({"m": m, "zones": serde_json::from_str::<serde_json::Value>(zones).unwrap(),
+            "zones_json": zones, "max_zones": 32, "max_points": 64}),
+        );
+        assert!(z.contains("/ui/frames/cam-1-7/zones") && z.contains("&quot;ignore&quot;"), "{z}");
         let r = serde_json::json!({"key": "camera", "product": null, "in_use": true, "active": 1, "versions": [1],
             "history": [{"when": "w", "action": "taught", "version": 1, "image_threshold": 1.1, "note": "n"}]});
         assert!(render("camera.html", serde_json::json!({"camera": "cam", "recipes": [r]})).contains("rollback"));

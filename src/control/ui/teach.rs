@@ -1,6 +1,8 @@
-//! Teaching from the station: a false reject is previewed (new thresholds, the part's new score, and
-//! which stored NG verdicts would flip), applied as a new enrolment version that the camera swaps in
-//! between two frames, and rolled back. Each step is kept in the audit log.
+//! Teaching from the station. Two lessons: a **false reject** (an NG part is declared good) and
+//! **zones** (regions of the frame to ignore or to inspect, drawn on a stored frame). Either is
+//! previewed (the new thresholds, the frame's new score, and which stored NG verdicts would flip),
+//! applied as a new enrolment version that the camera swaps in between two frames, and rolled back.
+//! Each step is kept in the audit log.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,12 +19,15 @@ use super::{UiState, stored_verdict};
 use crate::config::detect::DetectConfig;
 use crate::config::engine::EngineConfig;
 use crate::detect::detector::Detector;
-use crate::enrol::teach::{self, Lesson};
+use crate::detect::enrolment::EnrolmentMeta;
+use crate::detect::inspection::DetectError;
+use crate::detect::zones::{self, Zone};
+use crate::enrol::teach::{self, Lesson, LessonKind};
 use crate::sink::audit::AuditEntry;
-use crate::sink::store::Part;
+use crate::sink::store::{Part, Store};
 use crate::source::intake::{CameraModel, CameraShared};
 use crate::types::command::Command;
-use crate::types::verdict::{EnrolmentRef, VerdictMessage};
+use crate::types::verdict::{EnrolmentRef, Outcome, VerdictMessage};
 use crate::util::{imageio, sync};
 
 /// A preview is kept this long for its Apply button.
@@ -53,15 +58,19 @@ pub struct Teacher {
     pending: Mutex<HashMap<String, Pending>>,
 }
 
+/// How a lesson is made on the teacher's detector from the frame's image.
+type MakeLesson = Box<dyn FnOnce(&mut Detector, &DetectConfig, &RgbImage) -> Result<Lesson, DetectError> + Send>;
+
 impl Teacher {
     pub fn new(engine: EngineConfig, detect: DetectConfig) -> Self {
         Self { engine, detect, detector: Mutex::default(), pending: Mutex::default() }
     }
 
-    /// The lesson for `img` on `model`, and the stored frames it would turn OK. Blocking (inspection).
+    /// The lesson `make` makes from `img`, and which of the stored NG frames `others` it would turn OK.
+    /// Blocking (inspection).
     fn lesson(
         &self,
-        model: &CameraModel,
+        make: MakeLesson,
         img: &RgbImage,
         others: &[(VerdictMessage, RgbImage)],
     ) -> Result<(Lesson, Vec<serde_json::Value>), String> {
@@ -70,7 +79,7 @@ impl Teacher {
             *slot = Some(Detector::load(&self.engine).map_err(|e| e.to_string())?);
         }
         let det = slot.as_mut().expect("loaded above");
-        let lesson = teach::false_reject(det, &model.enrolment, img, &self.detect).map_err(|e| e.to_string())?;
+        let lesson = make(det, &self.detect, img).map_err(|e| e.to_string())?;
         let mut flips = Vec::new();
         for (m, other) in others {
             let v = det.inspect(&lesson.enrolment, other).map_err(|e| e.to_string())?.verdict;
@@ -98,6 +107,11 @@ impl Teacher {
         let p = sync::lock(&self.pending).remove(id)?;
         (p.made.elapsed() < PREVIEW_TTL).then_some(p)
     }
+}
+
+/// A blocking job on the blocking pool; a panic in it is an error in words.
+async fn blocking<T: Send + 'static>(job: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(job).await.map_err(|e| format!("the job failed: {e}"))?
 }
 
 /// A refused or failed action: counted (by the action named in `title`'s handler) and explained.
@@ -128,6 +142,86 @@ fn model_for(ui: &UiState, m: &VerdictMessage) -> Result<(Arc<CameraShared>, Arc
     Ok((cam, model))
 }
 
+/// The frame's image, and the newest stored NG frames of the same camera and product (at most
+/// [`FLIP_CHECK`]) with theirs, to tell which verdicts a lesson would flip. Blocking.
+fn frame_and_others(
+    store: &Store,
+    frame: &VerdictMessage,
+) -> Result<(RgbImage, Vec<(VerdictMessage, RgbImage)>), String> {
+    let image_of = |id: &str| {
+        let bytes = store.get(id, Part::Image).ok_or_else(|| format!("frame {id}'s image is no longer stored"))?;
+        imageio::decode_rgb(&bytes, std::path::Path::new(id)).map_err(|e| e.to_string())
+    };
+    let img = image_of(&frame.frame_id)?;
+    let others = store
+        .newest_verdicts(crate::control::http::MAX_FRAMES_SCANNED)
+        .filter(|o| {
+            o.frame_id != frame.frame_id
+                && o.verdict == Outcome::Ng
+                && o.camera == frame.camera
+                && o.product == frame.product
+        })
+        .filter_map(|o| image_of(&o.frame_id).ok().map(|i| (o, i)))
+        .take(FLIP_CHECK)
+        .collect();
+    Ok((img, others))
+}
+
+/// Makes a lesson of `kind` on the frame `m` for the camera's `model` and shows its preview (kept
+/// for its Apply button).
+async fn preview_lesson(
+    ui: &UiState,
+    login: &Login,
+    m: VerdictMessage,
+    model: &CameraModel,
+    kind: LessonKind,
+    make: MakeLesson,
+) -> Response {
+    let back = format!("/ui/frames/{}", m.frame_id);
+    let Some(store) = ui.given.store.clone() else {
+        return refuse(ui, login, StatusCode::NOT_FOUND, "Cannot teach", "The flagged-frame store is off.", &back);
+    };
+    let work = ui.clone();
+    let frame = m.clone();
+    let made = blocking(move || {
+        let (img, others) = frame_and_others(&store, &frame)?;
+        let (lesson, flips) = work.given.teacher.lesson(make, &img, &others)?;
+        Ok((lesson, flips, others.len()))
+    })
+    .await;
+    let (lesson, flips, checked) = match made {
+        Ok(x) => x,
+        Err(why) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot teach", &why, &back),
+    };
+    let cal = &lesson.enrolment.meta.calibration;
+    let view = serde_json::json!({
+        "threshold_before": lesson.threshold_before, "threshold_after": lesson.threshold_after,
+        "score_before": lesson.score_before, "score_after": lesson.score_after,
+        "bank_before": lesson.bank_before, "bank_after": lesson.bank_after,
+        "evidence": lesson.evidence, "part_passes": lesson.part_passes(),
+        "zones": lesson.enrolment.meta.zones.len(), "warnings": cal.warnings,
+        "simulated_escape": cal.simulated_escape,
+    });
+    tracing::info!(
+        user = %login.user, frame = %m.frame_id,
+        "ui: {} preview: threshold {:.4} -> {:.4}, the frame {:.4} -> {:.4}, {} of {checked} stored NG frames would pass",
+        kind.action(), lesson.threshold_before, lesson.threshold_after, lesson.score_before, lesson.score_after, flips.len()
+    );
+    let key = ui.given.teacher.keep(Pending {
+        camera: m.camera.clone(),
+        product: m.product.clone(),
+        frame_id: m.frame_id.clone(),
+        base_id: model.enrolment_ref.id.clone(),
+        lesson,
+        made: Instant::now(),
+    });
+    let ctx = serde_json::json!({
+        "page": "review", "kind": kind.action(), "frame_id": m.frame_id, "camera": m.camera, "product": m.product,
+        "l": view, "flips": flips, "checked": checked, "lesson": key,
+    });
+    ui.page(StatusCode::OK, "preview.html", Some(login), ctx)
+}
+
 /// `POST /ui/frames/{id}/false-reject`: what declaring this NG part good would change.
 pub async fn preview(
     State(ui): State<UiState>,
@@ -139,155 +233,152 @@ pub async fn preview(
         Ok(m) => m,
         Err(r) => return *r,
     };
-    if m.verdict != crate::types::verdict::Outcome::Ng {
-        return refuse(
-            &ui,
-            &login,
-            StatusCode::CONFLICT,
-            "Not a reject",
-            "Only an NG frame can be a false reject.",
-            &back,
-        );
+    if m.verdict != Outcome::Ng {
+        let why = "Only an NG frame can be a false reject.";
+        return refuse(&ui, &login, StatusCode::CONFLICT, "Not a reject", why, &back);
     }
-    let (_, model) = match model_for(&ui, &m) {
-        Ok(x) => x,
+    let model = match model_for(&ui, &m) {
+        Ok((_, model)) => model,
         Err(why) => return refuse(&ui, &login, StatusCode::CONFLICT, "Cannot teach", &why, &back),
     };
-    let Some(store) = ui.given.store.clone() else {
-        return refuse(&ui, &login, StatusCode::NOT_FOUND, "Cannot teach", "The flagged-frame store is off.", &back);
+    let taught = model.clone();
+    let make: MakeLesson = Box::new(move |det, cfg, img| teach::false_reject(det, &taught.enrolment, img, cfg));
+    preview_lesson(&ui, &login, m, &model, LessonKind::FalseReject, make).await
+}
+
+/// The product's reference images as it was enrolled, when every one is at hand: the built-in demo
+/// part, or image files that still exist. `None` otherwise (an enrolment file, a moved folder).
+fn reference_images(meta: &EnrolmentMeta) -> Option<Vec<RgbImage>> {
+    meta.references
+        .iter()
+        .map(|name| {
+            if name == crate::source::demo::REFERENCE_NAME {
+                return Some(crate::source::demo::part(0, crate::source::demo::Defect::None));
+            }
+            let path = std::path::Path::new(name);
+            if imageio::is_image(path) { imageio::load_rgb(path).ok() } else { None }
+        })
+        .collect()
+}
+
+/// `GET /ui/frames/{id}/zones`: the frame, with the product's zones, to draw regions to ignore or
+/// inspect on.
+pub async fn zones_page(State(ui): State<UiState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let login = ui.sessions.get(&headers);
+    let m = match stored_verdict(&ui, login.as_ref(), &id).await {
+        Ok(m) => m,
+        Err(r) => return *r,
     };
-    let work = ui.clone();
-    let frame = m.clone();
-    let model2 = model.clone();
-    let made = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let bytes = store.get(&frame.frame_id, Part::Image).ok_or("the frame's image is no longer stored")?;
-        let img = imageio::decode_rgb(&bytes, std::path::Path::new(&frame.frame_id)).map_err(|e| e.to_string())?;
-        // The newest stored NG frames of the same camera and product, to tell which would flip.
-        let mut others = Vec::new();
-        for oid in store.recent(crate::control::http::MAX_FRAMES_SCANNED).iter().rev() {
-            if others.len() == FLIP_CHECK {
-                break;
-            }
-            if *oid == frame.frame_id {
-                continue;
-            }
-            let Some(o) = store.get(oid, Part::Verdict).and_then(|b| serde_json::from_slice::<VerdictMessage>(&b).ok())
-            else {
-                continue;
-            };
-            if o.camera != frame.camera || o.product != frame.product {
-                continue;
-            }
-            if let Some(oimg) =
-                store.get(oid, Part::Image).and_then(|b| imageio::decode_rgb(&b, std::path::Path::new(oid)).ok())
-            {
-                others.push((o, oimg));
-            }
-        }
-        let checked = others.len();
-        let (lesson, flips) = work.given.teacher.lesson(&model2, &img, &others)?;
-        Ok((lesson, flips, checked))
-    })
-    .await;
-    let (lesson, flips, checked) = match made {
-        Ok(Ok(x)) => x,
-        Ok(Err(why)) => return refuse(&ui, &login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot teach", &why, &back),
-        Err(e) => return refuse(&ui, &login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot teach", &e.to_string(), &back),
-    };
-    let view = serde_json::json!({
-        "threshold_before": lesson.threshold_before, "threshold_after": lesson.threshold_after,
-        "score_before": lesson.score_before, "score_after": lesson.score_after,
-        "bank_before": lesson.bank_before, "bank_after": lesson.bank_after,
-        "evidence": lesson.evidence, "part_passes": lesson.part_passes(),
-    });
-    tracing::info!(
-        user = %login.user, frame = %m.frame_id,
-        "ui: false-reject preview: threshold {:.4} -> {:.4}, the part {:.4} -> {:.4}, {} of {checked} stored NG frames would pass",
-        lesson.threshold_before, lesson.threshold_after, lesson.score_before, lesson.score_after, flips.len()
-    );
-    let key = ui.given.teacher.keep(Pending {
-        camera: m.camera.clone(),
-        product: m.product.clone(),
-        frame_id: m.frame_id.clone(),
-        base_id: model.enrolment_ref.id.clone(),
-        lesson,
-        made: Instant::now(),
-    });
+    let current = ui
+        .camera(&m.camera)
+        .and_then(|c| c.recipe_model(m.product.as_deref()).ok())
+        .map(|model| model.enrolment.meta.zones.clone())
+        .unwrap_or_default();
     let ctx = serde_json::json!({
-        "page": "review", "frame_id": m.frame_id, "camera": m.camera, "product": m.product, "l": view,
-        "flips": flips, "checked": checked, "lesson": key,
+        "page": "review", "m": m, "zones": current,
+        "zones_json": serde_json::to_string(&current).unwrap_or_else(|_| "[]".into()),
+        "max_zones": zones::MAX_ZONES, "max_points": zones::MAX_POINTS,
     });
-    ui.page(StatusCode::OK, "preview.html", Some(&login), ctx)
+    ui.page(StatusCode::OK, "zones.html", login.as_ref(), ctx)
+}
+
+/// `POST /ui/frames/{id}/zones` (form `zones`: a JSON list of zones): what these regions would change.
+pub async fn zones_preview(
+    State(ui): State<UiState>,
+    Extension(login): Extension<Login>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = preview_zones(&ui, &login, &id, &body).await;
+    // Only a refusal is counted here; a preview that was shown is counted when applied.
+    if r.status().is_success() { r } else { counted(&ui, "zones", r) }
+}
+
+async fn preview_zones(ui: &UiState, login: &Login, id: &str, body: &[u8]) -> Response {
+    let back = format!("/ui/frames/{id}/zones");
+    let m = match stored_verdict(ui, Some(login), id).await {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let text = super::form_field(body, "zones").unwrap_or_default();
+    let zones: Vec<Zone> = match serde_json::from_str(&text) {
+        Ok(z) => z,
+        Err(e) => {
+            let why = format!(
+                "The regions could not be read ({e}). They are a list of {{\"kind\": \"ignore\" or \"inspect\", \
+                 \"points\": [[x, y], ...]}}, corners in fractions of the image. Nothing was changed."
+            );
+            return refuse(ui, login, StatusCode::BAD_REQUEST, "Regions refused", &why, &back);
+        }
+    };
+    if let Err(e) = zones::check(&zones) {
+        let why = format!("{e}. Nothing was changed.");
+        return refuse(ui, login, StatusCode::BAD_REQUEST, "Regions refused", &why, &back);
+    }
+    let model = match model_for(ui, &m) {
+        Ok((_, model)) => model,
+        Err(why) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot teach", &why, &back),
+    };
+    let taught = model.clone();
+    let make: MakeLesson = Box::new(move |det, cfg, img| {
+        let refs = reference_images(&taught.enrolment.meta);
+        teach::zones(det, &taught.enrolment, img, &zones, refs.as_deref(), cfg, &mut |_| {})
+    });
+    preview_lesson(ui, login, m, &model, LessonKind::Zones, make).await
 }
 
 /// `POST /ui/lessons/{lesson}/apply`: the previewed lesson becomes the camera's next enrolment version
 /// and is swapped in between two frames.
 pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>, Path(key): Path<String>) -> Response {
-    let r = apply_lesson(&ui, &login, &key).await;
-    counted(&ui, "false_reject", r)
+    let Some(p) = ui.given.teacher.take(&key) else {
+        let why =
+            "This preview is gone: applied already, older than 15 minutes, or the daemon restarted. Preview again.";
+        let r = refuse(&ui, &login, StatusCode::NOT_FOUND, "Preview gone", why, "/ui/review");
+        return counted(&ui, "lesson", r);
+    };
+    let action = p.lesson.kind.action();
+    let r = apply_lesson(&ui, &login, p).await;
+    counted(&ui, action, r)
 }
 
-async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
-    let Some(p) = ui.given.teacher.take(key) else {
-        return refuse(
-            ui,
-            login,
-            StatusCode::NOT_FOUND,
-            "Preview gone",
-            "This preview is gone: applied already, older than 15 minutes, or the daemon restarted. Preview again.",
-            "/ui/review",
-        );
-    };
+async fn apply_lesson(ui: &UiState, login: &Login, p: Pending) -> Response {
     let back = format!("/ui/frames/{}", p.frame_id);
     let Some(cam) = ui.camera(&p.camera) else {
-        return refuse(
-            ui,
-            login,
-            StatusCode::CONFLICT,
-            "Cannot apply",
-            &format!("camera {} is not running", p.camera),
-            &back,
-        );
+        let why = format!("camera {} is not running", p.camera);
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &why, &back);
     };
     let current = match cam.recipe_model(p.product.as_deref()) {
         Ok(m) => m,
         Err(e) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &e.to_string(), &back),
     };
     if current.enrolment_ref.id != p.base_id {
-        return refuse(
-            ui,
-            login,
-            StatusCode::CONFLICT,
-            "Cannot apply",
-            "The camera's enrolment changed since this preview (learning, another lesson, a rollback or a reload): \
-             preview again so that you see what would change now.",
-            &back,
-        );
+        let why = "The camera's enrolment changed since this preview (learning, another lesson, a rollback or a \
+                   reload): preview again so that you see what would change now.";
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, &back);
     }
     let Some(versions) = current.versions.clone() else {
-        return refuse(
-            ui,
-            login,
-            StatusCode::CONFLICT,
-            "Cannot apply",
-            "this camera keeps no enrolment versions",
-            &back,
-        );
+        let why = "this camera keeps no enrolment versions";
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, &back);
     };
-    let note = format!("false reject {} declared good by {}", p.frame_id, login.user);
+    let kind = p.lesson.kind;
+    let (note, word) = match kind {
+        LessonKind::FalseReject => (format!("false reject {} declared good by {}", p.frame_id, login.user), "taught"),
+        LessonKind::Zones => (
+            format!("{} zone(s) set by {} on frame {}", p.lesson.enrolment.meta.zones.len(), login.user, p.frame_id),
+            "zones",
+        ),
+    };
     let enrolment = p.lesson.enrolment.clone();
-    let saved = tokio::task::spawn_blocking(move || {
-        let before = versions.active()?.unwrap_or(0);
-        let n = versions.add_as(&enrolment, "taught", &note)?;
-        Ok::<_, crate::enrol::versions::VersionError>((before, n, crate::enrol::file::id(&enrolment)))
+    let saved = blocking(move || {
+        let e = |e: crate::enrol::versions::VersionError| e.to_string();
+        let before = versions.active().map_err(e)?.unwrap_or(0);
+        let n = versions.add_as(&enrolment, word, &note).map_err(e)?;
+        Ok((before, n, crate::enrol::file::id(&enrolment)))
     })
     .await;
     let (before, n, id) = match saved {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back);
-        }
-        Err(e) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &e.to_string(), &back),
+        Ok(x) => x,
+        Err(why) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &why, &back),
     };
     let base_source = current.enrolment_ref.source.split(" (").next().unwrap_or("").to_string();
     let new = CameraModel {
@@ -295,7 +386,7 @@ async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
         words: current.words.clone(),
         enrolment: p.lesson.enrolment,
         model: current.model.clone(),
-        enrolment_ref: EnrolmentRef { id, source: format!("{base_source} (taught version {n})") },
+        enrolment_ref: EnrolmentRef { id, source: format!("{base_source} ({word} version {n})") },
         learn_parts: None,
         versions: current.versions.clone(),
     };
@@ -304,12 +395,16 @@ async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
         Some(r) => format!("{}/{r}", p.camera),
         None => p.camera.clone(),
     };
+    let what = match kind {
+        LessonKind::FalseReject => "the part's score",
+        LessonKind::Zones => "the frame's score",
+    };
     let mut entry = AuditEntry::now(
         &login.user,
-        "false_reject",
+        kind.action(),
         &target,
         format!(
-            "frame {}: image threshold {:.4} -> {:.4}, the part's score {:.4} -> {:.4}",
+            "frame {}: image threshold {:.4} -> {:.4}, {what} {:.4} -> {:.4}",
             p.frame_id,
             p.lesson.threshold_before,
             p.lesson.threshold_after,
@@ -320,7 +415,7 @@ async fn apply_lesson(ui: &UiState, login: &Login, key: &str) -> Response {
     entry.version_before = Some(before);
     entry.version_after = Some(n);
     let recorded = ui.record(&entry);
-    tracing::warn!(user = %login.user, camera = %p.camera, "ui: false-reject lesson applied as enrolment version {n} (was {before})");
+    tracing::warn!(user = %login.user, camera = %p.camera, "ui: {} lesson applied as enrolment version {n} (was {before})", kind.action());
     let mut msg = format!(
         "Version {n} is active on {target}: the camera inspects with it from its next frame. Roll back on the camera's page."
     );
@@ -426,17 +521,14 @@ async fn roll_back(ui: &UiState, login: &Login, name: &str, body: &[u8]) -> Resp
             &back,
         );
     };
-    let done = tokio::task::spawn_blocking(move || {
-        let before = versions.active()?.unwrap_or(0);
-        versions.rollback(None).map(|to| (before, to))
+    let done = blocking(move || {
+        let before = versions.active().map_err(|e| e.to_string())?.unwrap_or(0);
+        versions.rollback(None).map(|to| (before, to)).map_err(|e| e.to_string())
     })
     .await;
     let (before, to) = match done {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot roll back", &e.to_string(), &back),
-        Err(e) => {
-            return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot roll back", &e.to_string(), &back);
-        }
+        Ok(x) => x,
+        Err(why) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot roll back", &why, &back),
     };
     let target = product.as_ref().map_or_else(|| name.to_string(), |p| format!("{name}/{p}"));
     let mut entry = AuditEntry::now(&login.user, "rollback", &target, format!("from version {before} to {to}"));

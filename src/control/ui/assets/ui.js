@@ -1,5 +1,6 @@
 // The operator station's only script: live tiles (server-sent events), the heat-map and box toggles,
-// and asking about a frame without leaving the page. Every page works without it, but the live tiles.
+// asking about a frame without leaving the page, and drawing regions on a frame. Every page works
+// without it, but the live tiles (regions can be typed into their text box).
 "use strict";
 
 function csrf() {
@@ -110,9 +111,57 @@ function ask() {
   });
 }
 
+// Regions: taps on the frame add corners to the open polygon; a button closes it as a region to ignore
+// or to inspect. The text box holds every closed region as JSON (fractions of the frame) and is what the
+// form sends, so typing into it works too.
+function drawZones() {
+  const svg = document.getElementById("canvas");
+  const box = document.getElementById("zones");
+  if (!svg || !box) return;
+  const view = document.getElementById("draw-view");
+  const [w, h] = [Number(view.dataset.w), Number(view.dataset.h)];
+  let open = [];
+  const zones = () => { try { const z = JSON.parse(box.value || "[]"); return Array.isArray(z) ? z : []; } catch (e) { return null; } };
+  const ns = "http://www.w3.org/2000/svg";
+  const poly = (pts, cls) => {
+    const p = document.createElementNS(ns, pts.length > 2 || cls !== "zone-open" ? "polygon" : "polyline");
+    p.setAttribute("points", pts.map(([x, y]) => x * w + "," + y * h).join(" "));
+    p.setAttribute("class", cls);
+    return p;
+  };
+  const draw = () => {
+    svg.replaceChildren();
+    for (const z of zones() || []) if (z && Array.isArray(z.points)) svg.appendChild(poly(z.points, "zone-" + z.kind));
+    if (open.length) svg.appendChild(poly(open, "zone-open"));
+    document.getElementById("corners").textContent = open.length;
+  };
+  svg.addEventListener("click", (ev) => {
+    const r = svg.getBoundingClientRect();
+    const x = Math.min(Math.max((ev.clientX - r.left) / r.width, 0), 1);
+    const y = Math.min(Math.max((ev.clientY - r.top) / r.height, 0), 1);
+    open.push([Number(x.toFixed(4)), Number(y.toFixed(4))]);
+    draw();
+  });
+  const close = (kind) => {
+    const z = zones();
+    if (z === null || open.length < 3) return;
+    z.push({ kind, points: open });
+    open = [];
+    box.value = JSON.stringify(z);
+    draw();
+  };
+  document.getElementById("close-ignore").addEventListener("click", () => close("ignore"));
+  document.getElementById("close-inspect").addEventListener("click", () => close("inspect"));
+  document.getElementById("undo").addEventListener("click", () => { open.pop(); draw(); });
+  document.getElementById("clear").addEventListener("click", () => { open = []; box.value = "[]"; draw(); });
+  box.addEventListener("input", draw);
+  draw();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const tiles = document.getElementById("tiles");
   if (tiles && tiles.dataset.live) liveTiles(tiles);
   toggles();
   ask();
+  drawZones();
 });
