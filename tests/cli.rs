@@ -108,3 +108,61 @@ fn unreadable_query_is_reported_and_the_rest_still_inspected() {
     assert!(err.contains("broken.jpg"), "{err}");
     assert!(stdout.contains("good.png: No, there is no anomaly"), "{stdout}");
 }
+
+#[test]
+fn enroll_with_a_zones_file_ignores_what_it_says_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = dir.path().join("refs");
+    std::fs::create_dir(&refs).unwrap();
+    demo::part(0, Defect::None).save(refs.join("a.png")).unwrap();
+    let enrol = dir.path().join("p.enrol");
+    let enroll = |zones: &std::path::Path| {
+        run(&[
+            "enroll",
+            "--reference",
+            refs.to_str().unwrap(),
+            "--zones",
+            zones.to_str().unwrap(),
+            "--out",
+            enrol.to_str().unwrap(),
+        ])
+    };
+    // A corner outside the image, and a file that is not zones: refused with the reason, nothing written.
+    let outside = dir.path().join("outside.json");
+    std::fs::write(&outside, r#"[{"kind": "ignore", "points": [[0.5, 0.5], [1.5, 0.5], [1.0, 0.9]]}]"#).unwrap();
+    let (code, _, err) = enroll(&outside);
+    assert_ne!(code, 0);
+    assert!(err.contains("outside.json") && err.contains("corner 1 (1.5, 0.5) lies outside the image"), "{err}");
+    let not_zones = dir.path().join("not.json");
+    std::fs::write(&not_zones, "{\"ignore\": true}").unwrap();
+    let (code, _, err) = enroll(&not_zones);
+    assert_ne!(code, 0);
+    assert!(err.contains("not.json") && err.contains("expected a sequence"), "{err}");
+    assert!(!enrol.exists());
+    // Around the blob (bottom right): the blob part passes, the scratch part (top left) does not.
+    let zones = dir.path().join("zones.json");
+    std::fs::write(
+        &zones,
+        r#"[{"kind": "ignore", "points": [[0.68, 0.72], [0.86, 0.72], [0.86, 0.95], [0.68, 0.95]]}]"#,
+    )
+    .unwrap();
+    let (code, out, err) = enroll(&zones);
+    assert_eq!(code, 0, "{out}{err}");
+    let (blob, scratch) = (dir.path().join("blob.png"), dir.path().join("scratch.png"));
+    demo::part(3, Defect::Blob).save(&blob).unwrap();
+    demo::part(2, Defect::Scratch).save(&scratch).unwrap();
+    let (code, out, err) = run(&[
+        "inspect",
+        blob.to_str().unwrap(),
+        scratch.to_str().unwrap(),
+        "--reference",
+        enrol.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let verdicts: Vec<serde_json::Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(verdicts.len(), 2, "{out}");
+    assert_eq!(verdicts[0]["anomalous"], false, "the blob lies in the ignored region: {}", verdicts[0]);
+    assert_eq!(verdicts[1]["anomalous"], true, "the scratch does not: {}", verdicts[1]);
+}
