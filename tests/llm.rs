@@ -97,6 +97,7 @@ fn facts_of(id: &str, ins: &anomalyd::detect::inspection::Inspection) -> FrameFa
             threshold: v.threshold,
             regions: v.regions.clone(),
             product: Some("a machined steel plate".into()),
+            classes: Vec::new(),
         },
     }
 }

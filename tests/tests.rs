@@ -1,6 +1,7 @@
 //! Integration tests: one binary, modules by area (see ARCHITECTURE.md).
 
 mod chaos;
+mod classes;
 mod cli;
 mod common;
 mod daemon;

@@ -249,6 +249,7 @@ pub fn llm(cfg: &crate::config::Config, frames: usize, seconds: f64) -> Result<L
             .first()
             .and_then(|c| c.product.clone())
             .or_else(|| crate::config::daemon::CameraConfig::demo().product),
+        classes: Vec::new(),
     };
     if !v.anomalous {
         return Err(BenchError::NotFlagged);

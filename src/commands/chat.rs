@@ -195,6 +195,7 @@ pub fn local(
             threshold: v.threshold,
             regions: v.regions.clone(),
             product,
+            classes: crate::detect::classes::known_labels(&e.meta.classes),
         },
     };
     let engine = crate::describe::llm::open(&cfg.llm)?;

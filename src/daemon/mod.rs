@@ -1035,6 +1035,8 @@ fn stored_facts(store: &Store, id: &str, products: &BTreeMap<String, Option<Stri
             regions: m.regions,
             // A recipe camera's words are its recipe's; the name stands in for them here.
             product: products.get(&m.camera).cloned().flatten().or(m.product),
+            // The regions' own labels are the classes known here.
+            classes: Vec::new(),
         },
         camera: m.camera,
     })

@@ -136,6 +136,7 @@ impl Worker {
             threshold: v.threshold,
             regions: v.regions.clone(),
             product: model.words.clone(),
+            classes: crate::detect::classes::known_labels(&model.enrolment.meta.classes),
         };
         msg.answer = Some(v.answer.clone());
         let mut description = None;

@@ -753,8 +753,9 @@ mod tests {
                 anomalous: true,
                 score: 45.0,
                 threshold: 40.0,
-                regions: vec![Region { bbox, area_pct: 2.0, cell, peak: 50.0 }],
+                regions: vec![Region { bbox, area_pct: 2.0, cell, peak: 50.0, label: None, label_confidence: None }],
                 product: Some("a steel plate".into()),
+                classes: Vec::new(),
             },
         }
     }

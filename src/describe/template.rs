@@ -4,8 +4,9 @@
 //!   the numbers behind it (count, cells, area, score against the automatic threshold);
 //! - [`prompt`]: the findings as a language model's system prompt, as AnomalyGPT's prompt learner feeds
 //!   the localisation to its LLM;
-//! - [`check`]: refuses a model answer that contradicts the verdict (says "no anomaly" on NG, or names a
-//!   grid cell where there is no region), so the caller can fall back to the template;
+//! - [`check`]: refuses a model answer that contradicts the verdict (says "no anomaly" on NG, names a
+//!   grid cell where there is no region, or a defect class the labelled regions do not give), so the
+//!   caller can fall back to the template;
 //! - [`reply`]: the template answer to an operator's follow-up question (where, how large, how many,
 //!   what kind, how sure, and whether it is the same place as the camera's previous NG), from the
 //!   findings alone: the answer when there is no model, and the replacement for a refused one;
@@ -39,10 +40,11 @@ pub fn prompt(f: &Findings, past: Option<&Past>) -> Message {
         for (i, r) in f.regions.iter().enumerate() {
             let [x, y, w, h] = r.bbox;
             facts.push(format!(
-                "Region {}: at the {} of the image, box x={x} y={y} width={w} height={h} pixels, {} of the image.",
+                "Region {}: at the {} of the image, box x={x} y={y} width={w} height={h} pixels, {} of the image.{}",
                 i + 1,
                 r.cell.words(),
-                findings::pct(r.area_pct)
+                findings::pct(r.area_pct),
+                class_fact(r, &f.classes)
             ));
         }
     }
@@ -59,6 +61,21 @@ pub fn prompt(f: &Findings, past: Option<&Past>) -> Message {
     Message { role: "system".into(), content }
 }
 
+/// What the labelled regions say of a region's class, as a sentence after its facts (empty when the
+/// product has no labelled classes).
+fn class_fact(r: &Region, classes: &[String]) -> String {
+    match (&r.label, r.label_confidence) {
+        (Some(l), c) => format!(
+            " Its defect class is {l} (confidence {:.0}%, from the regions an operator labelled).",
+            100.0 * c.unwrap_or(0.0)
+        ),
+        (None, _) if !classes.is_empty() => {
+            format!(" It is like none of the defect classes labelled for this product ({}).", classes.join(", "))
+        }
+        (None, _) => String::new(),
+    }
+}
+
 /// Why a model's answer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Disagreement {
@@ -68,6 +85,8 @@ pub enum Disagreement {
     ClaimsAnomaly,
     #[error("the answer puts a defect at the {0}, where the detector found none")]
     WrongPlace(&'static str),
+    #[error("the answer calls the defect a {0}, which the labelled regions do not say")]
+    WrongClass(String),
     #[error("the answer puts the score on the wrong side of the threshold")]
     WrongScore,
 }
@@ -79,6 +98,7 @@ impl Disagreement {
             Disagreement::DeniesAnomaly => "denies_anomaly",
             Disagreement::ClaimsAnomaly => "claims_anomaly",
             Disagreement::WrongPlace(_) => "wrong_place",
+            Disagreement::WrongClass(_) => "wrong_class",
             Disagreement::WrongScore => "wrong_score",
         }
     }
@@ -164,10 +184,58 @@ pub fn check(answer: &str, f: &Findings, question: &str) -> Result<(), Disagreem
                 return Err(Disagreement::WrongPlace(cell.words()));
             }
         }
+        if let Some(class) = wrong_class(&a, f) {
+            return Err(Disagreement::WrongClass(class));
+        }
     } else if CLAIMS.iter().any(|c| says(&a, c)) || leading("yes") {
         return Err(Disagreement::ClaimsAnomaly);
     }
     Ok(())
+}
+
+/// Defect names a model may use besides the product's own classes.
+const COMMON_CLASSES: [&str; 12] = [
+    "scratch",
+    "dent",
+    "crack",
+    "stain",
+    "hole",
+    "contamination",
+    "chip",
+    "burr",
+    "rust",
+    "missing material",
+    "deformation",
+    "discoloration",
+];
+
+/// A defect class the (lower-case) answer claims without the evidence of the labelled regions: when a
+/// region has a label, any other class named; when none has, one of the product's labelled classes
+/// (the library says the regions are like none of them). A class named only to be negated ("not a
+/// scratch") claims nothing; with no labelled classes at all, naming a kind is the model's general
+/// knowledge, as before.
+fn wrong_class(answer: &str, f: &Findings) -> Option<String> {
+    let given: Vec<&str> = f.regions.iter().filter_map(|r| r.label.as_deref()).collect();
+    let named = |c: &str| {
+        answer.match_indices(c).any(|(i, _)| {
+            let before = &answer[..i];
+            let word_start = before.chars().last().is_none_or(|ch| !ch.is_alphanumeric());
+            // The whole word, or its plural: "scratches" names a scratch, "stainless" no stain.
+            let rest = &answer[i + c.len()..];
+            let rest = rest.strip_prefix("es").or_else(|| rest.strip_prefix('s')).unwrap_or(rest);
+            let word_end = rest.chars().next().is_none_or(|ch| !ch.is_alphanumeric());
+            let negated = ["not a ", "not an ", "no ", "not ", "isn't a ", "rather than a ", "instead of a "]
+                .iter()
+                .any(|n| before.ends_with(n));
+            word_start && word_end && !negated
+        })
+    };
+    let related = |a: &str, b: &str| a.contains(b) || b.contains(a);
+    let mut vocabulary: Vec<&str> = f.classes.iter().map(String::as_str).collect();
+    if !given.is_empty() {
+        vocabulary.extend(COMMON_CLASSES);
+    }
+    vocabulary.into_iter().filter(|c| named(c)).find(|c| !given.iter().any(|g| related(g, c))).map(str::to_string)
 }
 
 /// The 3 x 3 grid cells a text names ("top left" is one cell, not "top" and "left").
@@ -455,9 +523,26 @@ pub fn reply(question: &str, f: &Findings, past: Option<&Past>) -> String {
             let [x, y, w, h] = r.bbox;
             format!("{} spans x {x} to {} and y {y} to {} pixels.", name(i, r), x + w, y + h)
         }),
+        Topic::Kind if regions.iter().any(|r| r.label.is_some()) => each(&|i, r| match &r.label {
+            Some(l) => format!(
+                "{} looks like a {l}: its shape and colour are nearest to the regions an operator labelled {l} \
+                 ({:.0}% of the nearest examples' weight).",
+                name(i, r),
+                100.0 * r.label_confidence.unwrap_or(0.0)
+            ),
+            None => format!("{} is like none of the labelled defect classes.", name(i, r)),
+        }),
         Topic::Kind => format!(
             "The detector measures how far each part of the image is from the normal reference; it does not \
-             name defect types. {} Check it for a scratch, dent, crack, contamination or missing material.",
+             name defect types{}. {} Check it for a scratch, dent, crack, contamination or missing material.",
+            if f.classes.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " beyond the classes labelled for this product ({}), which this one is like none of",
+                    f.classes.join(", ")
+                )
+            },
             findings::answer(true, regions)
         ),
         Topic::Confidence => {
@@ -481,9 +566,53 @@ mod tests {
             anomalous: true,
             score: 42.56,
             threshold: 40.54,
-            regions: vec![Region { bbox: [212, 160, 61, 52], area_pct: 2.93, cell: Cell::BottomRight, peak: 61.2 }],
+            regions: vec![Region {
+                bbox: [212, 160, 61, 52],
+                area_pct: 2.93,
+                cell: Cell::BottomRight,
+                peak: 61.2,
+                label: None,
+                label_confidence: None,
+            }],
             product: Some("a machined steel plate".into()),
+            classes: Vec::new(),
         }
+    }
+
+    /// The NG part with its region labelled from the product's classes `stain` and `scratch`.
+    fn labelled() -> Findings {
+        let mut f = ng();
+        f.regions[0].label = Some("stain".into());
+        f.regions[0].label_confidence = Some(0.9);
+        f.classes = vec!["stain".into(), "scratch".into()];
+        f
+    }
+
+    #[test]
+    fn class_claims_are_held_to_the_labelled_regions() {
+        let q = "What kind of defect is it?";
+        let f = labelled();
+        assert!(check("It is a stain at the bottom right.", &f, q).is_ok());
+        assert!(check("Stains like this come from coolant; it is not a scratch.", &f, q).is_ok());
+        assert!(check("The part is stainless steel with a stain.", &f, q).is_ok(), "stainless is no class word");
+        assert_eq!(check("It is a scratch.", &f, q), Err(Disagreement::WrongClass("scratch".into())));
+        assert_eq!(check("Probably a dent from handling.", &f, q), Err(Disagreement::WrongClass("dent".into())));
+        assert_eq!(check("Two scratches.", &f, q), Err(Disagreement::WrongClass("scratch".into())));
+        // A region like none of the classes: naming one of them is a claim without evidence; a common
+        // defect name is the model's general knowledge.
+        let mut none = labelled();
+        none.regions[0].label = None;
+        assert_eq!(check("It is a scratch.", &none, q), Err(Disagreement::WrongClass("scratch".into())));
+        assert!(check("It could be a dent.", &none, q).is_ok());
+        // Without labelled classes nothing changes.
+        assert!(check("It could be a scratch or a dent.", &ng(), q).is_ok());
+        // The prompt gives the model the class, and the template answers from it.
+        let p = prompt(&labelled(), None).content;
+        assert!(p.contains("Its defect class is stain (confidence 90%"), "{p}");
+        assert!(prompt(&none, None).content.contains("like none of the defect classes labelled"));
+        let r = reply(q, &labelled(), None);
+        assert!(r.contains("looks like a stain") && r.contains("90%"), "{r}");
+        assert!(check(&r, &labelled(), q).is_ok(), "the template's own answer passes: {r}");
     }
 
     #[test]

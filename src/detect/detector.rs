@@ -20,12 +20,12 @@ use std::time::Instant;
 use image::RgbImage;
 
 use crate::config::engine::EngineConfig;
-use crate::detect::background;
 use crate::detect::enrolment::{ALIGN, Bank, Enrolment, EnrolmentMeta};
 use crate::detect::features::{self, Distance, Patches};
 use crate::detect::inspection::{DetectError, Inspection, Scored, Timings, verdict};
 use crate::detect::ivf::Ivf;
 use crate::detect::map::{self, Grid};
+use crate::detect::{background, classes};
 use crate::engine::encoder::Encoder;
 use crate::util::imageio::{self, Dihedral};
 
@@ -275,12 +275,11 @@ impl Detector {
             for run in imgs.chunk_by(|a, b| size(a) == size(b)) {
                 let refs: Vec<&RgbImage> = run.iter().collect();
                 match pipe.score(&mut self.encoder, meta, &enrolment.banks, enrolment.bank_id.0, &refs) {
-                    Ok(scored) => out.extend(
-                        scored
-                            .into_iter()
-                            .zip(run)
-                            .map(|(s, i)| verdict(s, &meta.thresholds, meta.min_region, i.width(), i.height())),
-                    ),
+                    Ok(scored) => out.extend(scored.into_iter().zip(run).map(|(s, i)| {
+                        let mut ins = verdict(s, &meta.thresholds, meta.min_region, i.width(), i.height());
+                        classes::label_regions(&meta.classes, i, &mut ins);
+                        ins
+                    })),
                     Err(e) => {
                         failed = Some(e);
                         break;
@@ -308,7 +307,9 @@ impl Detector {
         let mut scored = self.score_indexed(&enrolment.meta, &enrolment.banks, &enrolment.index, &prepared)?;
         scored.timings.preprocess_ms += resize_ms;
         let th = &enrolment.meta.thresholds;
-        Ok(verdict(scored, th, enrolment.meta.min_region, img.width(), img.height()))
+        let mut ins = verdict(scored, th, enrolment.meta.min_region, img.width(), img.height());
+        classes::label_regions(&enrolment.meta.classes, img, &mut ins);
+        Ok(ins)
     }
 }
 

@@ -104,6 +104,9 @@ pub struct EnrolmentMeta {
     /// when there are none, so that an enrolment's identity does not change with this field's arrival.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zones: Vec<crate::detect::zones::Zone>,
+    /// Regions an operator labelled with a defect class ([`crate::detect::classes`]); left out when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<crate::detect::classes::Example>,
     pub thresholds: Thresholds,
     pub calibration: Calibration,
     pub references: Vec<String>,

@@ -29,6 +29,8 @@ pub enum DetectError {
     #[error(transparent)]
     Zones(#[from] crate::detect::zones::ZoneError),
     #[error(transparent)]
+    Classes(#[from] crate::detect::classes::ClassError),
+    #[error(transparent)]
     Device(#[from] crate::engine::device::DeviceError),
     #[cfg(feature = "cuda")]
     #[error("{0}")]
@@ -87,9 +89,15 @@ pub fn verdict(scored: Scored, th: &Thresholds, min_region: f32, orig_w: u32, or
     } else {
         Vec::new()
     };
-    let answer =
-        Findings { anomalous, score: scored.score, threshold: th.image, regions: regions.clone(), product: None }
-            .answer_text();
+    let answer = Findings {
+        anomalous,
+        score: scored.score,
+        threshold: th.image,
+        regions: regions.clone(),
+        product: None,
+        classes: Vec::new(),
+    }
+    .answer_text();
     Inspection {
         verdict: Verdict {
             anomalous,

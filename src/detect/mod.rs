@@ -3,9 +3,10 @@
 //! patch descriptors and the nearest-neighbour search; [`ivf`] its approximate form for large banks; [`map`] grid operations; [`regions`] connected
 //! regions; [`background`] the plain-backdrop mask; [`normal`] the model of good parts' score spread;
 //! [`drift`] the watch on the line's scores; [`overlay`] heat maps; [`zones`] the regions an operator
-//! ignores or inspects; [`gpu`] the same on the GPU.
+//! ignores or inspects; [`classes`] the defect classes an operator labelled; [`gpu`] the same on the GPU.
 
 pub mod background;
+pub mod classes;
 pub mod detector;
 pub mod drift;
 pub mod enrolment;

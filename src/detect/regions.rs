@@ -59,6 +59,8 @@ pub fn find(map: &Grid, threshold: f32, min_area: f32, orig_w: u32, orig_h: u32)
             area_pct: 100.0 * count as f32 / (w * h) as f32,
             cell: Cell::of(px, py, w as f32, h as f32),
             peak,
+            label: None,
+            label_confidence: None,
         });
     }
     regions.sort_by(|a, b| b.peak.total_cmp(&a.peak));

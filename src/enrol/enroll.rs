@@ -170,6 +170,7 @@ impl Detector {
             min_region: cfg.min_region,
             background,
             zones: zones.to_vec(),
+            classes: Vec::new(),
             thresholds: Thresholds::default(),
             calibration: Calibration::default(),
             references: references.iter().map(|(n, _)| n.clone()).collect(),

@@ -209,6 +209,7 @@ pub fn sample_for_tests() -> Enrolment {
             min_region: 0.001,
             background: None,
             zones: Vec::new(),
+            classes: Vec::new(),
             thresholds: Thresholds { image: 0.3, pixel: 0.25, source: "auto".into() },
             calibration: Calibration { normal: vec![0.1], anomaly: vec![0.5], ..Default::default() },
             references: vec!["a.png".into()],

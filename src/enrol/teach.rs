@@ -15,6 +15,10 @@
 //! zones, and the defects placed where they inspect). Without the images the thresholds are kept and a
 //! warning says so: masking only lowers scores, so no part that passed is rejected after the lesson.
 //!
+//! A labelled region ([`label`]) joins the product's library of defect classes
+//! ([`crate::detect::classes`]): its descriptor, measured on the frame and its anomaly map under the
+//! enrolment, becomes an example that new regions are labelled from.
+//!
 //! A lesson is a new enrolment; applying it (a new version, with history and rollback) is the caller's.
 
 use image::RgbImage;
@@ -199,4 +203,27 @@ pub fn zones(
         evidence,
         enrolment: taught,
     })
+}
+
+/// The lesson "this region of the frame `img` is a `label`": the region's descriptor (on the frame's
+/// anomaly map under `enrolment`) joins the product's library of defect classes.
+pub fn label(
+    det: &mut Detector,
+    enrolment: &Enrolment,
+    img: &RgbImage,
+    region: &crate::types::findings::Region,
+    label: &str,
+    frame_id: &str,
+    by: &str,
+) -> Result<Enrolment, DetectError> {
+    use crate::detect::classes;
+    let label = classes::clean_label(label)?;
+    if enrolment.meta.classes.len() >= classes::MAX_EXAMPLES {
+        return Err(classes::ClassError::Full.into());
+    }
+    let ins = det.inspect(enrolment, img)?;
+    let descriptor = classes::describe(img, &ins.map, region, enrolment.meta.thresholds.pixel);
+    let mut meta = enrolment.meta.clone();
+    meta.classes.push(classes::Example { label, descriptor, frame_id: frame_id.into(), by: by.into() });
+    Ok(Enrolment { meta, ..enrolment.clone() })
 }

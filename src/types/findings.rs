@@ -62,6 +62,13 @@ pub struct Region {
     pub cell: Cell,
     /// Highest anomaly score inside the region.
     pub peak: f32,
+    /// The defect class the product's labelled regions give it (`crate::detect::classes`); absent when
+    /// the product has none, or the region is like none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The share of its nearest labelled regions' weight that votes for `label` (0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_confidence: Option<f32>,
 }
 
 /// What the detector found on one frame.
@@ -73,6 +80,10 @@ pub struct Findings {
     pub regions: Vec<Region>,
     /// The product, in the operator's words (camera config), e.g. "a machined steel bracket".
     pub product: Option<String>,
+    /// The defect classes the product's labelled regions know (for the answer check: a class the
+    /// regions were not given is a claim without evidence).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
 }
 
 /// The verdict in AnomalyGPT's answer format.
