@@ -172,12 +172,16 @@ fn taught(m: &VerdictMessage) -> bool {
     m.enrolment.as_ref().is_some_and(|e| e.source.contains("taught version"))
 }
 
+fn labelled(m: &VerdictMessage) -> bool {
+    m.enrolment.as_ref().is_some_and(|e| e.source.contains("labelled version"))
+}
+
 fn zoned(m: &VerdictMessage) -> bool {
     m.enrolment.as_ref().is_some_and(|e| e.source.contains("zones version"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_back_ignores_a_region_and_asks() {
+async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_labels_ignores_a_region_and_asks() {
     let Some((chromium, driver)) = browser() else { return };
     let Some(broker) = Mosquitto::start() else { return };
     let sub = Sub::start(broker.port);
@@ -311,6 +315,45 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
         s.verdicts()[n_rolled..].iter().any(|m| !taught(m) && m.verdict == Outcome::Ng)
     });
 
+    // 6. Label the mark's region a stain: the next marked part carries the label.
+    c.goto(&format!("{base}/ui/frames/{ng_id}")).await.unwrap();
+    assert_eq!(
+        c.find(Locator::Css("#regions li")).await.unwrap().attr("data-label").await.unwrap().as_deref(),
+        Some("")
+    );
+    // Bad labels first: on a frame that is not stored, text that is no class, a region that is not there.
+    let label_path = format!("/ui/frames/{ng_id}/label");
+    let (status, page) = post_form(&c, "/ui/frames/cam-0-999999/label", json!({"region": "0", "label": "stain"})).await;
+    assert_eq!(status, 404, "{page}");
+    assert!(page.contains("is not stored"), "{page}");
+    let (status, page) = post_form(&c, &label_path, json!({"region": "0", "label": "<img src=x>"})).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("a label is 1 to 40 letters"), "{page}");
+    let (status, page) = post_form(&c, &label_path, json!({"region": "7", "label": "stain"})).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("numbered from 0"), "{page}");
+    c.find(Locator::Css("#label-0")).await.unwrap().send_keys("Stain").await.unwrap();
+    shot(&c, &shots, "label").await;
+    c.find(Locator::Css("#label-0-button")).await.unwrap().click().await.unwrap();
+    let applied = text(&c, "#message").await;
+    assert!(applied.starts_with("Version 2 is active on cam"), "{applied}");
+    let n_labelled = sub.verdicts().len();
+    sub.wait_for_daemon("an NG with the label", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts()[n_labelled..].iter().any(|m| labelled(m) && m.verdict == Outcome::Ng)
+    });
+    let next = sub.verdicts()[n_labelled..].iter().find(|m| labelled(m) && m.verdict == Outcome::Ng).cloned().unwrap();
+    assert_eq!(next.regions[0].label.as_deref(), Some("stain"), "the next marked part: {:?}", next.regions);
+    assert!(next.regions[0].label_confidence.unwrap() > 0.5, "{:?}", next.regions);
+    // Its page shows the class, and the review gallery filters by it.
+    until("the labelled frame in the store", Duration::from_secs(20), &daemon, || {
+        http_get(http_port, &format!("/ui/frames/{}", next.frame_id)).0 == 200
+    });
+    c.goto(&format!("{base}/ui/frames/{}", next.frame_id)).await.unwrap();
+    assert_eq!(text(&c, "#regions .label").await, "stain");
+    c.goto(&format!("{base}/ui/review?label=stain")).await.unwrap();
+    c.find(Locator::Css(&format!("#gallery a[data-frame='{}']", next.frame_id))).await.unwrap();
+    assert!(c.find_all(Locator::Css(&format!("#gallery a[data-frame='{ng_id}']"))).await.unwrap().is_empty());
+
     // 7. Draw an ignore region around the mark: the marked part comes back OK on replay.
     c.goto(&format!("{base}/ui/frames/{ng_id}")).await.unwrap();
     c.find(Locator::Css("#draw-zones")).await.unwrap().click().await.unwrap();
@@ -346,7 +389,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     shot(&c, &shots, "zones-preview").await;
     c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
     let applied = text(&c, "#message").await;
-    assert!(applied.starts_with("Version 2 is active on cam"), "{applied}");
+    assert!(applied.starts_with("Version 3 is active on cam"), "{applied}");
     let n_zoned = sub.verdicts().len();
     sub.wait_for_daemon("6 verdicts with the regions", Duration::from_secs(60), Some(&daemon), |s| {
         s.verdicts()[n_zoned..].iter().filter(|m| zoned(m)).count() >= 6
@@ -397,11 +440,11 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
     // The audit log: on the page, on disk and on MQTT.
     c.goto(&format!("{base}/ui/audit")).await.unwrap();
     let audit = text(&c, "#audit").await;
-    for action in ["login_refused", "login", "false_reject", "rollback", "zones"] {
+    for action in ["login_refused", "login", "false_reject", "rollback", "label", "zones"] {
         assert!(audit.contains(action), "{action} in the audit page:\n{audit}");
     }
     assert!(
-        audit.contains("0 → 1") && audit.contains("1 → 0") && audit.contains("0 → 2"),
+        audit.contains("0 → 1") && audit.contains("1 → 0") && audit.contains("0 → 2") && audit.contains("2 → 3"),
         "versions before and after:\n{audit}"
     );
     shot(&c, &shots, "audit").await;
@@ -414,7 +457,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_it_bac
         .map(|(_, p)| serde_json::from_str(p).unwrap())
         .collect();
     let actions: Vec<&str> = on_mqtt.iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["login_refused", "login", "false_reject", "rollback", "zones"], "{on_mqtt:?}");
+    assert_eq!(actions, ["login_refused", "login", "false_reject", "rollback", "label", "zones"], "{on_mqtt:?}");
     assert!(!daemon.log().contains(PASSWORD) && !daemon.log().contains("wrong password"), "no password in the log");
 
     // Log out: the session is gone, and actions are refused.

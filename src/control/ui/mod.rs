@@ -171,6 +171,7 @@ pub fn router(ui: UiState) -> Router {
         .route("/ui/frames/:id/chat", post(chat))
         .route("/ui/frames/:id/false-reject", post(teach::preview))
         .route("/ui/frames/:id/zones", post(teach::zones_preview))
+        .route("/ui/frames/:id/label", post(teach::label))
         .route("/ui/lessons/:lesson/apply", post(teach::apply))
         .route("/ui/cameras/:camera/rollback", post(teach::rollback))
         .route_layer(middleware::from_fn_with_state(ui.clone(), action_guard));
@@ -383,6 +384,8 @@ pub struct ReviewQuery {
     pub product: Option<String>,
     /// `YYYY-MM-DDTHH:MM` (a browser's datetime-local, taken as UTC): frames captured at or after it.
     pub since: Option<String>,
+    /// A defect class: frames with a region of that label.
+    pub label: Option<String>,
 }
 
 /// Most frames the review page shows.
@@ -390,7 +393,7 @@ const REVIEW_LIMIT: usize = 120;
 
 impl ReviewQuery {
     fn checked(mut self) -> Result<(Self, Option<String>), String> {
-        for f in [&mut self.camera, &mut self.product, &mut self.since] {
+        for f in [&mut self.camera, &mut self.product, &mut self.since, &mut self.label] {
             if f.as_ref().is_some_and(|s| s.trim().is_empty()) {
                 *f = None;
             }
@@ -400,6 +403,9 @@ impl ReviewQuery {
         }
         if let Some(p) = &self.product {
             command::check_product(p).map_err(|e| e.to_string())?;
+        }
+        if let Some(l) = &self.label {
+            self.label = Some(crate::detect::classes::clean_label(l).map_err(|e| format!("label: {e}"))?);
         }
         let since = match &self.since {
             None => None,
@@ -420,6 +426,7 @@ impl ReviewQuery {
         self.camera.as_ref().is_none_or(|c| &m.camera == c)
             && self.product.as_ref().is_none_or(|p| m.product.as_ref() == Some(p))
             && since.is_none_or(|s| m.captured_at.get(..16).is_some_and(|t| t >= s))
+            && self.label.as_ref().is_none_or(|l| m.regions.iter().any(|r| r.label.as_ref() == Some(l)))
     }
 }
 
@@ -519,7 +526,14 @@ async fn frame(State(ui): State<UiState>, headers: HeaderMap, Path(id): Path<Str
         }
         None => (None, Vec::new()),
     };
-    let ctx = serde_json::json!({"page": "review", "m": m, "description": description, "turns": turns});
+    // The product's defect classes, offered when labelling a region.
+    let classes = ui
+        .camera(&m.camera)
+        .and_then(|c| c.recipe_model(m.product.as_deref()).ok())
+        .map(|model| crate::detect::classes::known_labels(&model.enrolment.meta.classes))
+        .unwrap_or_default();
+    let ctx = serde_json::json!({"page": "review", "m": m, "description": description, "turns": turns,
+        "classes": classes});
     ui.page(StatusCode::OK, "frame.html", login.as_ref(), ctx)
 }
 
@@ -630,6 +644,13 @@ mod tests {
         assert!(frame.contains("Yes &lt;script&gt;") && !frame.contains("Yes <script>"), "{frame}");
         assert!(frame.contains(r#"<rect class="region" x="10" y="20" width="30" height="40">"#), "{frame}");
         assert!(frame.contains(r#"name="csrf" value="t0k""#));
+        assert!(frame.contains(r#"id="label-0""#) && frame.contains("no class"), "{frame}");
+        let mut labelled = m.clone();
+        labelled.regions[0].label = Some("stain".into());
+        labelled.regions[0].label_confidence = Some(0.87);
+        let frame = render("frame.html", serde_json::json!({"m": labelled, "classes": ["stain"], "turns": []}));
+        assert!(frame.contains(r#"<b class="label">stain</b> (87% sure)"#), "{frame}");
+        assert!(frame.contains(r#"<option value="stain">"#), "{frame}");
         let tile = serde_json::json!({"camera": "cam", "ok": 1, "ng": 1, "skipped": 0, "error": 0, "ng_rate": 0.5,
             "fps": 2.0, "recipe": null, "trigger": "every frame", "last": m, "last_ng": "cam-1-7"});
         let line = render("line.html", serde_json::json!({"tiles": [tile]}));
@@ -679,7 +700,7 @@ mod tests {
     #[test]
     fn review_filters_are_checked() {
         let q = |c: Option<&str>, s: Option<&str>| {
-            ReviewQuery { camera: c.map(Into::into), product: None, since: s.map(Into::into) }.checked()
+            ReviewQuery { camera: c.map(Into::into), product: None, since: s.map(Into::into), label: None }.checked()
         };
         assert!(q(Some("../x"), None).is_err());
         assert!(q(None, Some("yesterday")).is_err());
@@ -690,5 +711,13 @@ mod tests {
         assert!(ok.matches(&m, since.as_deref()));
         let (_, later) = q(None, Some("2026-12-07T10:01")).unwrap();
         assert!(!ok.matches(&m, later.as_deref()));
+        // The class filter: cleaned like a label, refused when it could be none.
+        let by = |l: &str| ReviewQuery { label: Some(l.into()), ..Default::default() }.checked();
+        assert!(by("a/b").unwrap_err().starts_with("label:"));
+        let (stain, _) = by(" Stain ").unwrap();
+        assert!(!stain.matches(&m, None), "the sample's region has no label");
+        let mut labelled = sample();
+        labelled.regions[0].label = Some("stain".into());
+        assert!(stain.matches(&labelled, None));
     }
 }

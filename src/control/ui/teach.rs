@@ -66,6 +66,19 @@ impl Teacher {
         Self { engine, detect, detector: Mutex::default(), pending: Mutex::default() }
     }
 
+    /// Runs `job` on the teacher's detector (loaded at the first use). Blocking.
+    fn with_detector<T>(
+        &self,
+        job: impl FnOnce(&mut Detector, &DetectConfig) -> Result<T, DetectError>,
+    ) -> Result<T, String> {
+        let mut slot = sync::lock(&self.detector);
+        if slot.is_none() {
+            *slot = Some(Detector::load(&self.engine).map_err(|e| e.to_string())?);
+        }
+        let det = slot.as_mut().expect("loaded above");
+        job(det, &self.detect).map_err(|e| e.to_string())
+    }
+
     /// The lesson `make` makes from `img`, and which of the stored NG frames `others` it would turn OK.
     /// Blocking (inspection).
     fn lesson(
@@ -74,20 +87,17 @@ impl Teacher {
         img: &RgbImage,
         others: &[(VerdictMessage, RgbImage)],
     ) -> Result<(Lesson, Vec<serde_json::Value>), String> {
-        let mut slot = sync::lock(&self.detector);
-        if slot.is_none() {
-            *slot = Some(Detector::load(&self.engine).map_err(|e| e.to_string())?);
-        }
-        let det = slot.as_mut().expect("loaded above");
-        let lesson = make(det, &self.detect, img).map_err(|e| e.to_string())?;
-        let mut flips = Vec::new();
-        for (m, other) in others {
-            let v = det.inspect(&lesson.enrolment, other).map_err(|e| e.to_string())?.verdict;
-            if !v.anomalous {
-                flips.push(serde_json::json!({"frame_id": m.frame_id, "before": m.score, "after": v.score}));
+        self.with_detector(|det, cfg| {
+            let lesson = make(det, cfg, img)?;
+            let mut flips = Vec::new();
+            for (m, other) in others {
+                let v = det.inspect(&lesson.enrolment, other)?.verdict;
+                if !v.anomalous {
+                    flips.push(serde_json::json!({"frame_id": m.frame_id, "before": m.score, "after": v.score}));
+                }
             }
-        }
-        Ok((lesson, flips))
+            Ok((lesson, flips))
+        })
     }
 
     fn keep(&self, p: Pending) -> String {
@@ -342,33 +352,71 @@ pub async fn apply(State(ui): State<UiState>, Extension(login): Extension<Login>
 }
 
 async fn apply_lesson(ui: &UiState, login: &Login, p: Pending) -> Response {
-    let back = format!("/ui/frames/{}", p.frame_id);
-    let Some(cam) = ui.camera(&p.camera) else {
-        let why = format!("camera {} is not running", p.camera);
-        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &why, &back);
-    };
-    let current = match cam.recipe_model(p.product.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &e.to_string(), &back),
-    };
-    if current.enrolment_ref.id != p.base_id {
-        let why = "The camera's enrolment changed since this preview (learning, another lesson, a rollback or a \
-                   reload): preview again so that you see what would change now.";
-        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, &back);
-    }
-    let Some(versions) = current.versions.clone() else {
-        let why = "this camera keeps no enrolment versions";
-        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, &back);
-    };
     let kind = p.lesson.kind;
-    let (note, word) = match kind {
-        LessonKind::FalseReject => (format!("false reject {} declared good by {}", p.frame_id, login.user), "taught"),
+    let (note, word, what) = match kind {
+        LessonKind::FalseReject => {
+            (format!("false reject {} declared good by {}", p.frame_id, login.user), "taught", "the part's score")
+        }
         LessonKind::Zones => (
             format!("{} zone(s) set by {} on frame {}", p.lesson.enrolment.meta.zones.len(), login.user, p.frame_id),
             "zones",
+            "the frame's score",
         ),
     };
-    let enrolment = p.lesson.enrolment.clone();
+    let l = &p.lesson;
+    let details = format!(
+        "frame {}: image threshold {:.4} -> {:.4}, {what} {:.4} -> {:.4}",
+        p.frame_id, l.threshold_before, l.threshold_after, l.score_before, l.score_after
+    );
+    let change = Change {
+        camera: &p.camera,
+        product: p.product.as_deref(),
+        base_id: &p.base_id,
+        enrolment: p.lesson.enrolment.clone(),
+        word,
+        note,
+        action: kind.action(),
+        details,
+    };
+    install(ui, login, change, &format!("/ui/frames/{}", p.frame_id)).await
+}
+
+/// A change an operator made to a camera's enrolment, to be installed as its next version.
+struct Change<'a> {
+    camera: &'a str,
+    product: Option<&'a str>,
+    /// The enrolment the change was made from.
+    base_id: &'a str,
+    enrolment: crate::detect::enrolment::Enrolment,
+    /// The versions' history action and the word in the model's source (`taught version 3`).
+    word: &'static str,
+    note: String,
+    /// The audit action and what it records.
+    action: &'static str,
+    details: String,
+}
+
+/// Installs a change: refused when the camera's enrolment moved on since it was made; else stored as
+/// the next enrolment version (with its history line), swapped in between two frames, and audited.
+async fn install(ui: &UiState, login: &Login, c: Change<'_>, back: &str) -> Response {
+    let Some(cam) = ui.camera(c.camera) else {
+        let why = format!("camera {} is not running", c.camera);
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &why, back);
+    };
+    let current = match cam.recipe_model(c.product) {
+        Ok(m) => m,
+        Err(e) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", &e.to_string(), back),
+    };
+    if current.enrolment_ref.id != c.base_id {
+        let why = "The camera's enrolment changed since this was made (learning, another lesson, a rollback or a \
+                   reload): do it again so that you see what would change now.";
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, back);
+    }
+    let Some(versions) = current.versions.clone() else {
+        let why = "this camera keeps no enrolment versions";
+        return refuse(ui, login, StatusCode::CONFLICT, "Cannot apply", why, back);
+    };
+    let (enrolment, word, note) = (c.enrolment.clone(), c.word, c.note.clone());
     let saved = blocking(move || {
         let e = |e: crate::enrol::versions::VersionError| e.to_string();
         let before = versions.active().map_err(e)?.unwrap_or(0);
@@ -378,44 +426,28 @@ async fn apply_lesson(ui: &UiState, login: &Login, p: Pending) -> Response {
     .await;
     let (before, n, id) = match saved {
         Ok(x) => x,
-        Err(why) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &why, &back),
+        Err(why) => return refuse(ui, login, StatusCode::INTERNAL_SERVER_ERROR, "Cannot apply", &why, back),
     };
     let base_source = current.enrolment_ref.source.split(" (").next().unwrap_or("").to_string();
     let new = CameraModel {
         recipe: current.recipe.clone(),
         words: current.words.clone(),
-        enrolment: p.lesson.enrolment,
+        enrolment: c.enrolment,
         model: current.model.clone(),
-        enrolment_ref: EnrolmentRef { id, source: format!("{base_source} ({word} version {n})") },
+        enrolment_ref: EnrolmentRef { id, source: format!("{base_source} ({} version {n})", c.word) },
         learn_parts: None,
         versions: current.versions.clone(),
     };
-    let swapped = cam.replace_model(&p.base_id, Arc::new(new));
-    let target = match &p.product {
-        Some(r) => format!("{}/{r}", p.camera),
-        None => p.camera.clone(),
+    let swapped = cam.replace_model(c.base_id, Arc::new(new));
+    let target = match c.product {
+        Some(r) => format!("{}/{r}", c.camera),
+        None => c.camera.to_string(),
     };
-    let what = match kind {
-        LessonKind::FalseReject => "the part's score",
-        LessonKind::Zones => "the frame's score",
-    };
-    let mut entry = AuditEntry::now(
-        &login.user,
-        kind.action(),
-        &target,
-        format!(
-            "frame {}: image threshold {:.4} -> {:.4}, {what} {:.4} -> {:.4}",
-            p.frame_id,
-            p.lesson.threshold_before,
-            p.lesson.threshold_after,
-            p.lesson.score_before,
-            p.lesson.score_after
-        ),
-    );
+    let mut entry = AuditEntry::now(&login.user, c.action, &target, c.details);
     entry.version_before = Some(before);
     entry.version_after = Some(n);
     let recorded = ui.record(&entry);
-    tracing::warn!(user = %login.user, camera = %p.camera, "ui: {} lesson applied as enrolment version {n} (was {before})", kind.action());
+    tracing::warn!(user = %login.user, camera = %c.camera, "ui: {} applied as enrolment version {n} (was {before})", c.action);
     let mut msg = format!(
         "Version {n} is active on {target}: the camera inspects with it from its next frame. Roll back on the camera's page."
     );
@@ -427,8 +459,71 @@ async fn apply_lesson(ui: &UiState, login: &Login, p: Pending) -> Response {
     if let Err(e) = recorded {
         msg.push_str(&format!(" The audit log could not be written: {e}."));
     }
-    let page = format!("/ui/cameras/{}", p.camera);
+    let page = format!("/ui/cameras/{}", c.camera);
     ui.message(StatusCode::OK, Some(login), "Applied", &msg, &page)
+}
+
+/// `POST /ui/frames/{id}/label` (form `region`: its number from 0, `label`): the region is a defect of
+/// that class; it joins the product's library at once as the camera's next enrolment version.
+pub async fn label(
+    State(ui): State<UiState>,
+    Extension(login): Extension<Login>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let r = label_region(&ui, &login, &id, &body).await;
+    counted(&ui, "label", r)
+}
+
+async fn label_region(ui: &UiState, login: &Login, id: &str, body: &[u8]) -> Response {
+    let back = format!("/ui/frames/{id}");
+    let m = match stored_verdict(ui, Some(login), id).await {
+        Ok(m) => m,
+        Err(r) => return *r,
+    };
+    let text = super::form_field(body, "label").unwrap_or_default();
+    let label = match crate::detect::classes::clean_label(&text) {
+        Ok(l) => l,
+        Err(e) => return refuse(ui, login, StatusCode::BAD_REQUEST, "Label refused", &format!("{e}."), &back),
+    };
+    let which = super::form_field(body, "region").and_then(|r| r.parse::<usize>().ok());
+    let Some(region) = which.and_then(|i| m.regions.get(i)).cloned() else {
+        let why = format!("This frame has {} region(s), numbered from 0: name one of them.", m.regions.len());
+        return refuse(ui, login, StatusCode::BAD_REQUEST, "Label refused", &why, &back);
+    };
+    let model = match model_for(ui, &m) {
+        Ok((_, model)) => model,
+        Err(why) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot teach", &why, &back),
+    };
+    let Some(store) = ui.given.store.clone() else {
+        return refuse(ui, login, StatusCode::NOT_FOUND, "Cannot teach", "The flagged-frame store is off.", &back);
+    };
+    let (work, frame_id, user, taught, label2) =
+        (ui.clone(), m.frame_id.clone(), login.user.clone(), model.clone(), label.clone());
+    let made = blocking(move || {
+        let bytes = store.get(&frame_id, Part::Image).ok_or("the frame's image is no longer stored")?;
+        let img = imageio::decode_rgb(&bytes, std::path::Path::new(&frame_id)).map_err(|e| e.to_string())?;
+        work.given
+            .teacher
+            .with_detector(|det, _| teach::label(det, &taught.enrolment, &img, &region, &label2, &frame_id, &user))
+    })
+    .await;
+    let enrolment = match made {
+        Ok(e) => e,
+        Err(why) => return refuse(ui, login, StatusCode::CONFLICT, "Cannot teach", &why, &back),
+    };
+    let examples = enrolment.meta.classes.iter().filter(|e| e.label == label).count();
+    let change = Change {
+        camera: &m.camera,
+        product: m.product.as_deref(),
+        base_id: &model.enrolment_ref.id,
+        enrolment,
+        word: "labelled",
+        note: format!("a region of frame {} labelled {label} by {}", m.frame_id, login.user),
+        action: "label",
+        details: format!("frame {}: a region labelled {label} ({examples} example(s) of it now)", m.frame_id),
+    };
+    install(ui, login, change, &back).await
 }
 
 /// `GET /ui/cameras/{camera}`: each recipe's versions and history, with a rollback button.
