@@ -467,3 +467,133 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     assert_eq!(post_from_page(&c, &format!("/ui/frames/{ng_id}/false-reject"), "").await, 401);
     c.close().await.unwrap();
 }
+
+/// Logs `anna` in on the station at `base`.
+async fn log_in(c: &Client, base: &str) {
+    c.goto(&format!("{base}/ui/login")).await.unwrap();
+    c.find(Locator::Css("#name")).await.unwrap().send_keys("anna").await.unwrap();
+    c.find(Locator::Css("#password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
+    c.find(Locator::Css("#login")).await.unwrap().click().await.unwrap();
+    assert_eq!(text(c, "#user").await, "anna");
+}
+
+/// An upload from the page (multipart, with the session's CSRF token in the query): `files` are
+/// (name, size in bytes, text to repeat) made in the page, or (name, 0, base64 of the bytes). Returns the
+/// status and the page.
+async fn upload(c: &Client, fields: Value, files: Value) -> (u64, String) {
+    let v = c
+        .execute(
+            "const form = new FormData(); \
+             for (const [k, v] of Object.entries(arguments[0])) form.append(k, v); \
+             for (const [name, size, fill] of arguments[1]) { \
+               const bytes = size === 0 ? Uint8Array.from(atob(fill), (ch) => ch.charCodeAt(0)) \
+                 : fill.repeat(Math.ceil(size / fill.length)).slice(0, size); \
+               form.append('images', new Blob([bytes]), name); } \
+             const url = '/ui/products?csrf=' + document.querySelector('meta[name=csrf]').content; \
+             return fetch(url, {method: 'POST', body: form}).then(async r => [r.status, await r.text()]);",
+            vec![fields, files],
+        )
+        .await
+        .unwrap();
+    (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_enrols_a_new_product_from_uploaded_images_and_the_plc_selects_it() {
+    let Some((chromium, driver)) = browser() else { return };
+    let Some(broker) = Mosquitto::start() else { return };
+    let sub = Sub::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (reference, frames) = line_scene(dir.path());
+    let http_port = free_port();
+    let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
+    let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "newprod", "")
+        + &format!(
+            "[llm]\nbackend = \"off\"\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\npassword_hash = \"{hash}\"\n\
+             [[camera]]\nname = \"cam\"\nlearn_parts = 0\n[[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
+             [camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n",
+            dir.path().join("audit.jsonl").display(),
+            reference.display(),
+            frames.display()
+        );
+    let daemon = Daemon::start(dir.path(), &config);
+    until("the HTTP server", Duration::from_secs(120), &daemon, || {
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
+    let shots = shots(dir.path());
+    let (_driver, c) = connect(&chromium, &driver).await;
+    let base = format!("http://127.0.0.1:{http_port}");
+    log_in(&c, &base).await;
+    c.wait().at_most(Duration::from_secs(120)).for_element(Locator::Css("#tile-cam")).await.unwrap();
+    c.find(Locator::Css("#new-product")).await.unwrap().click().await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#images")).await.unwrap();
+
+    // Bad uploads are refused with the reason, and nothing is kept.
+    let fields = json!({"camera": "cam", "name": "bracket"});
+    let (status, page) = upload(&c, fields.clone(), json!([["notes.txt", 64, "not a picture "]])).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("notes.txt is not an image this station reads"), "{page}");
+    let (status, page) = upload(&c, fields.clone(), json!([["huge.png", 17 << 20, "x"]])).await;
+    assert_eq!(status, 413, "{page}");
+    assert!(page.contains("huge.png is 17 MiB; an image may be 16 MiB at most"), "{page}");
+    let (status, page) = upload(&c, json!({"camera": "cam", "name": "a/b"}), json!([["notes.txt", 8, "x"]])).await;
+    assert_eq!(status, 400, "{page}");
+    let (status, page) = upload(&c, json!({"camera": "cam", "name": "plate"}), json!([])).await;
+    assert_eq!(status, 400, "no image: {page}");
+    let products = dir.path().join("enrolments/products");
+    assert!(!products.exists(), "nothing was kept of a refused upload");
+
+    // The new product: two good parts, turned upside down (another product's layout), uploaded from the form.
+    let mut files = Vec::new();
+    for v in [30, 31] {
+        let p = dir.path().join(format!("bracket_{v}.png"));
+        image::imageops::rotate180(&demo::part(v, Defect::None)).save(&p).unwrap();
+        files.push(p.display().to_string());
+    }
+    c.find(Locator::Css("#name")).await.unwrap().send_keys("bracket").await.unwrap();
+    c.find(Locator::Css("#words")).await.unwrap().send_keys("a turned bracket").await.unwrap();
+    c.find(Locator::Css("#images")).await.unwrap().send_keys(&files.join("\n")).await.unwrap();
+    shot(&c, &shots, "product").await;
+    c.find(Locator::Css("#enrol")).await.unwrap().click().await.unwrap();
+    // The job's page follows the enrolment (it reloads itself while it runs) until it is done.
+    let state = c
+        .wait()
+        .at_most(Duration::from_secs(120))
+        .for_element(Locator::Css("#state[data-state=done], #state[data-state=failed]"))
+        .await
+        .unwrap();
+    let said = state.text().await.unwrap();
+    assert_eq!(state.attr("data-state").await.unwrap().as_deref(), Some("done"), "{said}");
+    let progress = text(&c, "#progress").await;
+    assert!(progress.contains("encoding reference 2/2") && progress.contains("thresholds"), "{progress}");
+    shot(&c, &shots, "product-enrolled").await;
+    assert!(products.join("cam/bracket/product.json").is_file());
+
+    // The daemon reloaded: the product is a recipe of the camera, and the PLC selects it.
+    until("the new recipe", Duration::from_secs(120), &daemon, || {
+        let (_, body) = http_get(http_port, "/v1/cameras/cam/recipes");
+        String::from_utf8_lossy(&body).contains("\"bracket\"")
+    });
+    let (_, body) = http_get(http_port, "/v1/cameras/cam/recipes");
+    let recipes: Value = serde_json::from_slice(&body).unwrap();
+    let bracket = recipes["recipes"].as_array().unwrap().iter().find(|r| r["name"] == "bracket").unwrap().clone();
+    assert_eq!(bracket["product"], "a turned bracket", "{recipes}");
+    broker.publish("anomalyd/newprod/cmd", r#"{"cmd":"recipe","camera":"cam","product":"bracket"}"#);
+    sub.wait_for_daemon("a verdict of the new product", Duration::from_secs(60), Some(&daemon), |s| {
+        s.verdicts().iter().any(|m| m.product.as_deref() == Some("bracket"))
+    });
+    c.goto(&format!("{base}/ui/audit")).await.unwrap();
+    assert!(text(&c, "#audit").await.contains("cam/bracket"));
+    // A second product of the same name is refused.
+    c.goto(&format!("{base}/ui/products/new")).await.unwrap();
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&files[0]).unwrap());
+    let (status, page) = upload(&c, json!({"camera": "cam", "name": "bracket"}), json!([["b.png", 0, png]])).await;
+    assert_eq!(status, 409, "{page}");
+    assert!(page.contains("has a product named bracket already"), "{page}");
+    // An unknown camera takes none.
+    let (status, page) = upload(&c, json!({"camera": "nope", "name": "other"}), json!([["b.png", 0, png]])).await;
+    assert_eq!(status, 409, "{page}");
+    assert!(page.contains("No camera &quot;nope&quot; is running"), "{page}");
+    c.close().await.unwrap();
+}

@@ -460,6 +460,7 @@ impl Daemon {
                     notes: Some(audit_notes),
                     commands: http_commands,
                     teacher: ui::teach::Teacher::new(cfg.engine.clone(), cfg.detect.clone()),
+                    enrolments: cfg.daemon.enrolments.clone(),
                     stop: pages_stopped.clone(),
                 },
             );
@@ -1090,7 +1091,8 @@ pub(crate) fn load_detector(engine: &EngineConfig, camera: &str) -> Result<Detec
 }
 
 /// A camera's models: one per `[[camera.recipe]]`, all loaded now (each is reported with its memory),
-/// or the one of its reference. The first failure refuses them all.
+/// then one per product enrolled from the operator station ([`crate::enrol::products`]); or the one of
+/// its reference. The first failure of a configured recipe refuses them all.
 pub(crate) fn build_models(
     det: &mut Detector,
     cam: &CameraConfig,
@@ -1111,6 +1113,23 @@ pub(crate) fn build_models(
             m.enrolment.bytes() as f64 / (1 << 20) as f64
         );
         models.push(Arc::new(m));
+    }
+    // Products enrolled from the operator station: a folder that no longer enrols is reported and left
+    // out, so that it never keeps the camera from starting.
+    if !enrolments.as_os_str().is_empty() {
+        for r in crate::enrol::products::list(enrolments, &cam.name) {
+            if cam.recipe.iter().any(|c| c.name == r.name) {
+                tracing::warn!(camera = %cam.name, "station product {} has the name of a configured recipe: skipped", r.name);
+                continue;
+            }
+            match build_model(det, cam, Some(&r), detect, enrolments) {
+                Ok(m) => {
+                    tracing::info!(camera = %cam.name, "station product {} loaded: enrolment {}", r.name, m.enrolment_ref.id);
+                    models.push(Arc::new(m));
+                }
+                Err(e) => tracing::error!(camera = %cam.name, "station product {} left out: {e}", r.name),
+            }
+        }
     }
     Ok(models)
 }

@@ -27,7 +27,7 @@ pub struct AuditEntry {
     pub unix_ms: u64,
     /// The operator's login name.
     pub user: String,
-    /// `login`, `login_refused`, `logout`, `false_reject`, `rollback`.
+    /// `login`, `login_refused`, `logout`, `false_reject`, `zones`, `label`, `product`, `rollback`.
     pub action: String,
     /// What it acted on: a camera, `camera/recipe`, a frame id.
     pub target: String,

@@ -12,13 +12,14 @@
 
 pub mod auth;
 pub mod board;
+pub mod products;
 pub mod teach;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Form, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -43,6 +44,8 @@ pub struct Ui {
     pub given: UiParts,
     pub sessions: Sessions,
     pub board: Arc<board::Board>,
+    /// New products being enrolled.
+    jobs: products::Jobs,
     env: Environment<'static>,
 }
 
@@ -67,12 +70,14 @@ pub struct UiParts {
     /// The daemon's command channel (a reload after a rollback).
     pub commands: mpsc::UnboundedSender<Command>,
     pub teacher: teach::Teacher,
+    /// `daemon.enrolments`: where products enrolled from the station are kept ("" keeps none).
+    pub enrolments: std::path::PathBuf,
     /// Turns true when the server stops: live streams end so that shutdown does not wait for them.
     pub stop: watch::Receiver<bool>,
 }
 
 /// The embedded templates, by name.
-const TEMPLATES: [(&str, &str); 10] = [
+const TEMPLATES: [(&str, &str); 12] = [
     ("base.html", include_str!("assets/base.html")),
     ("login.html", include_str!("assets/login.html")),
     ("line.html", include_str!("assets/line.html")),
@@ -80,6 +85,8 @@ const TEMPLATES: [(&str, &str); 10] = [
     ("frame.html", include_str!("assets/frame.html")),
     ("preview.html", include_str!("assets/preview.html")),
     ("zones.html", include_str!("assets/zones.html")),
+    ("product.html", include_str!("assets/product.html")),
+    ("product_job.html", include_str!("assets/product_job.html")),
     ("camera.html", include_str!("assets/camera.html")),
     ("audit.html", include_str!("assets/audit.html")),
     ("message.html", include_str!("assets/message.html")),
@@ -101,6 +108,7 @@ impl Ui {
         Arc::new(Self {
             sessions: Sessions::new(&cfg.operator, ttl),
             board: Arc::new(board::Board::new(parts.metrics.clone())),
+            jobs: products::Jobs::default(),
             given: parts,
             env,
         })
@@ -163,6 +171,8 @@ pub fn router(ui: UiState) -> Router {
         .route("/ui/frames/:id/image", get(|s, p| frame_file(s, p, Part::Image)))
         .route("/ui/frames/:id/overlay", get(|s, p| frame_file(s, p, Part::Overlay)))
         .route("/ui/frames/:id/zones", get(teach::zones_page))
+        .route("/ui/products/new", get(products::new_page))
+        .route("/ui/products/jobs/:id", get(products::job_page))
         .route("/ui/cameras/:camera", get(teach::camera_page))
         .route("/ui/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(ui.clone(), read_guard));
@@ -172,6 +182,7 @@ pub fn router(ui: UiState) -> Router {
         .route("/ui/frames/:id/false-reject", post(teach::preview))
         .route("/ui/frames/:id/zones", post(teach::zones_preview))
         .route("/ui/frames/:id/label", post(teach::label))
+        .route("/ui/products", post(products::create).layer(DefaultBodyLimit::max(products::MAX_UPLOAD)))
         .route("/ui/lessons/:lesson/apply", post(teach::apply))
         .route("/ui/cameras/:camera/rollback", post(teach::rollback))
         .route_layer(middleware::from_fn_with_state(ui.clone(), action_guard));
@@ -207,11 +218,16 @@ async fn action_guard(State(ui): State<UiState>, req: Request, next: Next) -> Re
         );
     };
     let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, command::MAX_PAYLOAD).await else {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "the form is larger than 64 KiB\n").into_response();
+    // An upload of images may be large; every other action is a small form.
+    let limit = if parts.uri.path() == "/ui/products" { products::MAX_UPLOAD } else { command::MAX_PAYLOAD };
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        let why = format!("The request is larger than {} KiB: nothing was changed.", limit >> 10);
+        return ui.message(StatusCode::PAYLOAD_TOO_LARGE, Some(&login), "Too large", &why, "/ui/");
     };
     let header_token = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string);
-    let form_token = form_field(&bytes, "csrf");
+    // A form's token is its `csrf` field; an upload's (multipart, read by its handler) is in the query.
+    let form_token =
+        form_field(&bytes, "csrf").or_else(|| form_field(parts.uri.query().unwrap_or("").as_bytes(), "csrf"));
     if !auth::csrf_ok(&login, header_token.as_deref().or(form_token.as_deref())) {
         tracing::warn!(user = %login.user, path = %parts.uri.path(), "ui: an action without its CSRF token was refused");
         ui.given.metrics.ui_action("csrf", "refused");
@@ -677,6 +693,16 @@ mod tests {
             "zones_json": zones, "max_zones": 32, "max_points": 64}),
         );
         assert!(z.contains("/ui/frames/cam-1-7/zones") && z.contains("&quot;ignore&quot;"), "{z}");
+        let p = render("product.html", serde_json::json!({"cameras": ["cam"], "max_images": 32, "max_mib": 16}));
+        assert!(p.contains(r#"action="/ui/products?csrf=t0k""#) && p.contains("multipart/form-data"), "{p}");
+        let job = serde_json::json!({"camera": "cam", "name": "b", "lines": ["encoding <1>"],
+            "state": {"state": "running"}});
+        let j = render("product_job.html", serde_json::json!({"job": job}));
+        assert!(j.contains(r#"http-equiv="refresh""#) && j.contains("encoding &lt;1&gt;"), "{j}");
+        let job = serde_json::json!({"camera": "cam", "name": "b", "lines": [],
+            "state": {"state": "failed", "message": "no"}});
+        let j = render("product_job.html", serde_json::json!({"job": job}));
+        assert!(!j.contains("refresh") && j.contains(r#"data-state="failed""#), "{j}");
         let r = serde_json::json!({"key": "camera", "product": null, "in_use": true, "active": 1, "versions": [1],
             "history": [{"when": "w", "action": "taught", "version": 1, "image_threshold": 1.1, "note": "n"}]});
         assert!(render("camera.html", serde_json::json!({"camera": "cam", "recipes": [r]})).contains("rollback"));

@@ -67,7 +67,7 @@ impl Teacher {
     }
 
     /// Runs `job` on the teacher's detector (loaded at the first use). Blocking.
-    fn with_detector<T>(
+    pub(super) fn with_detector<T>(
         &self,
         job: impl FnOnce(&mut Detector, &DetectConfig) -> Result<T, DetectError>,
     ) -> Result<T, String> {
@@ -130,7 +130,7 @@ fn refuse(ui: &UiState, login: &Login, status: StatusCode, title: &str, why: &st
 }
 
 /// Counts an action's outcome: `ok` for a success, else `refused` (4xx) or `failed` (5xx).
-fn counted(ui: &UiState, action: &str, r: Response) -> Response {
+pub(super) fn counted(ui: &UiState, action: &str, r: Response) -> Response {
     let outcome = match r.status() {
         s if s.is_success() => "ok",
         s if s.is_client_error() => "refused",
