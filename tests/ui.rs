@@ -168,16 +168,23 @@ fn line_scene(dir: &Path) -> (PathBuf, PathBuf) {
     (reference, frames)
 }
 
-fn taught(m: &VerdictMessage) -> bool {
-    m.enrolment.as_ref().is_some_and(|e| e.source.contains("taught version"))
+/// Whether a verdict was judged with a camera's enrolment version `n` made by a lesson (`word`:
+/// `taught`, `labelled`, `zones`).
+fn judged_with(m: &VerdictMessage, word: &str, n: u32) -> bool {
+    m.enrolment.as_ref().is_some_and(|e| e.source.ends_with(&format!("({word} version {n})")))
 }
 
-fn labelled(m: &VerdictMessage) -> bool {
-    m.enrolment.as_ref().is_some_and(|e| e.source.contains("labelled version"))
-}
-
-fn zoned(m: &VerdictMessage) -> bool {
-    m.enrolment.as_ref().is_some_and(|e| e.source.contains("zones version"))
+/// Applies the preview on the page, checks that version `n` is active, and returns the next 6
+/// verdicts judged with it.
+async fn apply_and_replay(c: &Client, sub: &Sub, daemon: &Daemon, n: u32, word: &str) -> Vec<VerdictMessage> {
+    c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
+    let applied = text(c, "#message").await;
+    assert!(applied.starts_with(&format!("Version {n} is active on cam")), "{applied}");
+    let seen = sub.verdicts().len();
+    sub.wait_for_daemon(&format!("6 verdicts with version {n}"), Duration::from_secs(60), Some(daemon), |s| {
+        s.verdicts()[seen..].iter().filter(|m| judged_with(m, word, n)).count() >= 6
+    });
+    sub.verdicts()[seen..].iter().filter(|m| judged_with(m, word, n)).cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,14 +296,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     assert!(part_after.contains("(OK)"), "the part itself passes after the lesson: {part_after}");
     assert!(after >= before, "a good part's evidence does not lower the threshold: {before} -> {after}");
     shot(&c, &shots, "preview").await;
-    c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
-    let applied = text(&c, "#message").await;
-    assert!(applied.starts_with("Version 1 is active on cam"), "{applied}");
-    let n_before = sub.verdicts().len();
-    sub.wait_for_daemon("6 verdicts with the taught enrolment", Duration::from_secs(60), Some(&daemon), |s| {
-        s.verdicts()[n_before..].iter().filter(|m| taught(m)).count() >= 6
-    });
-    let replayed: Vec<VerdictMessage> = sub.verdicts()[n_before..].iter().filter(|m| taught(m)).cloned().collect();
+    let replayed = apply_and_replay(&c, &sub, &daemon, 1, "taught").await;
     assert!(
         replayed.iter().all(|m| m.verdict == Outcome::Ok),
         "after the lesson, the marked part comes back OK on replay: {:?}",
@@ -312,7 +312,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     assert!(rolled.starts_with("Version 0 is active on cam"), "{rolled}");
     let n_rolled = sub.verdicts().len();
     sub.wait_for_daemon("an NG after the rollback", Duration::from_secs(60), Some(&daemon), |s| {
-        s.verdicts()[n_rolled..].iter().any(|m| !taught(m) && m.verdict == Outcome::Ng)
+        s.verdicts()[n_rolled..].iter().any(|m| !judged_with(m, "taught", 1) && m.verdict == Outcome::Ng)
     });
 
     // 6. Label the mark's region a stain: the next marked part carries the label.
@@ -339,9 +339,13 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     assert!(applied.starts_with("Version 2 is active on cam"), "{applied}");
     let n_labelled = sub.verdicts().len();
     sub.wait_for_daemon("an NG with the label", Duration::from_secs(60), Some(&daemon), |s| {
-        s.verdicts()[n_labelled..].iter().any(|m| labelled(m) && m.verdict == Outcome::Ng)
+        s.verdicts()[n_labelled..].iter().any(|m| judged_with(m, "labelled", 2) && m.verdict == Outcome::Ng)
     });
-    let next = sub.verdicts()[n_labelled..].iter().find(|m| labelled(m) && m.verdict == Outcome::Ng).cloned().unwrap();
+    let next = sub.verdicts()[n_labelled..]
+        .iter()
+        .find(|m| judged_with(m, "labelled", 2) && m.verdict == Outcome::Ng)
+        .cloned()
+        .unwrap();
     assert_eq!(next.regions[0].label.as_deref(), Some("stain"), "the next marked part: {:?}", next.regions);
     assert!(next.regions[0].label_confidence.unwrap() > 0.5, "{:?}", next.regions);
     // Its page shows the class, and the review gallery filters by it.
@@ -387,14 +391,7 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     let frame_after = text(&c, "#score-after").await;
     assert!(frame_after.contains("(OK)"), "the marked frame passes with the region ignored: {frame_after}");
     shot(&c, &shots, "zones-preview").await;
-    c.find(Locator::Css("#apply")).await.unwrap().click().await.unwrap();
-    let applied = text(&c, "#message").await;
-    assert!(applied.starts_with("Version 3 is active on cam"), "{applied}");
-    let n_zoned = sub.verdicts().len();
-    sub.wait_for_daemon("6 verdicts with the regions", Duration::from_secs(60), Some(&daemon), |s| {
-        s.verdicts()[n_zoned..].iter().filter(|m| zoned(m)).count() >= 6
-    });
-    let replayed: Vec<VerdictMessage> = sub.verdicts()[n_zoned..].iter().filter(|m| zoned(m)).cloned().collect();
+    let replayed = apply_and_replay(&c, &sub, &daemon, 3, "zones").await;
     assert!(
         replayed.iter().all(|m| m.verdict == Outcome::Ok),
         "with the region ignored, the marked part comes back OK on replay: {:?}",

@@ -17,7 +17,6 @@
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::detect::inspection::Inspection;
 use crate::types::findings::Region;
 
 /// Length of a region's descriptor.
@@ -169,14 +168,20 @@ pub fn classify(library: &[Example], descriptor: &[f32]) -> Option<(String, f32)
     Some((label.to_string(), if total > 0.0 { w / total } else { 0.0 }))
 }
 
-/// Labels each region of an inspection from the product's library (nothing without examples).
-pub fn label_regions(library: &[Example], img: &RgbImage, ins: &mut Inspection) {
+/// Labels each region found on the frame `img` (its anomaly `map`, mask threshold `pixel_threshold`)
+/// from the product's library; nothing without examples.
+pub fn label_regions(
+    library: &[Example],
+    img: &RgbImage,
+    map: &crate::detect::map::Grid,
+    pixel_threshold: f32,
+    regions: &mut [Region],
+) {
     if library.is_empty() {
         return;
     }
-    let pixel = ins.verdict.pixel_threshold;
-    for r in &mut ins.verdict.regions {
-        let d = describe(img, &ins.map, r, pixel);
+    for r in regions {
+        let d = describe(img, map, r, pixel_threshold);
         if let Some((label, confidence)) = classify(library, &d) {
             r.label = Some(label);
             r.label_confidence = Some((confidence * 1000.0).round() / 1000.0);

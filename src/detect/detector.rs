@@ -277,7 +277,8 @@ impl Detector {
                 match pipe.score(&mut self.encoder, meta, &enrolment.banks, enrolment.bank_id.0, &refs) {
                     Ok(scored) => out.extend(scored.into_iter().zip(run).map(|(s, i)| {
                         let mut ins = verdict(s, &meta.thresholds, meta.min_region, i.width(), i.height());
-                        classes::label_regions(&meta.classes, i, &mut ins);
+                        let pixel = ins.verdict.pixel_threshold;
+                        classes::label_regions(&meta.classes, i, &ins.map, pixel, &mut ins.verdict.regions);
                         ins
                     })),
                     Err(e) => {
@@ -308,7 +309,8 @@ impl Detector {
         scored.timings.preprocess_ms += resize_ms;
         let th = &enrolment.meta.thresholds;
         let mut ins = verdict(scored, th, enrolment.meta.min_region, img.width(), img.height());
-        classes::label_regions(&enrolment.meta.classes, img, &mut ins);
+        let pixel = ins.verdict.pixel_threshold;
+        classes::label_regions(&enrolment.meta.classes, img, &ins.map, pixel, &mut ins.verdict.regions);
         Ok(ins)
     }
 }
