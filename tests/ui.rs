@@ -168,6 +168,29 @@ fn line_scene(dir: &Path) -> (PathBuf, PathBuf) {
     (reference, frames)
 }
 
+/// The `[ui]` section with the audit log in `dir` and the operator `anna`.
+fn operator(dir: &Path) -> String {
+    let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
+    format!(
+        "[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\npassword_hash = \"{hash}\"\n",
+        dir.join("audit.jsonl").display()
+    )
+}
+
+/// A camera's source section: the line scene's `frames`, replayed at 4 frames/s.
+fn replayed(frames: &Path) -> String {
+    format!("[camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n", frames.display())
+}
+
+/// Starts the daemon with `config` and waits for its HTTP server.
+fn start_station(dir: &Path, config: &str, http_port: u16) -> Daemon {
+    let daemon = Daemon::start(dir, config);
+    until("the HTTP server", Duration::from_secs(120), &daemon, || {
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
+    });
+    daemon
+}
+
 /// Whether a verdict was judged with a camera's enrolment version `n` made by a lesson (`word`:
 /// `taught`, `labelled`, `zones`).
 fn judged_with(m: &VerdictMessage, word: &str, n: u32) -> bool {
@@ -195,7 +218,6 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     let dir = tempfile::tempdir().unwrap();
     let (reference, frames) = line_scene(dir.path());
     let http_port = free_port();
-    let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
     // The small real model when it is there (test.sh fetches it), so that answers stream token by token.
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/llm/smollm2-135m-instruct-q4_1.gguf");
     let llm = if cfg!(feature = "llm") && model.is_file() {
@@ -205,18 +227,14 @@ async fn an_operator_logs_in_watches_reviews_teaches_a_false_reject_rolls_back_l
     };
     let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "station", "")
         + &format!(
-            "[store]\ndir = \"{}\"\n[llm]\n{llm}\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\n\
-             password_hash = \"{hash}\"\n[[camera]]\nname = \"cam\"\nreference = \"{}\"\nlearn_parts = 0\n\
-             [camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n",
+            "[store]\ndir = \"{}\"\n[llm]\n{llm}\n{}[[camera]]\nname = \"cam\"\nreference = \"{}\"\n\
+             learn_parts = 0\n{}",
             dir.path().join("store").display(),
-            dir.path().join("audit.jsonl").display(),
+            operator(dir.path()),
             reference.display(),
-            frames.display()
+            replayed(&frames)
         );
-    let daemon = Daemon::start(dir.path(), &config);
-    until("the HTTP server", Duration::from_secs(120), &daemon, || {
-        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
-    });
+    let daemon = start_station(dir.path(), &config, http_port);
     let shots = shots(dir.path());
     let (_driver, c) = connect(&chromium, &driver).await;
     let base = format!("http://127.0.0.1:{http_port}");
@@ -503,20 +521,15 @@ async fn an_operator_enrols_a_new_product_from_uploaded_images_and_the_plc_selec
     let dir = tempfile::tempdir().unwrap();
     let (reference, frames) = line_scene(dir.path());
     let http_port = free_port();
-    let hash = anomalyd::control::ui::auth::hash_password(PASSWORD);
     let config = base_config(dir.path(), broker.port, &format!("127.0.0.1:{http_port}"), "newprod", "")
         + &format!(
-            "[llm]\nbackend = \"off\"\n[ui]\naudit = \"{}\"\n[[ui.operator]]\nname = \"anna\"\npassword_hash = \"{hash}\"\n\
-             [[camera]]\nname = \"cam\"\nlearn_parts = 0\n[[camera.recipe]]\nname = \"plate\"\nreference = \"{}\"\n\
-             [camera.source]\nkind = \"files\"\npath = \"{}\"\nfps = 4\nrepeat = true\n",
-            dir.path().join("audit.jsonl").display(),
+            "[llm]\nbackend = \"off\"\n{}[[camera]]\nname = \"cam\"\nlearn_parts = 0\n[[camera.recipe]]\n\
+             name = \"plate\"\nreference = \"{}\"\n{}",
+            operator(dir.path()),
             reference.display(),
-            frames.display()
+            replayed(&frames)
         );
-    let daemon = Daemon::start(dir.path(), &config);
-    until("the HTTP server", Duration::from_secs(120), &daemon, || {
-        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok()
-    });
+    let daemon = start_station(dir.path(), &config, http_port);
     let shots = shots(dir.path());
     let (_driver, c) = connect(&chromium, &driver).await;
     let base = format!("http://127.0.0.1:{http_port}");

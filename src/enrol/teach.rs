@@ -136,7 +136,7 @@ pub fn zones(
     let score_before = det.inspect(enrolment, img)?.verdict.score;
     let mut new_meta = meta.clone();
     new_meta.zones = zones.to_vec();
-    let (thresholds, cal) = match references.filter(|r| !r.is_empty()) {
+    let (thresholds, cal, evidence) = match references.filter(|r| !r.is_empty()) {
         Some(refs) => {
             let prepared: Vec<RgbImage> = refs
                 .iter()
@@ -169,7 +169,8 @@ pub fn zones(
                     meta.calibration.learned_parts
                 ));
             }
-            (th, cal)
+            let evidence = format!("{}, scored with the zones", cal.evidence);
+            (th, cal, evidence)
         }
         None => {
             let mut cal = meta.calibration.clone();
@@ -179,13 +180,9 @@ pub fn zones(
                  images to calibrate with the zones"
                     .into(),
             );
-            (Thresholds { source: "zones".into(), ..meta.thresholds.clone() }, cal)
+            let evidence = "the thresholds before the zones (no reference images at hand)".to_string();
+            (Thresholds { source: "zones".into(), ..meta.thresholds.clone() }, cal, evidence)
         }
-    };
-    let evidence = if references.is_some_and(|r| !r.is_empty()) {
-        format!("{}, scored with the zones", cal.evidence)
-    } else {
-        "the thresholds before the zones (no reference images at hand)".to_string()
     };
     new_meta.thresholds = thresholds;
     new_meta.calibration = cal;

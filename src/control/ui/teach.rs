@@ -152,17 +152,19 @@ fn model_for(ui: &UiState, m: &VerdictMessage) -> Result<(Arc<CameraShared>, Arc
     Ok((cam, model))
 }
 
+/// A stored frame's image. Blocking.
+fn stored_image(store: &Store, id: &str) -> Result<RgbImage, String> {
+    let bytes = store.get(id, Part::Image).ok_or_else(|| format!("frame {id}'s image is no longer stored"))?;
+    imageio::decode_rgb(&bytes, std::path::Path::new(id)).map_err(|e| e.to_string())
+}
+
 /// The frame's image, and the newest stored NG frames of the same camera and product (at most
 /// [`FLIP_CHECK`]) with theirs, to tell which verdicts a lesson would flip. Blocking.
 fn frame_and_others(
     store: &Store,
     frame: &VerdictMessage,
 ) -> Result<(RgbImage, Vec<(VerdictMessage, RgbImage)>), String> {
-    let image_of = |id: &str| {
-        let bytes = store.get(id, Part::Image).ok_or_else(|| format!("frame {id}'s image is no longer stored"))?;
-        imageio::decode_rgb(&bytes, std::path::Path::new(id)).map_err(|e| e.to_string())
-    };
-    let img = image_of(&frame.frame_id)?;
+    let img = stored_image(store, &frame.frame_id)?;
     let others = store
         .newest_verdicts(crate::control::http::MAX_FRAMES_SCANNED)
         .filter(|o| {
@@ -171,7 +173,7 @@ fn frame_and_others(
                 && o.camera == frame.camera
                 && o.product == frame.product
         })
-        .filter_map(|o| image_of(&o.frame_id).ok().map(|i| (o, i)))
+        .filter_map(|o| stored_image(store, &o.frame_id).ok().map(|i| (o, i)))
         .take(FLIP_CHECK)
         .collect();
     Ok((img, others))
@@ -501,8 +503,7 @@ async fn label_region(ui: &UiState, login: &Login, id: &str, body: &[u8]) -> Res
     let (work, frame_id, user, taught, label2) =
         (ui.clone(), m.frame_id.clone(), login.user.clone(), model.clone(), label.clone());
     let made = blocking(move || {
-        let bytes = store.get(&frame_id, Part::Image).ok_or("the frame's image is no longer stored")?;
-        let img = imageio::decode_rgb(&bytes, std::path::Path::new(&frame_id)).map_err(|e| e.to_string())?;
+        let img = stored_image(&store, &frame_id)?;
         work.given
             .teacher
             .with_detector(|det, _| teach::label(det, &taught.enrolment, &img, &region, &label2, &frame_id, &user))
